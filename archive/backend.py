@@ -1,0 +1,80 @@
+"""The storage backend interface: every byte of an archive is stored through it.
+
+Archive logic names objects by slash-separated keys (``packs/ab/abcd…``, ``points/web01/…``)
+and never touches file paths, so the same archive can live in a local directory, an object
+store or behind the archive server. ``tests/archive/test_backend_conformance.py`` is the suite
+every backend must pass.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+
+
+class Backend(abc.ABC):
+    """Key/value storage of immutable objects with atomic, durable writes.
+
+    Contract:
+    - ``put`` is atomic and durable: when it returns, the object is fully stored and survives a
+      crash; a crash during ``put`` leaves either no object or the old one, never a partial one.
+    - ``put`` of an existing key replaces it atomically (used only for point manifests).
+    - ``list(prefix)`` yields keys of completed objects only, in no particular order.
+    - ``get_range`` reads part of an object; reading past its end returns fewer bytes.
+    - ``lock`` guards archive-wide operations (backup shares, prune is exclusive).
+    """
+
+    location: str
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole object; ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end); ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` atomically and durably under ``key``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether a completed object is stored under ``key``."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """Length of the object in bytes; ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys of completed objects starting with ``prefix``."""
+
+    @abc.abstractmethod
+    def lock(self, exclusive: bool, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A shared or exclusive archive-wide lock, released when the process dies."""
+
+    @abc.abstractmethod
+    def cleanup_incomplete(self) -> int:
+        """Remove leftovers of interrupted ``put`` calls; returns how many were removed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release cached handles."""
+
+
+def open_backend(location: str) -> Backend:
+    """The backend for a location: a URL's scheme picks it, a plain path is a local directory."""
+    from archive.errors import UsageError
+    from archive.local import LocalBackend
+
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        if scheme == "file":
+            return LocalBackend(location.split("://", 1)[1])
+        raise UsageError(f"archive location {location!r}: the {scheme}:// backend is not available yet")
+    return LocalBackend(location)

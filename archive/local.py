@@ -1,0 +1,169 @@
+"""The local-directory backend: one file per object under the archive directory.
+
+Durability follows the usual POSIX recipe: write a temporary file in the target directory,
+fsync it, rename it over the final name, fsync the directory. Temporary files carry
+``.tmp-`` in their name; ``list`` never shows them and ``cleanup_incomplete`` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from archive.backend import Backend
+from archive.errors import Locked, StorageError
+
+_TMP_MARK = ".tmp-"
+_MAX_OPEN = 256
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    """Objects as files below ``root``; keys map to relative paths."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/") or _TMP_MARK in key:
+            raise ValueError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def _fd(self, key: str) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                self._fds.move_to_end(key)
+                return fd
+            try:
+                fd = os.open(self._path(key), os.O_RDONLY)
+            except FileNotFoundError:
+                raise KeyError(key) from None
+            self._fds[key] = fd
+            while len(self._fds) > _MAX_OPEN:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+            return fd
+
+    def _forget(self, key: str) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as e:
+            raise StorageError(f"cannot read {self._path(key)}: {e.strerror}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self._fd(key), length, offset)
+        except OSError as e:
+            raise StorageError(f"cannot read {self._path(key)}: {e.strerror}") from e
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f"{path.name}{_TMP_MARK}{secrets.token_hex(4)}")
+        try:
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(path.parent.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+            raise StorageError(f"cannot write {path}: {what}") from e
+        self._forget(key)
+
+    def delete(self, key: str) -> None:
+        self._forget(key)
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot delete {path}: {e.strerror}") from e
+        _fsync_dir(path.parent)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                if _TMP_MARK in name:
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                raise Locked(f"archive {self.root} is locked by another lifeboat process") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def cleanup_incomplete(self) -> int:
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if _TMP_MARK in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,0 +1,133 @@
+"""Pack files: many chunk blobs in one object, with an index at the end (see FORMAT.md).
+
+The in-memory ``ChunkIndex`` maps a chunk id to its pack and place; it is rebuilt on open from
+the packs' own indexes, so a pack is self-describing and no separate index can drift from it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+
+from archive.backend import Backend
+from archive.errors import FormatError
+from archive.formats import (
+    PACK_ENTRY,
+    PACK_MAGIC,
+    PACK_TRAILER,
+    PackEntry,
+    encode_pack_index,
+    parse_pack_index,
+    parse_pack_trailer,
+)
+
+PACK_PREFIX = "packs/"
+DEFAULT_PACK_TARGET = 32 * 1024 * 1024
+
+
+def new_pack_key() -> str:
+    """A fresh random pack name, fanned out over 256 folders."""
+    name = secrets.token_hex(16)
+    return f"{PACK_PREFIX}{name[:2]}/{name}"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a chunk is stored."""
+
+    pack: str
+    entry: PackEntry
+
+
+def read_pack_index(backend: Backend, key: str) -> list[PackEntry]:
+    """The entries of one pack, from its trailer and index; ``FormatError`` if damaged."""
+    size = backend.size(key)
+    if size < len(PACK_MAGIC) + PACK_TRAILER.size:
+        raise FormatError(f"pack {key}: too short ({size} bytes)")
+    offset, count, crc = parse_pack_trailer(key, backend.get_range(key, size - PACK_TRAILER.size, PACK_TRAILER.size))
+    if offset + count * PACK_ENTRY.size + PACK_TRAILER.size != size:
+        raise FormatError(f"pack {key}: index does not fit the file size")
+    body = backend.get_range(key, offset, count * PACK_ENTRY.size)
+    return parse_pack_index(key, body, count, crc, offset)
+
+
+class ChunkIndex:
+    """Chunk id -> location, for every readable pack of the archive."""
+
+    def __init__(self) -> None:
+        self._map: dict[bytes, Location] = {}
+        self.bad_packs: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, backend: Backend) -> ChunkIndex:
+        """Read every pack's index; damaged packs are recorded in ``bad_packs``, not fatal."""
+        index = cls()
+        for key in backend.list(PACK_PREFIX):
+            try:
+                entries = read_pack_index(backend, key)
+            except (FormatError, KeyError) as e:
+                index.bad_packs[key] = str(e)
+                continue
+            index.add(key, entries)
+        return index
+
+    def add(self, pack: str, entries: list[PackEntry]) -> None:
+        """Record the entries of a pack that is now durable."""
+        with self._lock:
+            for e in entries:
+                self._map.setdefault(e.chunk_id, Location(pack, e))
+
+    def get(self, chunk_id: bytes) -> Location | None:
+        """The location of a chunk, or None."""
+        return self._map.get(chunk_id)
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+class PackWriter:
+    """Collects new blobs and stores them as packs of about ``target`` bytes."""
+
+    def __init__(self, backend: Backend, index: ChunkIndex, target: int = DEFAULT_PACK_TARGET) -> None:
+        self.backend = backend
+        self.index = index
+        self.target = target
+        self._parts: list[bytes] = [PACK_MAGIC]
+        self._entries: list[PackEntry] = []
+        self._pending: set[bytes] = set()
+        self._pos = len(PACK_MAGIC)
+        self.packs_written = 0
+        self.bytes_written = 0
+
+    def has(self, chunk_id: bytes) -> bool:
+        """Whether the chunk is stored already or waiting in this writer."""
+        return chunk_id in self._pending or chunk_id in self.index
+
+    def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> bool:
+        """Queue a blob; False (and nothing queued) when the chunk exists already."""
+        if self.has(chunk_id):
+            return False
+        self._entries.append(PackEntry(chunk_id, self._pos, len(blob), raw_length))
+        self._parts.append(blob)
+        self._pending.add(chunk_id)
+        self._pos += len(blob)
+        if self._pos >= self.target:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Store the queued blobs as one durable pack and add them to the index."""
+        if not self._entries:
+            return
+        key = new_pack_key()
+        data = b"".join(self._parts) + encode_pack_index(self._entries, self._pos)
+        self.backend.put(key, data)
+        self.index.add(key, self._entries)
+        self.packs_written += 1
+        self.bytes_written += len(data)
+        self._parts, self._entries, self._pending, self._pos = [PACK_MAGIC], [], set(), len(PACK_MAGIC)

@@ -1,0 +1,407 @@
+"""The Archive: opening and initialising an archive, its catalog, backups and point readers.
+
+Write order of a backup (FORMAT.md, "Write order"): new chunks go into packs, each pack is
+stored durably (``Backend.put``), and only then is the point manifest stored. A crash before
+the manifest leaves unreferenced packs that ``prune`` collects; the point is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from archive.backend import Backend, open_backend
+from archive.chunks import Codec, Keys
+from archive.errors import (
+    ArchiveExists,
+    ArchiveNotFound,
+    FormatError,
+    MissingChunk,
+    SourceError,
+    UsageError,
+    WrongKey,
+)
+from archive.formats import FORMAT_VERSION, ZERO_ID, encode_point, parse_point, parse_point_header
+from archive.packs import ChunkIndex, PackWriter
+from archive.points import (
+    POINT_PREFIX,
+    PointInfo,
+    check_machine,
+    new_point_id,
+    now_utc,
+    parse_selector,
+    select,
+)
+
+CONFIG_KEY = "config"
+DEFAULT_LOCATION = "./lifeboat-archive"
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+WORKERS = max(2, os.cpu_count() or 2)
+
+Progress = Callable[[int], None]
+
+
+class BlockSource(Protocol):
+    """What a backup reads from: a fixed-size run of bytes with random access."""
+
+    name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` (raise on a short read)."""
+        ...
+
+
+def resolve_location(location: str | None) -> str:
+    """``--archive``, else ``LIFEBOAT_ARCHIVE``, else ``./lifeboat-archive``."""
+    return location or os.environ.get("LIFEBOAT_ARCHIVE") or DEFAULT_LOCATION
+
+
+def read_key_file(key_file: str | None) -> bytes | None:
+    """The secret in ``key_file`` (or ``LIFEBOAT_KEY_FILE``), or None when neither is given."""
+    path = key_file or os.environ.get("LIFEBOAT_KEY_FILE")
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"key file {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise UsageError(f"key file {path}: holds {len(secret)} bytes, at least 16 are needed")
+    return secret
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: Iterable[int], ahead: int) -> Iterator[Any]:
+    """``pool.map`` that keeps at most ``ahead`` tasks in flight, so memory stays bounded."""
+    pending: deque[Future[Any]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class ChunkCache:
+    """A thread-safe LRU of decoded chunks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> bytes | None:
+        """A cached chunk, marked as recently used."""
+        with self._lock:
+            v = self._data.get(key)
+            if v is not None:
+                self._data.move_to_end(key)
+            return v
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Cache a chunk, evicting the least recently used."""
+        with self._lock:
+            if key in self._data or len(value) > self.max_bytes:
+                return
+            self._data[key] = value
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes:
+                _, old = self._data.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class Archive:
+    """An open archive: config, codec, chunk index and catalog over one backend."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], keys: Keys | None) -> None:
+        self.backend = backend
+        self.config = config
+        self.chunk_size: int = config["chunk_size"]
+        self.codec = Codec(level=config["compression"]["level"], keys=keys)
+        self._index: ChunkIndex | None = None
+        self._index_lock = threading.Lock()
+        self.cache = ChunkCache(DEFAULT_CACHE_BYTES)
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        location: str | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        encrypt: bool = False,
+        key_file: str | None = None,
+        level: int = 3,
+    ) -> Archive:
+        """Create an archive; with ``encrypt`` a missing key file is created with a random key."""
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+            raise UsageError(
+                f"--chunk-size {chunk_size}: must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+            )
+        if encrypt and not key_file:
+            raise UsageError("--encrypt needs --key-file FILE")
+        if key_file and not encrypt:
+            raise UsageError("--key-file is only used with --encrypt")
+        loc = resolve_location(location)
+        backend = open_backend(loc)
+        if backend.exists(CONFIG_KEY):
+            raise ArchiveExists(f"{loc} already holds a lifeboat archive")
+        keys = None
+        config: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "chunk_size": chunk_size,
+            "compression": {"codec": "zstd", "level": level},
+            "encryption": None,
+            "retention": {},
+            "created": now_utc().isoformat(),
+            "id": secrets.token_hex(16),
+        }
+        if encrypt:
+            assert key_file is not None
+            kf = Path(key_file)
+            if not kf.exists():
+                fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+            secret = read_key_file(key_file)
+            assert secret is not None
+            salt = secrets.token_bytes(16)
+            keys = Keys(secret, salt)
+            config["encryption"] = {
+                "cipher": "aes-256-gcm",
+                "kdf": "hkdf-sha256",
+                "salt": salt.hex(),
+                "key_check": keys.check_value(),
+            }
+        backend.put(CONFIG_KEY, json.dumps(config, indent=2).encode())
+        return cls(backend, config, keys)
+
+    @classmethod
+    def open(cls, location: str | None = None, key_file: str | None = None) -> Archive:
+        """Open an existing archive; ``ArchiveNotFound`` or ``WrongKey`` with a clear message."""
+        loc = resolve_location(location)
+        backend = open_backend(loc)
+        try:
+            raw = backend.get(CONFIG_KEY)
+        except KeyError:
+            raise ArchiveNotFound(
+                f"no lifeboat archive at {loc} (create one with 'lifeboat archive init')"
+            ) from None
+        try:
+            config = json.loads(raw)
+            if config["format"] != FORMAT_VERSION:
+                raise FormatError(f"archive {loc}: format {config['format']} is not supported")
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"archive {loc}: config is damaged ({e})") from None
+        keys = None
+        enc = config.get("encryption")
+        if enc:
+            secret = read_key_file(key_file)
+            if secret is None:
+                raise WrongKey(f"archive {loc} is encrypted: give --key-file FILE or LIFEBOAT_KEY_FILE")
+            keys = Keys(secret, bytes.fromhex(enc["salt"]))
+            if keys.check_value() != enc["key_check"]:
+                raise WrongKey(f"archive {loc}: the key file does not open this archive")
+        return cls(backend, config, keys)
+
+    def save_config(self) -> None:
+        """Store the (changed) config atomically."""
+        self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=2).encode())
+
+    @property
+    def index(self) -> ChunkIndex:
+        """The chunk index, loaded on first use."""
+        with self._index_lock:
+            if self._index is None:
+                self._index = ChunkIndex.load(self.backend)
+            return self._index
+
+    def reload_index(self) -> ChunkIndex:
+        """Forget and re-read the chunk index (after another process changed the packs)."""
+        with self._index_lock:
+            self._index = None
+        return self.index
+
+    # -- catalog -------------------------------------------------------------------------
+    def machines(self) -> list[str]:
+        """Every machine with at least one point."""
+        return sorted({k.split("/")[1] for k in self.backend.list(POINT_PREFIX) if k.count("/") == 2})
+
+    def points(self, machine: str) -> list[PointInfo]:
+        """The points of a machine, oldest first; unreadable manifests are left out."""
+        check_machine(machine)
+        found = []
+        for key in self.backend.list(f"{POINT_PREFIX}{machine}/"):
+            try:
+                head = self.backend.get_range(key, 0, 64 * 1024)
+                header, _ = parse_point_header(key, head)
+                found.append(PointInfo.from_header(header))
+            except (FormatError, KeyError, TypeError):
+                continue
+        return sorted(found, key=lambda p: (p.when, p.point))
+
+    def resolve(self, selector: str) -> PointInfo:
+        """The point named by ``MACHINE[@WHEN]``."""
+        machine, when = parse_selector(selector)
+        return select(selector, machine, when, self.points(machine))
+
+    def chunk_ids(self, info: PointInfo) -> list[bytes]:
+        """The chunk table of a point (ZERO_ID for all-zero chunks)."""
+        try:
+            data = self.backend.get(info.key)
+        except KeyError:
+            raise MissingChunk(f"point {info.machine}@{info.point} was removed") from None
+        _, ids = parse_point(info.key, data)
+        return ids
+
+    def write_point(self, info: PointInfo, ids: list[bytes]) -> None:
+        """Store a manifest atomically (new point, or a rollup rewriting its parent)."""
+        header = info.to_json() | {"format": FORMAT_VERSION}
+        self.backend.put(info.key, encode_point(header, ids))
+
+    def reader(self, info: PointInfo) -> PointReader:
+        """Random access to a point's bytes."""
+        return PointReader(self, info, self.chunk_ids(info))
+
+    # -- chunks --------------------------------------------------------------------------
+    def read_chunk(self, chunk_id: bytes, raw_length: int) -> bytes:
+        """A chunk's plaintext (zeros for ZERO_ID), through the cache."""
+        if chunk_id == ZERO_ID:
+            return bytes(raw_length)
+        data = self.cache.get(chunk_id)
+        if data is not None:
+            return data
+        loc = self.index.get(chunk_id)
+        if loc is None:
+            loc = self.reload_index().get(chunk_id)
+            if loc is None:
+                raise MissingChunk(f"chunk {chunk_id.hex()} is in no pack of the archive")
+        try:
+            blob = self.backend.get_range(loc.pack, loc.entry.offset, loc.entry.length)
+        except KeyError:
+            loc = self.reload_index().get(chunk_id)
+            if loc is None:
+                raise MissingChunk(f"chunk {chunk_id.hex()} is in no pack of the archive") from None
+            blob = self.backend.get_range(loc.pack, loc.entry.offset, loc.entry.length)
+        data = self.codec.decode(chunk_id, blob, loc.entry.raw_length)
+        self.cache.put(chunk_id, data)
+        return data
+
+    # -- backup --------------------------------------------------------------------------
+    def backup(self, machine: str, source: BlockSource, progress: Progress | None = None) -> PointInfo:
+        """Store a new point of ``machine`` read from ``source``; chunks already stored are not."""
+        check_machine(machine)
+        started = now_utc()
+        cs = self.chunk_size
+        size = source.size
+        count = -(-size // cs)
+        zero = bytes(cs)
+        codec = self.codec
+        with self.backend.lock(exclusive=False):
+            index = self.reload_index()
+            history = self.points(machine)
+            parent = history[-1].point if history else None
+            writer = PackWriter(self.backend, index)
+
+            def work(i: int) -> tuple[bytes, bytes | None, int]:
+                length = min(cs, size - i * cs)
+                data = source.read(i * cs, length)
+                if len(data) != length:
+                    raise SourceError(f"source {source.name}: short read at offset {i * cs}")
+                if data == (zero if length == cs else bytes(length)):
+                    return ZERO_ID, None, length
+                cid = codec.chunk_id(data)
+                if cid in index:
+                    return cid, None, length
+                return cid, codec.encode(cid, data), length
+
+            ids: list[bytes] = []
+            bytes_new = 0
+            with ThreadPoolExecutor(WORKERS) as pool:
+                for cid, blob, length in ordered_map(pool, work, range(count), ahead=WORKERS * 4):
+                    ids.append(cid)
+                    if blob is not None and writer.add(cid, blob, length):
+                        bytes_new += length
+                    if progress:
+                        progress(length)
+            writer.flush()
+            info = PointInfo(
+                machine=machine,
+                point=new_point_id(),
+                time=started.isoformat(),
+                parent=parent,
+                size=size,
+                chunk_size=cs,
+                bytes_read=size,
+                bytes_new=bytes_new,
+                bytes_stored=writer.bytes_written,
+                source=source.name,
+            )
+            self.write_point(info, ids)
+        return info
+
+
+class PointReader:
+    """Reads any byte range of one point: O(1) chunk lookup, decoded chunks cached."""
+
+    def __init__(self, archive: Archive, info: PointInfo, ids: list[bytes]) -> None:
+        self.archive = archive
+        self.info = info
+        self.ids = ids
+        self.size = info.size
+        self.chunk_size = info.chunk_size
+
+    def chunk_length(self, i: int) -> int:
+        """Length of chunk ``i`` (the last one may be short)."""
+        return min(self.chunk_size, self.size - i * self.chunk_size)
+
+    def is_zero(self, i: int) -> bool:
+        """Whether chunk ``i`` is all zeros (stored as nothing)."""
+        return self.ids[i] == ZERO_ID
+
+    def chunk(self, i: int) -> bytes:
+        """The plaintext of chunk ``i``."""
+        return self.archive.read_chunk(self.ids[i], self.chunk_length(i))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; ranges past the end are an error."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UsageError(f"read of {length} bytes at {offset} is outside the point's {self.size} bytes")
+        cs = self.chunk_size
+        parts = []
+        pos, end = offset, offset + length
+        while pos < end:
+            i, inner = divmod(pos, cs)
+            take = min(cs - inner, end - pos)
+            if self.ids[i] == ZERO_ID:
+                parts.append(bytes(take))
+            else:
+                data = self.chunk(i)
+                parts.append(data if inner == 0 and take == len(data) else data[inner:inner + take])
+            pos += take
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def extents(self) -> Iterator[tuple[int, int, bool]]:
+        """Runs of ``(offset, length, is_zero)`` covering the whole point, adjacent runs merged."""
+        cs = self.chunk_size
+        start, zero = 0, None
+        for i, cid in enumerate(self.ids):
+            z = cid == ZERO_ID
+            if zero is None:
+                zero = z
+            elif z != zero:
+                yield start, i * cs - start, zero
+                start, zero = i * cs, z
+        if zero is not None:
+            yield start, self.size - start, zero

@@ -1,0 +1,1 @@
+"""The NBD server: archive points served as block devices for instant recovery."""

@@ -1,0 +1,1 @@
+"""The ``lifeboat`` command line, the runbook engine, the scheduler and reports."""

@@ -1,0 +1,152 @@
+"""Archive commands: ``archive init``, ``backup``, ``points``, ``restore``, ``verify``, ``prune``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from agent.sources import open_source
+from archive import Archive
+from archive.prune import prune
+from archive.restore import restore
+from archive.retention import RULES, check_policy
+from archive.store import DEFAULT_CHUNK_SIZE
+from archive.verify import verify
+from orchestrator.cli import archive_location, cli, command, emit_json, json_option, key_file_option, open_archive
+from orchestrator.console import log, progress
+
+
+@cli.group("archive")
+def archive_group() -> None:
+    """Create and configure an archive."""
+
+
+@command(archive_group, name="init")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True,
+              help="Chunk size in bytes (a power of two, 4 KiB to 16 MiB).")
+@click.option("--encrypt", is_flag=True, help="Encrypt chunks with AES-256-GCM.")
+@click.option("--compression-level", type=click.IntRange(1, 19), default=3, show_default=True)
+@json_option
+def archive_init(chunk_size: int, encrypt: bool, compression_level: int, as_json: bool) -> None:
+    """Create an empty archive (with --encrypt, a missing --key-file is created with a new random key)."""
+    arc = Archive.init(archive_location(), chunk_size=chunk_size, encrypt=encrypt,
+                       key_file=key_file_option(), level=compression_level)
+    doc = {"archive": arc.backend.location, "chunk_size": chunk_size, "encrypted": encrypt}
+    if as_json:
+        emit_json(doc)
+    else:
+        log(f"created archive {arc.backend.location} (chunk size {chunk_size}, encrypted: {encrypt})")
+
+
+@command(archive_group, name="retention")
+@click.option("--keep-last", type=click.IntRange(0), help="Keep the N newest points.")
+@click.option("--keep-hourly", type=click.IntRange(0))
+@click.option("--keep-daily", type=click.IntRange(0))
+@click.option("--keep-weekly", type=click.IntRange(0))
+@click.option("--keep-monthly", type=click.IntRange(0))
+@click.option("--keep-yearly", type=click.IntRange(0))
+@click.option("--clear", is_flag=True, help="Remove the policy (keep every point).")
+@json_option
+def archive_retention(clear: bool, as_json: bool, **rules: int | None) -> None:
+    """Show or set the retention policy that ``prune`` applies."""
+    arc = open_archive()
+    policy = {} if clear else dict(arc.config.get("retention") or {})
+    changes = {k: v for k, v in rules.items() if v is not None}
+    if clear or changes:
+        policy.update(changes)
+        arc.config["retention"] = check_policy({k: v for k, v in policy.items() if v})
+        arc.save_config()
+    shown = {r: arc.config["retention"].get(r, 0) for r in RULES}
+    if as_json:
+        emit_json(shown)
+    else:
+        click.echo(" ".join(f"{k.replace('_', '-')}={v}" for k, v in shown.items()))
+
+
+@command(name="backup")
+@click.argument("machine")
+@click.argument("source")
+@json_option
+def backup_cmd(machine: str, source: str, as_json: bool) -> None:
+    """Store a new recovery point of MACHINE read from SOURCE."""
+    arc = open_archive()
+    with open_source(source) as src, progress(f"backup {machine}", src.size) as advance:
+        info = arc.backup(machine, src, progress=advance)
+    doc = info.to_json()
+    if as_json:
+        emit_json(doc)
+    else:
+        kind = "incremental" if info.parent else "full"
+        log(f"{machine}@{info.point}: {kind} backup, {info.bytes_read} bytes read, "
+            f"{info.bytes_new} new, {info.bytes_stored} stored")
+
+
+@command(name="points")
+@click.argument("machine")
+@json_option
+def points_cmd(machine: str, as_json: bool) -> None:
+    """List the recovery points of MACHINE, oldest first."""
+    arc = open_archive()
+    pts = arc.points(machine)
+    if as_json:
+        emit_json([p.to_json() for p in pts])
+        return
+    if not pts:
+        log(f"machine {machine!r} has no points")
+    for p in pts:
+        click.echo(f"{p.point}  {p.time}  size={p.size}  new={p.bytes_new}  parent={p.parent or '-'}")
+
+
+@command(name="restore")
+@click.argument("selector", metavar="MACHINE[@WHEN]")
+@click.argument("dest")
+@click.option("--force", is_flag=True, help="Replace DEST if it is an existing file.")
+@json_option
+def restore_cmd(selector: str, dest: str, force: bool, as_json: bool) -> None:
+    """Write a point to DEST: a new (sparse) file or a block device."""
+    arc = open_archive()
+    info = arc.resolve(selector)
+    reader = arc.reader(info)
+    with progress(f"restore {info.machine}@{info.point}", info.size) as advance:
+        restore(reader, dest, force=force, progress=advance)
+    if as_json:
+        emit_json({"machine": info.machine, "point": info.point, "time": info.time, "dest": dest,
+                   "size": info.size})
+    else:
+        log(f"restored {info.machine}@{info.point} ({info.time}) to {dest}")
+
+
+@command(name="verify")
+@json_option
+def verify_cmd(as_json: bool) -> None:
+    """Read and check every chunk; exit 1 if anything is damaged or missing."""
+    arc = open_archive()
+    with progress("verify", sum(arc.backend.size(k) for k in arc.backend.list("packs/"))) as advance:
+        report = verify(arc, progress=advance)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        log(f"verify: {report.packs} packs, {report.chunks} chunks, {report.points} points checked")
+        for name, why in {**report.bad_packs, **report.bad_chunks, **report.bad_points}.items():
+            log(f"BAD {name}: {why}")
+        log("verify: OK" if report.ok else "verify: DAMAGED")
+    if not report.ok:
+        sys.exit(1)
+
+
+@command(name="prune")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@json_option
+def prune_cmd(dry_run: bool, as_json: bool) -> None:
+    """Apply the retention policy, roll up incrementals and free unreferenced space."""
+    arc = open_archive()
+    report = prune(arc, dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for p in report.removed:
+        log(f"{verb} {p.machine}@{p.point} ({p.time})")
+    log(f"prune: {len(report.removed)} points {verb}, {len(report.kept)} kept, "
+        f"{report.packs_deleted} packs deleted, {report.packs_rewritten} rewritten, {report.bytes_freed} bytes freed")

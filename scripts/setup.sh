@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything lifeboat needs on Debian 12 (as root): system packages and a virtual
+# environment in .venv with the project and its development tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config
+  nbdkit nbdkit-plugin-python libnbd-bin fio
+  syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio busybox-static
+  restic borgbackup python3-venv
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing system packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${missing[@]}" >&2
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.lifeboat-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >&2
+  .venv/bin/pip install -q -e '.[dev]' >&2
+  touch "$stamp"
+fi
