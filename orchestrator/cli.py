@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     if value is not None:
-        ctx.ensure_object(dict)[param.name] = value
+        ctx.find_root().ensure_object(dict)[param.name] = value
     return value
 
 

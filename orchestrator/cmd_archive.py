@@ -8,6 +8,7 @@ import click
 
 from agent.sources import open_source
 from archive import Archive
+from archive.points import check_machine
 from archive.prune import prune
 from archive.restore import restore
 from archive.retention import RULES, check_policy
@@ -70,6 +71,7 @@ def archive_retention(clear: bool, as_json: bool, **rules: int | None) -> None:
 @json_option
 def backup_cmd(machine: str, source: str, as_json: bool) -> None:
     """Store a new recovery point of MACHINE read from SOURCE."""
+    check_machine(machine)
     arc = open_archive()
     with open_source(source) as src, progress(f"backup {machine}", src.size) as advance:
         info = arc.backup(machine, src, progress=advance)

@@ -1,0 +1,123 @@
+"""The conformance suite that every storage backend must pass (restic's backend/test idea)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from archive.backend import Backend
+from archive.errors import Locked
+from archive.local import LocalBackend
+
+BackendFactory = Callable[[], Backend]
+
+
+@pytest.fixture(params=["local"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Every backend kind; a new kind adds itself to ``params``."""
+    b: Backend = LocalBackend(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    yield b
+    b.close()
+
+
+def test_put_get_roundtrip(backend: Backend) -> None:
+    backend.put("a/b/c", b"hello")
+    assert backend.get("a/b/c") == b"hello"
+    assert backend.exists("a/b/c")
+    assert backend.size("a/b/c") == 5
+
+
+def test_get_range(backend: Backend) -> None:
+    data = os.urandom(10000)
+    backend.put("obj", data)
+    assert backend.get_range("obj", 100, 50) == data[100:150]
+    assert backend.get_range("obj", 9990, 100) == data[9990:]
+
+
+def test_missing_keys_raise_keyerror(backend: Backend) -> None:
+    with pytest.raises(KeyError):
+        backend.get("nope")
+    with pytest.raises(KeyError):
+        backend.get_range("nope", 0, 1)
+    with pytest.raises(KeyError):
+        backend.size("nope")
+    assert not backend.exists("nope")
+    backend.delete("nope")  # absent: no error
+
+
+def test_put_replaces_atomically(backend: Backend) -> None:
+    backend.put("k", b"one")
+    backend.get_range("k", 0, 3)  # may cache a handle
+    backend.put("k", b"two!")
+    assert backend.get("k") == b"two!"
+    assert backend.get_range("k", 0, 4) == b"two!"
+
+
+def test_list_by_prefix(backend: Backend) -> None:
+    for k in ["packs/aa/1", "packs/bb/2", "points/m/1", "config"]:
+        backend.put(k, b"x")
+    assert sorted(backend.list("packs/")) == ["packs/aa/1", "packs/bb/2"]
+    assert sorted(backend.list("points/m/")) == ["points/m/1"]
+    assert "config" in set(backend.list())
+
+
+def test_delete(backend: Backend) -> None:
+    backend.put("packs/x", b"1")
+    backend.delete("packs/x")
+    assert not backend.exists("packs/x")
+    assert list(backend.list("packs/")) == []
+
+
+def test_invalid_keys_rejected(backend: Backend) -> None:
+    for key in ["", "/abs", "a/../b"]:
+        with pytest.raises(ValueError):
+            backend.put(key, b"x")
+
+
+def _hold_lock(root: str, ready: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event) -> None:
+    b = LocalBackend(root)
+    with b.lock(exclusive=True):
+        ready.set()
+        release.wait(10)
+
+
+def test_exclusive_lock_excludes_other_processes(backend: Backend) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(backend.location, ready, release))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(Locked), backend.lock(exclusive=False, wait=False):
+            pass
+    finally:
+        release.set()
+        proc.join(10)
+    with backend.lock(exclusive=False, wait=False):
+        pass
+
+
+def test_lock_released_when_holder_is_killed(backend: Backend) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(backend.location, ready, release))
+    proc.start()
+    assert ready.wait(10)
+    proc.kill()
+    proc.join(10)
+    with backend.lock(exclusive=True, wait=False):
+        pass
+
+
+def test_incomplete_puts_are_invisible_and_cleaned(backend: Backend) -> None:
+    backend.put("packs/ok", b"1")
+    if isinstance(backend, LocalBackend):  # simulate a put killed before its rename
+        (backend.root / "packs" / "half.tmp-0000").write_bytes(b"partial")
+    assert list(backend.list("packs/")) == ["packs/ok"]
+    assert backend.cleanup_incomplete() == (1 if isinstance(backend, LocalBackend) else 0)
+    assert list(backend.list("packs/")) == ["packs/ok"]
