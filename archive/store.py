@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -299,10 +300,25 @@ class Archive:
         return data
 
     # -- backup --------------------------------------------------------------------------
-    def backup(self, machine: str, source: BlockSource, progress: Progress | None = None) -> PointInfo:
-        """Store a new point of ``machine`` read from ``source``; chunks already stored are not."""
+    def backup(
+        self,
+        machine: str,
+        source: BlockSource,
+        progress: Progress | None = None,
+        *,
+        changed: Iterable[tuple[int, int]] | None = None,
+        base: PointInfo | None = None,
+        started: datetime | None = None,
+    ) -> PointInfo:
+        """Store a new point of ``machine`` read from ``source``; chunks already stored are not.
+
+        Without ``changed`` every byte is read and hashed. With ``changed`` (byte extents, from
+        change tracking) only the chunks they touch are read; the rest is taken from ``base``,
+        which must be the point the tracking started from and have the same size. ``started``
+        is the moment the source's content was frozen (default: now).
+        """
         check_machine(machine)
-        started = now_utc()
+        started = started or now_utc()
         cs = self.chunk_size
         size = source.size
         count = -(-size // cs)
@@ -313,6 +329,18 @@ class Archive:
             history = self.points(machine)
             parent = history[-1].point if history else None
             writer = PackWriter(self.backend, index)
+            todo: Iterable[int] = range(count)
+            ids: list[bytes] = []
+            if changed is not None:
+                if base is None or base.size != size or base.chunk_size != cs:
+                    raise UsageError("an incremental from changed extents needs a base point of the same size")
+                ids = self.chunk_ids(base)
+                parent = base.point
+                dirty: set[int] = set()
+                for off, length in changed:
+                    if length > 0:
+                        dirty.update(range(off // cs, min(count, -(-(off + length) // cs))))
+                todo = sorted(dirty)
 
             def work(i: int) -> tuple[bytes, bytes | None, int]:
                 length = min(cs, size - i * cs)
@@ -326,11 +354,15 @@ class Archive:
                     return cid, None, length
                 return cid, codec.encode(cid, data), length
 
-            ids: list[bytes] = []
-            bytes_new = 0
+            bytes_new = bytes_read = 0
+            full = changed is None
             with ThreadPoolExecutor(WORKERS) as pool:
-                for cid, blob, length in ordered_map(pool, work, range(count), ahead=WORKERS * 4):
-                    ids.append(cid)
+                for i, (cid, blob, length) in zip(todo, ordered_map(pool, work, todo, ahead=WORKERS * 4), strict=True):
+                    if full:
+                        ids.append(cid)
+                    else:
+                        ids[i] = cid
+                    bytes_read += length
                     if blob is not None and writer.add(cid, blob, length):
                         bytes_new += length
                     if progress:
@@ -343,7 +375,7 @@ class Archive:
                 parent=parent,
                 size=size,
                 chunk_size=cs,
-                bytes_read=size,
+                bytes_read=bytes_read,
                 bytes_new=bytes_new,
                 bytes_stored=writer.bytes_written,
                 source=source.name,

@@ -140,3 +140,22 @@ def test_encrypted_roundtrip_and_wrong_key(tmp_path: Path) -> None:
         Archive.open(loc, key_file=str(wrong))
     with pytest.raises(WrongKey, match="encrypted"):
         Archive.open(loc)
+
+
+def test_incremental_from_changed_extents(arc: Archive) -> None:
+    disk = bytearray(os.urandom(CS * 20 + 100))
+    base = arc.backup("cbt", BytesSource(bytes(disk)))
+    disk[CS * 3 + 10:CS * 3 + 20] = os.urandom(10)
+    disk[-50:] = bytes(50)
+    read_offsets: list[int] = []
+
+    class Tracking(BytesSource):
+        def read(self, offset: int, length: int) -> bytes:
+            read_offsets.append(offset)
+            return super().read(offset, length)
+
+    info = arc.backup("cbt", Tracking(bytes(disk)), changed=[(CS * 3 + 10, 10), (len(disk) - 50, 50)], base=base)
+    assert sorted(read_offsets) == [CS * 3, CS * 20]  # only the chunks the extents touch
+    assert info.parent == base.point and info.bytes_read == CS + 100
+    assert read_all(arc.reader(info)) == bytes(disk)
+    assert read_all(arc.reader(base)) != bytes(disk)
