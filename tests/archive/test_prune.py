@@ -85,3 +85,15 @@ def test_prune_collects_orphan_packs(tmp_path: Path) -> None:
     assert report.packs_deleted == 1
     assert read_all(arc.reader(arc.resolve("m"))) == keep_data
     assert verify(arc).ok
+
+
+def test_readers_never_wait_for_locks(tmp_path: Path) -> None:
+    """Restores and listings work while prune (exclusive) or a backup (shared) holds the lock."""
+    arc = Archive.init(str(tmp_path / "arc"), chunk_size=CS)
+    data = os.urandom(CS * 4)
+    arc.backup("m", BytesSource(data))
+    for exclusive in (True, False):
+        with arc.backend.lock(exclusive=exclusive):
+            other = Archive.open(str(tmp_path / "arc"))
+            assert read_all(other.reader(other.resolve("m"))) == data
+            assert verify(other).ok
