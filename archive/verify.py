@@ -69,7 +69,7 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
 
             def check(e: PackEntry, data: bytes = data) -> tuple[PackEntry, str | None]:
                 try:
-                    arc.codec.decode(e.chunk_id, data[e.offset:e.offset + e.length], e.raw_length)
+                    arc.codec.decode(e.chunk_id, data[e.offset:e.offset + e.length], e.raw_length, full_check=True)
                 except CorruptChunk as err:
                     return e, str(err)
                 return e, None
