@@ -1,0 +1,183 @@
+"""NBD exports for recoveries: ``lifeboat serve`` run as a child process, behind a small interface.
+
+The engine depends only on the CLI contract of ``lifeboat serve`` (``shared/CLI.md``): it starts
+``lifeboat serve MACHINE@POINT --listen 127.0.0.1:0 --writable --hydrate-to PATH``, and reads the
+``nbd://HOST:PORT/EXPORT`` line it prints. Its standard output and error go to files, not pipes,
+so the server outlives a killed orchestrator without dying of SIGPIPE, and a resumed run finds the
+URL again and adopts the server. The export name carries the run's token, which is how teardown
+recognises the process as ours.
+
+Hydration progress is read from ``PATH.hydrate``, the state file whose layout
+``nbdserver/hydrate.py`` documents (version 1: a header, then one bit per chunk).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from targets.base import Resource, ResourceLog, TargetError, process_matches, stop_process
+
+_HYD_MAGIC = b"LBHYD001"
+_HYD_HEADER = struct.Struct("<8sIIIIQQQI")
+
+
+@dataclass
+class Export:
+    """A running export: its URL, the process, and where it hydrates to."""
+
+    url: str
+    pid: int
+    token: str
+    hydrate_to: Path
+
+    def hydration(self) -> tuple[int, int]:
+        """(chunks copied, chunks in all) from the hydration state file; (0, 1) until it exists."""
+        return hydration_progress(self.hydrate_to)
+
+    def hydrated(self) -> bool:
+        """Every chunk of the point (plus the guest's writes) is in ``hydrate_to``."""
+        done, total = self.hydration()
+        return done >= total
+
+    def alive(self) -> bool:
+        """The server process is still running."""
+        return process_matches(self.pid, self.token)
+
+
+def hydration_progress(target: Path) -> tuple[int, int]:
+    """(chunks done, chunks total) recorded in ``TARGET.hydrate`` (``nbdserver/hydrate.py``)."""
+    state = Path(f"{target}.hydrate")
+    try:
+        with open(state, "rb") as f:
+            head = f.read(4096)
+            if len(head) < _HYD_HEADER.size or head[:8] != _HYD_MAGIC:
+                return 0, 1
+            _, _version, _hsize, chunk, _flags, size, bm_off, bm_len, _jlen = _HYD_HEADER.unpack_from(head)
+            total = -(-size // max(chunk, 1))
+            f.seek(bm_off)
+            bits = f.read(min(bm_len, -(-total // 8)))
+    except OSError:
+        return 0, 1
+    done = sum(bin(b).count("1") for b in bits)
+    return min(done, total), max(total, 1)
+
+
+def serve_command(
+    selector: str, *, archive: str | None, key_file: str | None, name: str, hydrate_to: Path, overlay: Path
+) -> list[str]:
+    """The ``lifeboat serve`` command line for one machine's export."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "serve",
+        selector,
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+        "--writable",
+        "--hydrate-to",
+        str(hydrate_to),
+        "--overlay",
+        str(overlay),
+    ]
+    if archive:
+        cmd += ["--archive", archive]
+    if key_file:
+        cmd += ["--key-file", key_file]
+    return cmd
+
+
+def start_export(
+    selector: str,
+    *,
+    archive: str | None,
+    key_file: str | None,
+    token: str,
+    workdir: Path,
+    hydrate_to: Path,
+    log: ResourceLog,
+    timeout: float = 120.0,
+) -> Export:
+    """Start (or adopt, after a crash) the export of ``selector``; the process and its files are
+    recorded in ``log`` before they exist."""
+    out, err = workdir / "serve.out", workdir / "serve.log"
+    overlay = workdir / "unused-overlay.cow"  # never another run's overlay: writes go to hydrate_to
+    res = log.record("process", token, {"token": token, "hydrate_to": str(hydrate_to), "stdout": str(out)})
+    pid = res.data.get("pid")
+    if pid and process_matches(int(pid), token):
+        url = _read_url(out)
+        if url:
+            return Export(url, int(pid), token, hydrate_to)
+        stop_process(int(pid), token)
+    for path in (out, err, hydrate_to, Path(f"{hydrate_to}.hydrate"), overlay):
+        log.record("file", str(path), {})
+    out.unlink(missing_ok=True)
+    cmd = serve_command(
+        selector, archive=archive, key_file=key_file, name=token, hydrate_to=hydrate_to, overlay=overlay
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(out, "wb") as fo, open(err, "ab") as fe:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, start_new_session=True, env=env)
+    log.update(res, {"pid": proc.pid, "command": cmd})
+    deadline = time.monotonic() + timeout
+    while True:
+        url = _read_url(out)
+        if url:
+            return Export(url, proc.pid, token, hydrate_to)
+        if proc.poll() is not None:
+            raise TargetError(f"lifeboat serve exited with status {proc.returncode}: {_tail(err)}")
+        if time.monotonic() > deadline:
+            stop_process(proc.pid, token)
+            raise TargetError(f"lifeboat serve printed no nbd:// URL in {timeout:.0f} s: {_tail(err)}")
+        time.sleep(0.05)
+
+
+def find_export(log: ResourceLog, token: str) -> Export | None:
+    """The running export recorded in ``log``, if its process is still alive."""
+    for res in log.resources():
+        if res.kind == "process" and res.ident == token and res.data.get("pid"):
+            url = _read_url(Path(res.data["stdout"]))
+            if url and process_matches(int(res.data["pid"]), token):
+                return Export(url, int(res.data["pid"]), token, Path(res.data["hydrate_to"]))
+    return None
+
+
+def stop_export(log: ResourceLog, token: str) -> None:
+    """Stop the export's server (its files stay: the hydrated disk may now be the machine's)."""
+    for res in log.resources():
+        if res.kind == "process" and res.ident == token:
+            if res.data.get("pid"):
+                stop_process(int(res.data["pid"]), token)
+            log.forget(res)
+
+
+def export_resource_is_disk(res: Resource, keep: Path | None) -> bool:
+    """Whether a recorded export file is the (kept) local disk or its hydration state."""
+    return keep is not None and res.kind == "file" and res.ident in (str(keep), f"{keep}.hydrate")
+
+
+def _read_url(path: Path) -> str | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("nbd://"):
+            return line.strip()
+    return None
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"

@@ -1,0 +1,420 @@
+"""The ``qemu`` target: qemu-system run directly and driven over QMP (``qemu.qmp``); no daemon.
+
+The embedded default. The machine boots from the NBD export (``-blockdev`` nbd), its serial
+console goes to a file (console health checks), an isolated network is QEMU's user-mode network
+with ``restrict=on`` (no way out; health-check ports forwarded from loopback), and once the export
+has hydrated the local disk a ``blockdev-mirror`` + ``block-job-complete`` moves the running
+machine onto it, so the NBD server can stop.
+
+KVM when it works, TCG otherwise: ``accel: auto`` starts under KVM if ``/dev/kvm`` opens, and if
+QEMU reports a KVM internal error while the machine boots (nested virtualisation often fails inside
+the boot loader) the machine is restarted under TCG and the host is remembered as "no KVM".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from targets.base import (
+    Disk,
+    ExecResult,
+    Guest,
+    Resource,
+    ResourceLog,
+    Target,
+    TargetError,
+    TargetUnavailable,
+    destroy_generic,
+    process_matches,
+    stop_process,
+)
+
+DISK_NODE = "disk0"
+LOCAL_NODE = "local0"
+MIRROR_JOB = "lifeboat-move"
+
+
+def kvm_usable() -> bool:
+    """Whether ``/dev/kvm`` opens for reading and writing (necessary, not sufficient)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def socket_dir(guest: Guest) -> Path:
+    """A short folder for the machine's Unix sockets (their paths must stay under 108 bytes,
+    which a deep work folder would exceed): /run/lifeboat/TOKEN as root, else under
+    $XDG_RUNTIME_DIR or /tmp."""
+    if os.geteuid() == 0:
+        base = Path("/run/lifeboat")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lifeboat-{os.geteuid()}") / "lifeboat"
+    return base / guest.token
+
+
+def kvm_memo() -> Path:
+    """The host-wide note that KVM failed here (per kernel release, so a new kernel tries again)."""
+    return Path("/var/tmp/lifeboat") / f"kvm-unusable-{platform.release()}"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for QEMU's hostfwd, which cannot pick one itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Qmp:
+    """A short QMP session over the machine's Unix socket (one client at a time, so each call
+    opens and closes its own: a resumed orchestrator simply connects again)."""
+
+    def __init__(self, path: str, timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.path = path
+        self.mon = QEMUMonitorProtocol(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.mon.connect()
+                break
+            except Exception as e:  # qemu.qmp raises ConnectError wrapping OSError
+                if time.monotonic() > deadline or (alive is not None and not alive()):
+                    raise TargetError(f"QMP socket {path}: {e}") from None
+                time.sleep(0.1)
+        self.mon.settimeout(timeout)
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        """Run a QMP command; QMP errors become ``TargetError``."""
+        from qemu.qmp import ExecuteError
+
+        try:
+            return self.mon.cmd(name, **args)
+        except ExecuteError as e:
+            raise TargetError(f"QMP {name}: {e}") from None
+
+    def close(self) -> None:
+        """Disconnect."""
+        try:
+            self.mon.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class QemuTarget(Target):
+    """qemu-system over QMP: boots from NBD, isolated user-mode network, console to a file."""
+
+    name = "qemu"
+    kind = "virtual"
+
+    # -- capabilities ---------------------------------------------------------------------
+    def boots_from_nbd(self) -> bool:
+        """QEMU's NBD client boots straight from the export."""
+        return True
+
+    def can_move_to_local(self) -> bool:
+        """blockdev-mirror onto the hydrated file, then pivot."""
+        return True
+
+    def has_console(self) -> bool:
+        """The serial console is written to ``console.log``."""
+        return True
+
+    def can_exec_in_guest(self) -> bool:
+        """Through the guest agent channel (the guest must run qemu-guest-agent)."""
+        return True
+
+    def supports_network(self, mode: str) -> bool:
+        """isolated (user-mode, restrict=on), none, mapped (onto host bridges)."""
+        return mode in ("isolated", "none", "mapped")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """The QEMU binary runs and the qemu.qmp library is installed."""
+        try:
+            import qemu.qmp  # noqa: F401
+        except ImportError:
+            raise TargetUnavailable("the qemu target needs the Python package qemu.qmp") from None
+        try:
+            subprocess.run([self.settings["binary"], "--version"], capture_output=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise TargetUnavailable(f"{self.settings['binary']} does not run: {e}") from None
+
+    def _files(self, guest: Guest) -> dict[str, Path]:
+        files = {name: guest.workdir / name for name in ("console.log", "qemu.log", "qemu.pid")}
+        files.update({name: socket_dir(guest) / name for name in ("qmp.sock", "qga.sock")})
+        return files
+
+    def provision(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
+        """Record the machine's files and its QEMU command line (started by ``boot``)."""
+        if not disk.nbd_url:
+            raise TargetError(f"{guest.name}: the qemu target boots from an NBD export, none was given")
+        for res in log.resources():
+            if res.kind == "process" and res.ident == guest.token:
+                return  # provisioned before a crash: keep its command line (ports, accelerator)
+        log.record("dir", str(socket_dir(guest)), {})
+        socket_dir(guest).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in self._files(guest).values():
+            log.record("file", str(path), {})
+        forwards = (
+            {str(p): free_port() for p in guest.network.forward_ports} if guest.network.mode == "isolated" else {}
+        )
+        log.record(
+            "process",
+            guest.token,
+            {
+                "token": guest.token,
+                "nbd_url": disk.nbd_url,
+                "forwards": forwards,
+                "accel": self._pick_accel(),
+                "pidfile": str(self._files(guest)["qemu.pid"]),
+            },
+        )
+
+    def _memo(self) -> Path:
+        return kvm_memo()
+
+    def _pick_accel(self) -> str:
+        accel: str = self.settings["accel"]
+        if accel == "auto":
+            return "kvm" if kvm_usable() and not self._memo().exists() else "tcg"
+        return accel
+
+    def _process(self, guest: Guest, log: ResourceLog) -> Resource:
+        for res in log.resources():
+            if res.kind == "process" and res.ident == guest.token:
+                return res
+        raise TargetError(f"{guest.name}: not provisioned")
+
+    def command(self, guest: Guest, data: dict[str, Any]) -> list[str]:
+        """The QEMU command line for the machine (``data``: the process resource's data)."""
+        s = self.settings
+        f = self._files(guest)
+        url = data["nbd_url"]
+        host_port, _, export = url[len("nbd://") :].partition("/")
+        host, _, port = host_port.rpartition(":")
+        blockdev = {
+            "driver": "raw",
+            "node-name": DISK_NODE,
+            "file": {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": host.strip("[]"), "port": port},
+                "export": export,
+            },
+        }
+        disk_dev = "virtio-blk-pci" if s["disk_bus"] == "virtio" else "ide-hd"
+        cmd = [
+            s["binary"],
+            "-name", f"{guest.token},debug-threads=on",
+            "-machine", s["machine"],
+            "-accel", data["accel"],
+            "-m", str(s["memory_mib"]),
+            "-smp", str(s["cpus"]),
+            "-display", "none",
+            "-no-user-config",
+            "-no-reboot",
+            "-serial", f"file:{f['console.log']}",
+            "-monitor", "none",
+            "-qmp", f"unix:{f['qmp.sock']},server=on,wait=off",
+            "-pidfile", str(f["qemu.pid"]),
+            "-blockdev", json.dumps(blockdev),
+            "-device", f"{disk_dev},drive={DISK_NODE},id=bootdisk,bootindex=1",
+        ]  # fmt: skip
+        mode = guest.network.mode
+        if mode == "isolated":
+            fwd = "".join(f",hostfwd=tcp:127.0.0.1:{hp}-:{gp}" for gp, hp in data.get("forwards", {}).items())
+            cmd += ["-netdev", f"user,id=net0,restrict=on{fwd}", "-device", f"{s['nic_model']},netdev=net0"]
+        elif mode == "mapped":
+            for i, bridge in enumerate(sorted(set(guest.network.mappings.values()))):
+                cmd += ["-netdev", f"bridge,id=net{i},br={bridge}", "-device", f"{s['nic_model']},netdev=net{i}"]
+        else:
+            cmd += ["-nic", "none"]
+        if guest.needs_agent:
+            cmd += [
+                "-chardev", f"socket,path={f['qga.sock']},server=on,wait=off,id=qga0",
+                "-device", "virtio-serial",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]  # fmt: skip
+        return cmd + list(s["extra_args"])
+
+    def boot(self, guest: Guest, log: ResourceLog) -> None:
+        """Start QEMU in its own session (it outlives a killed orchestrator and is adopted)."""
+        res = self._process(guest, log)
+        if self._alive(res):
+            self.context.log(f"{guest.name}: QEMU (pid {res.data.get('pid')}) is already running: adopted")
+            return
+        self._start(guest, log, res)
+
+    def _alive(self, res: Resource) -> bool:
+        pid = res.data.get("pid") or _read_pid(res.data.get("pidfile"))
+        return pid is not None and process_matches(int(pid), res.data["token"])
+
+    def _start(self, guest: Guest, log: ResourceLog, res: Resource) -> None:
+        f = self._files(guest)
+        for stale in (f["qmp.sock"], f["qga.sock"], f["qemu.pid"]):
+            stale.unlink(missing_ok=True)
+        cmd = self.command(guest, res.data)
+        with open(f["qemu.log"], "ab") as errlog:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True, cwd=guest.workdir
+            )
+        log.update(res, {"pid": proc.pid, "command": cmd})
+        try:
+            with Qmp(
+                str(f["qmp.sock"]), timeout=float(self.settings["start_timeout"]), alive=lambda: proc.poll() is None
+            ) as qmp:
+                qmp.cmd("query-status")
+        except TargetError:
+            detail = _tail(f["qemu.log"])
+            stop_process(proc.pid, guest.token)
+            raise TargetError(f"{guest.name}: QEMU did not start: {detail}") from None
+        self.context.log(f"{guest.name}: QEMU started (pid {proc.pid}, {res.data['accel']})")
+
+    def is_running(self, guest: Guest, log: ResourceLog) -> bool:
+        """The QEMU process is alive and the guest is not stopped by an error."""
+        res = self._process(guest, log)
+        if not self._alive(res):
+            return False
+        return self._status(guest) in ("running", "prelaunch", "inmigrate", "finish-migrate", "paused")
+
+    def _status(self, guest: Guest) -> str:
+        with Qmp(str(self._files(guest)["qmp.sock"])) as qmp:
+            status: str = qmp.cmd("query-status")["status"]
+            return status
+
+    def poll(self, guest: Guest, log: ResourceLog) -> None:
+        """Fail if QEMU is gone; after a KVM internal error under ``accel: auto``, go to TCG."""
+        res = self._process(guest, log)
+        if not self._alive(res):
+            raise TargetError(f"{guest.name}: QEMU exited: {_tail(self._files(guest)['qemu.log'])}")
+        status = self._status(guest)
+        if status == "internal-error" and res.data["accel"] == "kvm" and self.settings["accel"] == "auto":
+            self.context.log(f"{guest.name}: KVM internal error (nested virtualisation?): restarting under TCG")
+            self._memo().parent.mkdir(parents=True, exist_ok=True)
+            self._memo().write_text("KVM internal error while booting a guest; lifeboat uses TCG on this host\n")
+            stop_process(int(res.data["pid"]), guest.token)
+            log.update(res, {"accel": "tcg", "pid": None})
+            self._start(guest, log, res)
+        elif status in ("internal-error", "guest-panicked", "shutdown", "io-error"):
+            raise TargetError(f"{guest.name}: the machine stopped ({status})")
+
+    def console_path(self, guest: Guest, log: ResourceLog) -> Path | None:
+        """The serial console file."""
+        return self._files(guest)["console.log"]
+
+    def guest_endpoint(self, guest: Guest, log: ResourceLog, port: int) -> tuple[str, int] | None:
+        """The loopback port forwarded to the guest's ``port`` (isolated network only)."""
+        forwards = self._process(guest, log).data.get("forwards", {})
+        return ("127.0.0.1", int(forwards[str(port)])) if str(port) in forwards else None
+
+    def exec_in_guest(self, guest: Guest, log: ResourceLog, argv: list[str], timeout: float) -> ExecResult:
+        """Run a command through the guest agent channel."""
+        from targets.guestagent import GuestAgent
+
+        with GuestAgent(str(self._files(guest)["qga.sock"]), timeout=min(timeout, 10.0)) as agent:
+            return agent.exec(argv, timeout)
+
+    def move_to_local(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
+        """Mirror the NBD-backed disk onto ``disk.local_path`` and pivot, then drop the NBD node.
+
+        ``sync: full`` re-reads the (by now hydrated, so local) export: correct whatever the
+        server did with the guest's writes; ``write-blocking`` makes guest writes land on both
+        sides until the pivot, so the copy converges."""
+        if disk.local_path is None:
+            raise TargetError(f"{guest.name}: no local disk to move onto")
+        res = self._process(guest, log)
+        with Qmp(str(self._files(guest)["qmp.sock"]), timeout=30) as qmp:
+            if self._on_node(qmp) == LOCAL_NODE:
+                return  # moved before a crash
+            nodes = {n["node-name"] for n in qmp.cmd("query-named-block-nodes")}
+            if LOCAL_NODE not in nodes:
+                qmp.cmd(
+                    "blockdev-add",
+                    **{
+                        "driver": "raw",
+                        "node-name": LOCAL_NODE,
+                        "file": {"driver": "file", "filename": str(disk.local_path)},
+                    },
+                )
+            jobs = {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+            if MIRROR_JOB not in jobs:
+                qmp.cmd(
+                    "blockdev-mirror",
+                    **{
+                        "job-id": MIRROR_JOB,
+                        "device": DISK_NODE,
+                        "target": LOCAL_NODE,
+                        "sync": "full",
+                        "copy-mode": "write-blocking",
+                    },
+                )
+            deadline = time.monotonic() + 3600
+            while True:
+                jobs = {j["device"]: j for j in qmp.cmd("query-block-jobs")}
+                job = jobs.get(MIRROR_JOB)
+                if job is None:
+                    raise TargetError(f"{guest.name}: the mirror job vanished before it was ready")
+                if job.get("ready"):
+                    break
+                if time.monotonic() > deadline:
+                    raise TargetError(f"{guest.name}: mirroring onto the local disk did not converge")
+                time.sleep(0.2)
+            qmp.cmd("block-job-complete", device=MIRROR_JOB)
+            while any(j["device"] == MIRROR_JOB for j in qmp.cmd("query-block-jobs")):
+                time.sleep(0.1)
+            if self._on_node(qmp) != LOCAL_NODE:
+                raise TargetError(f"{guest.name}: the disk did not pivot onto {disk.local_path}")
+            qmp.cmd("blockdev-del", **{"node-name": DISK_NODE})  # closes the NBD connection
+        log.update(res, {"local_disk": str(disk.local_path)})
+        self.context.log(f"{guest.name}: now running on the local disk {disk.local_path}")
+
+    def _on_node(self, qmp: Qmp) -> str | None:
+        for dev in qmp.cmd("query-block"):
+            qdev = dev.get("qdev", "")
+            if qdev.endswith("/bootdisk") or "/bootdisk/" in qdev:
+                node: str | None = (dev.get("inserted") or {}).get("node-name")
+                return node
+        return None
+
+    def destroy(self, resource: Resource) -> None:
+        """Stop QEMU (by pid, else by its pidfile); files and dirs as usual."""
+        if resource.kind == "process" and not resource.data.get("pid"):
+            pid = _read_pid(resource.data.get("pidfile"))
+            if pid:
+                resource = Resource(resource.kind, resource.ident, {**resource.data, "pid": pid}, resource.owner)
+        destroy_generic(resource)
+
+
+def _read_pid(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"

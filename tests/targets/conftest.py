@@ -1,0 +1,1 @@
+from tests.targets.realpeers import libvirtd, sample_archive  # noqa: F401  (shared fixtures)
