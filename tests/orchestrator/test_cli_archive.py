@@ -19,7 +19,8 @@ def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock")
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 @pytest.fixture
