@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from archive.backend import Backend
@@ -91,21 +93,30 @@ class ChunkIndex:
 
 
 class PackWriter:
-    """Collects new blobs and stores them as packs of about ``target`` bytes."""
+    """Collects new blobs and stores them as packs of about ``target`` bytes.
 
-    def __init__(self, backend: Backend, index: ChunkIndex, target: int = DEFAULT_PACK_TARGET) -> None:
+    Packs are stored by one background thread (``Backend.put`` includes fsync), at most
+    ``in_flight`` at a time, so hashing and compression never wait for the disk. ``finish``
+    returns once every pack is durable and in the index; only then may a manifest refer to them.
+    """
+
+    def __init__(self, backend: Backend, index: ChunkIndex, target: int = DEFAULT_PACK_TARGET,
+                 in_flight: int = 2) -> None:
         self.backend = backend
         self.index = index
         self.target = target
+        self.in_flight = in_flight
         self._parts: list[bytes] = [PACK_MAGIC]
         self._entries: list[PackEntry] = []
         self._pending: set[bytes] = set()
         self._pos = len(PACK_MAGIC)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pack-writer")
+        self._stores: deque[Future[None]] = deque()
         self.packs_written = 0
         self.bytes_written = 0
 
     def has(self, chunk_id: bytes) -> bool:
-        """Whether the chunk is stored already or waiting in this writer."""
+        """Whether the chunk is stored already or queued by this writer."""
         return chunk_id in self._pending or chunk_id in self.index
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> bool:
@@ -120,14 +131,31 @@ class PackWriter:
             self.flush()
         return True
 
+    def _store(self, key: str, parts: list[bytes], entries: list[PackEntry]) -> None:
+        self.backend.put(key, b"".join(parts))
+        self.index.add(key, entries)
+
     def flush(self) -> None:
-        """Store the queued blobs as one durable pack and add them to the index."""
+        """Seal the queued blobs into a pack and hand it to the background writer."""
         if not self._entries:
             return
-        key = new_pack_key()
-        data = b"".join(self._parts) + encode_pack_index(self._entries, self._pos)
-        self.backend.put(key, data)
-        self.index.add(key, self._entries)
+        while len(self._stores) >= self.in_flight:
+            self._stores.popleft().result()
+        self._parts.append(encode_pack_index(self._entries, self._pos))
         self.packs_written += 1
-        self.bytes_written += len(data)
-        self._parts, self._entries, self._pending, self._pos = [PACK_MAGIC], [], set(), len(PACK_MAGIC)
+        self.bytes_written += sum(len(p) for p in self._parts)
+        self._stores.append(self._pool.submit(self._store, new_pack_key(), self._parts, self._entries))
+        self._parts, self._entries, self._pos = [PACK_MAGIC], [], len(PACK_MAGIC)
+
+    def finish(self) -> None:
+        """Store what is queued and wait until every pack is durable; re-raises a failed store."""
+        try:
+            self.flush()
+            while self._stores:
+                self._stores.popleft().result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background writer (waiting for any store in progress)."""
+        self._pool.shutdown(wait=True)

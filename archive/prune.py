@@ -117,7 +117,8 @@ def _collect(arc: Archive, live: set[bytes], report: PruneReport) -> None:
         if keep_entries:
             for e in keep_entries:
                 writer.add(e.chunk_id, backend.get_range(key, e.offset, e.length), e.raw_length)
-            writer.flush()
+            writer.finish()
+            writer = PackWriter(backend, ChunkIndex())
             report.packs_rewritten += 1
         else:
             report.packs_deleted += 1

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from archive.errors import DestinationError, StorageError
-from archive.store import WORKERS, PointReader, Progress, ordered_map
+from archive.store import AHEAD, WORKERS, PointReader, Progress, ordered_map
 
 
 def restore(reader: PointReader, dest: str | os.PathLike[str], *, force: bool = False,
@@ -56,7 +56,7 @@ def restore(reader: PointReader, dest: str | os.PathLike[str], *, force: bool = 
             return length
 
         with ThreadPoolExecutor(WORKERS) as pool:
-            for length in ordered_map(pool, work, range(len(reader.ids)), ahead=WORKERS * 4):
+            for length in ordered_map(pool, work, range(len(reader.ids)), ahead=AHEAD):
                 if progress:
                     progress(length)
         os.fsync(fd)

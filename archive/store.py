@@ -48,6 +48,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 WORKERS = max(2, os.cpu_count() or 2)
+AHEAD = 32  # chunks in flight in the backup and restore pipelines (bounds memory)
 
 Progress = Callable[[int], None]
 
@@ -91,6 +92,15 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: Itera
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def _chunks_with_data(extents: Iterable[tuple[int, int]], cs: int, count: int) -> set[int]:
+    """Indexes of the chunks that an allocated extent of the source touches."""
+    found: set[int] = set()
+    for off, length in extents:
+        if length > 0:
+            found.update(range(off // cs, min(count, -(-(off + length) // cs))))
+    return found
 
 
 class ChunkCache:
@@ -336,14 +346,17 @@ class Archive:
                     raise UsageError("an incremental from changed extents needs a base point of the same size")
                 ids = self.chunk_ids(base)
                 parent = base.point
-                dirty: set[int] = set()
-                for off, length in changed:
-                    if length > 0:
-                        dirty.update(range(off // cs, min(count, -(-(off + length) // cs))))
-                todo = sorted(dirty)
+                todo = sorted(_chunks_with_data(changed, cs, count))
+
+            bytes_new = bytes_read = 0
+            full = changed is None
+            data_extents = getattr(source, "data_extents", None)
+            has_data = _chunks_with_data(data_extents(), cs, count) if data_extents else None
 
             def work(i: int) -> tuple[bytes, bytes | None, int]:
                 length = min(cs, size - i * cs)
+                if has_data is not None and i not in has_data:
+                    return ZERO_ID, None, length  # a hole of the source: nothing to read
                 data = source.read(i * cs, length)
                 if len(data) != length:
                     raise SourceError(f"source {source.name}: short read at offset {i * cs}")
@@ -354,20 +367,22 @@ class Archive:
                     return cid, None, length
                 return cid, codec.encode(cid, data), length
 
-            bytes_new = bytes_read = 0
-            full = changed is None
-            with ThreadPoolExecutor(WORKERS) as pool:
-                for i, (cid, blob, length) in zip(todo, ordered_map(pool, work, todo, ahead=WORKERS * 4), strict=True):
-                    if full:
-                        ids.append(cid)
-                    else:
-                        ids[i] = cid
-                    bytes_read += length
-                    if blob is not None and writer.add(cid, blob, length):
-                        bytes_new += length
-                    if progress:
-                        progress(length)
-            writer.flush()
+            try:
+                with ThreadPoolExecutor(WORKERS) as pool:
+                    for i, (cid, blob, length) in zip(todo, ordered_map(pool, work, todo, ahead=AHEAD), strict=True):
+                        if full:
+                            ids.append(cid)
+                        else:
+                            ids[i] = cid
+                        if has_data is None or i in has_data:
+                            bytes_read += length
+                        if blob is not None and writer.add(cid, blob, length):
+                            bytes_new += length
+                        if progress:
+                            progress(length)
+                writer.finish()
+            finally:
+                writer.close()
             info = PointInfo(
                 machine=machine,
                 point=new_point_id(),

@@ -1,0 +1,134 @@
+"""``lifeboat serve``: a recovery point over NBD, read-only, copy-on-write, or hydrating."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import quote
+
+import click
+
+from archive.errors import UsageError
+from archive.throttle import ThrottledBackend
+from nbdserver import Export, open_volume, serve_until_signal, tls_context
+from orchestrator.cli import command, open_archive
+from orchestrator.console import log, progress
+
+DEFAULT_LISTEN = "127.0.0.1:10809"
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+def parse_size(text: str, what: str) -> int:
+    """``512M``, ``1G``, ``50MB`` or a plain byte count (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: not a size (use e.g. 512M or 2G)")
+    return int(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower())
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT``; port 0 picks a free port."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    if not m:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT (e.g. 127.0.0.1:10809)")
+    host = m.group(1) if m.group(1) is not None else m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise UsageError(f"--listen {text!r}: port {port} is out of range")
+    if host in ("", "0"):
+        host = "0.0.0.0"
+    return host, port
+
+
+def nbd_url(host: str, port: int, export: str) -> str:
+    """``nbd://HOST:PORT/EXPORT`` (IPv6 hosts in brackets, the name percent-encoded)."""
+    h = f"[{host}]" if ":" in host else host
+    return f"nbd://{h}:{port}/{quote(export, safe='')}"
+
+
+def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        if ca:
+            raise UsageError("--tls-ca needs --tls-cert and --tls-key")
+        return None
+    if not cert or not key:
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    for opt, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{opt} {path}: no such file")
+    try:
+        return tls_context(cert, key, ca)
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"TLS certificate, key or CA cannot be loaded: {e}") from None
+
+
+@command(name="serve")
+@click.argument("selector", metavar="MACHINE[@WHEN]")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
+              help="HOST:PORT to listen on (port 0: any free port).")
+@click.option("--name", "export_name", help="Export name (default: the machine name).")
+@click.option("--writable", is_flag=True,
+              help="Accept writes, kept in a copy-on-write overlay; the archive never changes.")
+@click.option("--hydrate-to", type=click.Path(dir_okay=False),
+              help="Also copy the point into PATH, requested blocks first.")
+@click.option("--overlay", type=click.Path(dir_okay=False),
+              help="Overlay file for --writable (default: <archive>/overlays/<machine>-<point>.cow).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Server certificate (PEM): clients must use TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="Accept only clients with a certificate signed by this CA.")
+@click.option("--cache-size", default="1G", show_default=True, help="Memory for decoded archive chunks.")
+@click.option("--archive-rate", hidden=True, help="Throttle archive reads to this many bytes/s (benchmarks, tests).")
+def serve_cmd(selector: str, listen: str, export_name: str | None, writable: bool, hydrate_to: str | None,
+              overlay: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+              cache_size: str, archive_rate: str | None) -> None:
+    """Serve a recovery point over NBD until SIGINT/SIGTERM; prints nbd://HOST:PORT/EXPORT once listening."""
+    host, port = parse_listen(listen)
+    tls = _tls(tls_cert, tls_key, tls_ca)
+    cache_bytes = parse_size(cache_size, "--cache-size")
+    arc = open_archive()
+    info = arc.resolve(selector)
+    arc.cache.max_bytes = cache_bytes
+    if archive_rate:
+        arc.backend = ThrottledBackend(arc.backend, parse_size(archive_rate, "--archive-rate"))
+    name = export_name if export_name is not None else info.machine
+    if not name or len(name.encode()) > 4096:
+        raise UsageError("--name: the export name must be 1 to 4096 bytes")
+
+    with ExitStack() as stack:
+        report = None
+        if hydrate_to:
+            bar: list[Callable[[int], None]] = []
+            shown = 0
+
+            def report(done: int, total: int) -> None:
+                """Hydration progress on stderr; a resumed copy counts only what is left."""
+                nonlocal shown
+                if not bar:
+                    shown = done
+                    resumed = f", resumed at {done * 100 // max(total, 1)}%" if done else ""
+                    label = f"hydrate {info.machine}@{info.point} to {hydrate_to}{resumed}"
+                    bar.append(stack.enter_context(progress(label, total - done)))
+                if done > shown:
+                    bar[0](done - shown)
+                    shown = done
+
+        volume = open_volume(arc, info, writable=writable, overlay=overlay, hydrate_to=hydrate_to,
+                             progress=report, log=log)
+        export = Export(name, volume, volume.description)
+
+        def listening(bound_host: str, bound_port: int) -> None:
+            shown_host = bound_host if host in ("0.0.0.0", "::") else host
+            sys.stdout.write(nbd_url(shown_host, bound_port, name) + "\n")
+            sys.stdout.flush()
+            mode = "writable" if volume.can_write() else "read-only"
+            log(f"serving {info.machine}@{info.point} ({info.time}) as {mode} export {name!r}"
+                f"{' with TLS' if tls else ''}; stop with Ctrl-C or SIGTERM")
+
+        asyncio.run(serve_until_signal([export], host, port, tls=tls, on_listening=listening, log=log))
+    log("lifeboat serve: stopped")
