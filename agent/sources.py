@@ -6,11 +6,16 @@ is written during the backup the point is not crash-consistent (use a snapshot s
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from archive.errors import SourceError
+
+if TYPE_CHECKING:
+    from exporters.images import Image
 
 
 class FileSource:
@@ -39,6 +44,25 @@ class FileSource:
             raise SourceError(f"source {self.path}: file shrank while being read (offset {offset})")
         return data
 
+    def data_extents(self) -> list[tuple[int, int]] | None:
+        """Allocated extents of a regular file (SEEK_DATA/SEEK_HOLE), so holes are never read;
+        None for a block device or a file system that cannot tell."""
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            return None
+        extents = []
+        pos = 0
+        try:
+            while pos < self.size:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+                end = os.lseek(self.fd, start, os.SEEK_HOLE)
+                extents.append((start, end - start))
+                pos = end
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return extents
+            return None
+        return extents
+
     def close(self) -> None:
         """Close the file."""
         os.close(self.fd)
@@ -50,6 +74,14 @@ class FileSource:
         self.close()
 
 
-def open_source(spec: str) -> FileSource:
-    """The source named on the command line (image file or block device for now)."""
-    return FileSource(spec)
+def open_source(spec: str) -> Image:
+    """The source named on the command line: a raw, qcow2, VMDK or VHDX image, or a block device;
+    a running QEMU or libvirt guest, or an LVM volume (``agent/tracked.py``)."""
+    from agent.tracked import open_special
+
+    special = open_special(spec)
+    if special is not None:
+        return special
+    from exporters.images import open_image  # format sniffed by magic; raw otherwise
+
+    return open_image(spec)
