@@ -59,6 +59,23 @@ def state_path(target: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(target)}{STATE_SUFFIX}")
 
 
+def hydration_progress(target: str | os.PathLike[str]) -> tuple[int, int]:
+    """(chunks copied, chunks in all) from the state file of a hydration to ``target``;
+    (0, 1) while it does not exist or cannot be read. Other processes (the runbook engine)
+    watch a running ``lifeboat serve --hydrate-to`` through this."""
+    path = state_path(target)
+    try:
+        with open(path, "rb") as f:
+            chunk, size, bm_off, bm_len, _ = _parse_header(path, f.read(HEADER_SIZE))
+            total = ceil_div(size, max(chunk, 1))
+            f.seek(bm_off)
+            bits = f.read(min(bm_len, ceil_div(total, 8)))
+    except (OSError, FormatError):
+        return 0, 1
+    done = sum(bin(b).count("1") for b in bits)
+    return min(done, total), max(total, 1)
+
+
 def _encode_header(chunk: int, size: int, identity: dict[str, Any]) -> tuple[bytes, int]:
     bm_len = round_up(ceil_div(ceil_div(size, chunk), 8), PAGE)
     ident = json.dumps(identity, sort_keys=True).encode()

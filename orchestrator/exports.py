@@ -7,24 +7,21 @@ so the server outlives a killed orchestrator without dying of SIGPIPE, and a res
 URL again and adopts the server. The export name carries the run's token, which is how teardown
 recognises the process as ours.
 
-Hydration progress is read from ``PATH.hydrate``, the state file whose layout
-``nbdserver/hydrate.py`` documents (version 1: a header, then one bit per chunk).
+Hydration progress is read with ``nbdserver.hydrate.hydration_progress`` from the state file
+that the server keeps beside PATH.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbdserver.hydrate import hydration_progress
 from targets.base import Resource, ResourceLog, TargetError, process_matches, stop_process
-
-_HYD_MAGIC = b"LBHYD001"
-_HYD_HEADER = struct.Struct("<8sIIIIQQQI")
 
 
 @dataclass
@@ -48,24 +45,6 @@ class Export:
     def alive(self) -> bool:
         """The server process is still running."""
         return process_matches(self.pid, self.token)
-
-
-def hydration_progress(target: Path) -> tuple[int, int]:
-    """(chunks done, chunks total) recorded in ``TARGET.hydrate`` (``nbdserver/hydrate.py``)."""
-    state = Path(f"{target}.hydrate")
-    try:
-        with open(state, "rb") as f:
-            head = f.read(4096)
-            if len(head) < _HYD_HEADER.size or head[:8] != _HYD_MAGIC:
-                return 0, 1
-            _, _version, _hsize, chunk, _flags, size, bm_off, bm_len, _jlen = _HYD_HEADER.unpack_from(head)
-            total = -(-size // max(chunk, 1))
-            f.seek(bm_off)
-            bits = f.read(min(bm_len, -(-total // 8)))
-    except OSError:
-        return 0, 1
-    done = sum(bin(b).count("1") for b in bits)
-    return min(done, total), max(total, 1)
 
 
 def serve_command(
