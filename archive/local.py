@@ -18,18 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from archive.backend import Backend
+from archive.durable import create_durably, fsync_dir
 from archive.errors import Locked, StorageError
 
 _TMP_MARK = ".tmp-"
 _MAX_OPEN = 256
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalBackend(Backend):
@@ -88,20 +81,9 @@ class LocalBackend(Backend):
         try:
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(path.parent.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
+                fsync_dir(path.parent.parent)
+            create_durably(path, tmp, data)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
             raise StorageError(f"cannot write {path}: {what}") from e
         self._forget(key)
@@ -115,7 +97,7 @@ class LocalBackend(Backend):
             return
         except OSError as e:
             raise StorageError(f"cannot delete {path}: {e.strerror}") from e
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -17,13 +17,14 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, Protocol, TypeVar
 
+from archive.durable import fsync_dir
 from archive.errors import DestinationError, SourceError
 
 SECTOR = 512
@@ -198,11 +199,7 @@ def atomic_output(path: Path, *, overwrite: bool) -> Iterator[int]:
             else:
                 os.unlink(tmp)
         done = True
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(parent)
     except OSError as e:
         raise DestinationError(f"{path}: write failed ({e.strerror})") from None
     finally:
@@ -318,19 +315,6 @@ def nonzero_clusters(data: bytes, cluster: int) -> list[tuple[int, memoryview]]:
         if piece != zero:
             out.append((i, piece))
     return out
-
-
-def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
-    """Write ``buffers`` contiguously at ``offset`` (one ``pwritev``, retried on short writes)."""
-    total = sum(len(b) for b in buffers)
-    done = os.pwritev(fd, buffers, offset)
-    if done == total:
-        return
-    rest = memoryview(b"".join(buffers))[done:]
-    while rest:
-        n = os.pwrite(fd, rest, offset + done)
-        done += n
-        rest = rest[n:]
 
 
 def read_exact(fd: int, name: str, offset: int, length: int, what: str) -> bytes:

@@ -35,6 +35,7 @@ import threading
 import zlib
 from typing import ClassVar
 
+from archive.durable import pwrite_all
 from exporters.base import (
     SECTOR,
     ImageWriter,
@@ -44,7 +45,6 @@ from exporters.base import (
     UnitPipeline,
     UnsupportedImage,
     nonzero_clusters,
-    pwrite_all,
     round_up,
 )
 from exporters.source import SPECIAL, ZERO, ImageSource, TableCache
@@ -162,14 +162,6 @@ class Qcow2Image(ImageSource):
     """A qcow2 image (v2 or v3) read as a backup source."""
 
     format: ClassVar[str] = "qcow2"
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
 
     def _parse(self) -> None:
         head = self.pread(0, min(self.file_size, 4096), "header")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from exporters.base import ImageWriter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs, pwrite_all
+from archive.durable import pwrite_all
+from exporters.base import ImageWriter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs
 
 HOLE_GRANULARITY = 4 * KiB
 

@@ -28,7 +28,7 @@ SPECIAL = -2  # _locate: the cluster is produced by _special (compressed)
 
 
 class ImageSource:
-    """A disk image opened read-only; subclasses parse their headers in ``__init__``."""
+    """A disk image opened read-only; subclasses parse their headers in ``_parse``."""
 
     format: ClassVar[str] = ""
     size: int
@@ -49,8 +49,17 @@ class ImageSource:
         except BaseException:
             os.close(self.fd)
             raise
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
 
     # -- what subclasses provide --------------------------------------------------------
+    def _parse(self) -> None:
+        """Read and check the headers; set ``size`` and ``cluster_size``."""
+        raise NotImplementedError
+
     def _locate(self, index: int) -> int:
         """Byte offset in the file of virtual cluster ``index``, or ``ZERO`` / ``SPECIAL``."""
         raise NotImplementedError

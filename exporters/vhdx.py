@@ -39,6 +39,7 @@ import struct
 import uuid
 from typing import ClassVar
 
+from archive.durable import pwrite_all
 from exporters.base import (
     SECTOR,
     GiB,
@@ -52,7 +53,6 @@ from exporters.base import (
     UnsupportedImage,
     data_units,
     nonzero_runs,
-    pwrite_all,
     round_up,
 )
 from exporters.source import ZERO, ImageSource
@@ -279,14 +279,6 @@ class VhdxImage(ImageSource):
     """A dynamic or fixed VHDX read as a backup source."""
 
     format: ClassVar[str] = "vhdx"
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
 
     def _parse(self) -> None:
         if self.pread(0, 8, "file type identifier") != FILE_SIGNATURE:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from archive.durable import pwrite_all
 from exporters.base import (
     SECTOR,
     ImageError,
@@ -56,7 +57,6 @@ from exporters.base import (
     UnitPipeline,
     UnsupportedImage,
     nonzero_clusters,
-    pwrite_all,
     read_exact,
     round_up,
 )
@@ -239,14 +239,6 @@ class VmdkSparseImage(ImageSource):
     """One hosted sparse extent (monolithicSparse or streamOptimized) read as a source."""
 
     format: ClassVar[str] = "vmdk"
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
 
     def _parse(self) -> None:
         head = self.pread(0, SECTOR, "sparse extent header")

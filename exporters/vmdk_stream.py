@@ -34,7 +34,8 @@ import zlib
 from collections.abc import Callable
 from typing import ClassVar
 
-from exporters.base import SECTOR, ImageTooLarge, ImageWriter, MiB, PointSource, Progress, UnitPipeline, pwrite_all
+from archive.durable import pwrite_all
+from exporters.base import SECTOR, ImageTooLarge, ImageWriter, MiB, PointSource, Progress, UnitPipeline
 from exporters.vmdk import (
     COMPRESS_DEFLATE,
     FLAG_COMPRESSED,

@@ -24,7 +24,6 @@ writes are never overwritten by a later re-copy of their chunk).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -39,11 +38,21 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from archive.durable import create_durably, fsync_dir, pwrite_all
 from archive.errors import FormatError, StorageError, UsageError
 from nbdserver import protocol as P
 from nbdserver.overlay import clip, merge
-from nbdserver.storage import PAGE, Bitmap, ceil_div, data_runs, lock_file, punch_hole, round_up, write_zeros
-from nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError, pwrite_all
+from nbdserver.storage import (
+    PAGE,
+    Bitmap,
+    ceil_div,
+    data_runs,
+    lock_file,
+    punch_hole,
+    round_up,
+    write_zeros,
+)
+from nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
 
 MAGIC = b"LBHYD001"
 VERSION = 1
@@ -101,14 +110,6 @@ def _parse_header(path: Path, raw: bytes) -> tuple[int, int, int, int, dict[str,
     return chunk, size, bm_off, bm_len, identity
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -163,17 +164,8 @@ class HydrateVolume(Volume):
             header, bm_len = _encode_header(self.chunk, self.size, identity)
             tmp = state.with_name(f".{state.name}.new-{secrets.token_hex(4)}")
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    pwrite_all(fd, header + bytes(bm_len), 0)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, state)
-                _fsync_dir(state.parent)
+                create_durably(state, tmp, header + bytes(bm_len))
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 raise StorageError(f"--hydrate-to {target}: cannot create {state}: {e.strerror}") from None
         try:
             self.state_fd = os.open(state, os.O_RDWR)
@@ -198,7 +190,7 @@ class HydrateVolume(Volume):
                 fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 os.ftruncate(fd, self.size)
                 os.fsync(fd)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
             else:
                 fd = os.open(target, os.O_RDWR)
             self.fd = fd
@@ -314,8 +306,8 @@ class HydrateVolume(Volume):
             if self.base.reads_zero(start, n):
                 self._zero_target(start, n)
             else:
-                pwrite_all(self.fd, self.base.read_background(start, n) if background else self.base.read(start, n),
-                           start)
+                data = self.base.read_background(start, n) if background else self.base.read(start, n)
+                pwrite_all(self.fd, [data], start)
             ok = True
         finally:
             self._release(i, claim, ok)
@@ -427,7 +419,7 @@ class HydrateVolume(Volume):
         view = memoryview(data)
 
         def put(off: int, n: int) -> None:
-            pwrite_all(self.fd, view[off - offset : off - offset + n], off)
+            pwrite_all(self.fd, [view[off - offset : off - offset + n]], off)
 
         self._each_chunk(offset, len(data), put)
         if fua:
@@ -454,16 +446,7 @@ class HydrateVolume(Volume):
     def flush(self) -> None:
         """fdatasync PATH, then write the changed bitmap pages to the state file and sync it."""
         with self._flush_lock:
-            pages = self.bitmap.take_dirty()
-            try:
-                os.fdatasync(self.fd)
-                for off, page in pages:
-                    pwrite_all(self.state_fd, page, self.bitmap_offset + off)
-                if pages:
-                    os.fdatasync(self.state_fd)
-            except OSError:
-                self.bitmap.mark_all_dirty()
-                raise
+            self.bitmap.persist(self.fd, self.state_fd, self.bitmap_offset)
 
     def close(self) -> None:
         if self._closed:

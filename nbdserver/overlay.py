@@ -28,7 +28,6 @@ from below first (read-modify-write, under the volume's write lock).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -38,10 +37,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from archive.durable import create_durably, pwrite_all
 from archive.errors import FormatError, StorageError, UsageError
 from nbdserver import protocol as P
 from nbdserver.storage import PAGE, Bitmap, ceil_div, data_runs, lock_file, punch_hole, round_up
-from nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError, pwrite_all
+from nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
 
 MAGIC = b"LBCOW001"
 VERSION = 1
@@ -82,32 +82,11 @@ def parse_header(path: Path, raw: bytes) -> tuple[int, int, int, int, int, dict[
     return cluster, size, bm_off, bm_len, data_off, identity
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def create_overlay(path: Path, size: int, identity: dict[str, Any], cluster: int = DEFAULT_CLUSTER) -> None:
     """Create an empty overlay atomically (temporary file, fsync, rename)."""
     header, bm_off, bm_len, data_off = encode_header(cluster, size, identity)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.new-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        pwrite_all(fd, header, 0)
-        os.ftruncate(fd, data_off + size)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    create_durably(path, path.with_name(f".{path.name}.new-{secrets.token_hex(4)}"), header, data_off + size)
 
 
 class CowVolume(Volume):
@@ -266,7 +245,7 @@ class CowVolume(Volume):
             if self.bitmap[c]:
                 continue  # another write copied it while we fetched
             start, _ = self._cluster_range(c)
-            pwrite_all(self.fd, below[c], self.data_offset + start)
+            pwrite_all(self.fd, [below[c]], self.data_offset + start)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         length = len(data)
@@ -277,7 +256,7 @@ class CowVolume(Volume):
         c0, c1 = self._span(offset, length)
         with self._wlock:
             self._fill_partials(partials, below)
-            pwrite_all(self.fd, data, self.data_offset + offset)
+            pwrite_all(self.fd, [data], self.data_offset + offset)
             self.bitmap.set_range(c0, c1)
         if fua:
             self.flush()
@@ -315,16 +294,7 @@ class CowVolume(Volume):
     def flush(self) -> None:
         """fdatasync the data, then persist the changed bitmap pages, then fdatasync again."""
         with self._flush_lock:
-            pages = self.bitmap.take_dirty()
-            try:
-                os.fdatasync(self.fd)
-                for off, page in pages:
-                    pwrite_all(self.fd, page, self.bitmap_offset + off)
-                if pages:
-                    os.fdatasync(self.fd)
-            except OSError:
-                self.bitmap.mark_all_dirty()
-                raise
+            self.bitmap.persist(self.fd, self.fd, self.bitmap_offset)
 
     def close(self) -> None:
         if self._closed:

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 
+from archive.durable import pwrite_all
 from archive.errors import Locked
 
 PAGE = 4096
@@ -186,3 +187,17 @@ class Bitmap:
         """Have the next ``take_dirty`` return every page."""
         with self.lock:
             self._dirty.update(range(-(-len(self.bits) // PAGE)))
+
+    def persist(self, data_fd: int, fd: int, offset: int) -> None:
+        """fdatasync ``data_fd``, then write the changed pages into ``fd`` (the bitmap stored at
+        ``offset``) and fdatasync it; on failure every page counts as changed again."""
+        pages = self.take_dirty()
+        try:
+            os.fdatasync(data_fd)
+            for off, page in pages:
+                pwrite_all(fd, [page], offset + off)
+            if pages:
+                os.fdatasync(fd)
+        except OSError:
+            self.mark_all_dirty()
+            raise

@@ -28,14 +28,6 @@ Extents = list[tuple[int, int]]  # (length, base:allocation flags)
 ZERO_FLAGS = P.STATE_HOLE | P.STATE_ZERO
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """``pwrite`` until every byte is written."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
 class VolumeError(Exception):
     """An I/O request that failed: carries the NBD error number and a message for the client."""
 

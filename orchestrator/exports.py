@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdserver.hydrate import hydration_progress
-from targets.base import Resource, ResourceLog, TargetError, process_matches, stop_process
+from targets.base import Resource, ResourceLog, TargetError, log_tail, process_matches, stop_process
 
 
 @dataclass
@@ -112,10 +112,10 @@ def start_export(
         if url:
             return Export(url, proc.pid, token, hydrate_to)
         if proc.poll() is not None:
-            raise TargetError(f"lifeboat serve exited with status {proc.returncode}: {_tail(err)}")
+            raise TargetError(f"lifeboat serve exited with status {proc.returncode}: {log_tail(err)}")
         if time.monotonic() > deadline:
             stop_process(proc.pid, token)
-            raise TargetError(f"lifeboat serve printed no nbd:// URL in {timeout:.0f} s: {_tail(err)}")
+            raise TargetError(f"lifeboat serve printed no nbd:// URL in {timeout:.0f} s: {log_tail(err)}")
         time.sleep(0.05)
 
 
@@ -152,11 +152,3 @@ def _read_url(path: Path) -> str | None:
         if line.startswith("nbd://"):
             return line.strip()
     return None
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"

@@ -2,7 +2,8 @@
 
 Used by the ``qemu`` driver over the guest agent's virtio-serial channel, which QEMU exposes as a
 Unix socket on the host. The protocol is QMP-like JSON, one document per line, with no greeting;
-``guest-sync`` with a random id flushes anything stale on the channel first.
+``guest-sync`` with a random id flushes anything stale on the channel first. ``guest_exec`` (run
+and wait for a command) also serves the ``kvm`` driver, whose channel libvirt owns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from targets.base import ExecResult, TargetError
@@ -80,14 +82,19 @@ class GuestAgent:
     def exec(self, argv: list[str], timeout: float) -> ExecResult:
         """Run ``argv`` in the guest and wait for it (``guest-exec`` + ``guest-exec-status``)."""
         self.sync()
-        ret = self.call("guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})
-        pid = ret["pid"]
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.call("guest-exec-status", {"pid": pid})
-            if status.get("exited"):
-                out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-                return ExecResult(int(status.get("exitcode", -1)), out.decode("utf-8", errors="replace"))
-            if time.monotonic() > deadline:
-                raise TargetError(f"command {argv!r} in the guest did not finish in {timeout:.0f} s")
-            time.sleep(0.2)
+        return guest_exec(self.call, argv, timeout)
+
+
+def guest_exec(call: Callable[[str, dict[str, Any]], Any], argv: list[str], timeout: float) -> ExecResult:
+    """Run ``argv`` in the guest with ``guest-exec`` and poll ``guest-exec-status`` until it exits;
+    ``call(execute, arguments)`` runs one agent command and returns its ``return`` value."""
+    pid = call("guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = call("guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
+            return ExecResult(int(status.get("exitcode", -1)), out.decode("utf-8", errors="replace"))
+        if time.monotonic() > deadline:
+            raise TargetError(f"command {argv!r} in the guest did not finish in {timeout:.0f} s")
+        time.sleep(0.2)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import platform
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -34,7 +33,9 @@ from targets.base import (
     TargetError,
     TargetUnavailable,
     destroy_generic,
+    nbd_address,
 )
+from targets.qemu import kvm_memo, note_kvm_unusable
 
 DISK_DEV = "vda"
 _net_lock = threading.Lock()
@@ -47,11 +48,6 @@ def _libvirt() -> Any:
         raise TargetUnavailable("the kvm target needs the Python package libvirt-python") from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
     return libvirt
-
-
-def kvm_memo() -> Path:
-    """Host-wide note that KVM domains fail here (shared with the qemu target's idea of it)."""
-    return Path("/var/tmp/lifeboat") / f"kvm-unusable-{platform.release()}"
 
 
 def network_name(run_id: str) -> str:
@@ -74,8 +70,7 @@ def domain_xml(
     agent: bool,
 ) -> str:
     """The domain definition, booting from ``nbd_url``."""
-    host_port, _, export = nbd_url[len("nbd://") :].partition("/")
-    host, _, port = host_port.rpartition(":")
+    host, port, export = nbd_address(nbd_url)
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
@@ -91,7 +86,7 @@ def domain_xml(
     disk = ET.SubElement(dev, "disk", type="network", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="raw")
     src = ET.SubElement(disk, "source", protocol="nbd", name=export)
-    ET.SubElement(src, "host", name=host.strip("[]"), port=port)
+    ET.SubElement(src, "host", name=host, port=port)
     ET.SubElement(disk, "target", dev=DISK_DEV if disk_bus == "virtio" else "sda", bus=disk_bus)
     serial = ET.SubElement(dev, "serial", type="file")
     ET.SubElement(serial, "source", path=str(console))
@@ -303,8 +298,7 @@ class KvmTarget(Target):
             root = ET.fromstring(res.data["xml"])
             if root.get("type") == "kvm" and self.settings["domain_type"] == "auto":
                 self.context.log(f"{guest.name}: the KVM domain stopped (internal error?): restarting it under TCG")
-                kvm_memo().parent.mkdir(parents=True, exist_ok=True)
-                kvm_memo().write_text("KVM internal error while booting a guest; lifeboat uses TCG on this host\n")
+                note_kvm_unusable()
                 dom.destroy()
                 root.set("type", "qemu")
                 log.update(res, {"xml": ET.tostring(root, encoding="unicode")})
@@ -335,33 +329,24 @@ class KvmTarget(Target):
 
     def exec_in_guest(self, guest: Guest, log: ResourceLog, argv: list[str], timeout: float) -> ExecResult:
         """``guest-exec`` through libvirt's agent channel."""
-        import base64
         import json
 
         import libvirt_qemu
+
+        from targets.guestagent import guest_exec
 
         dom = self._domain(guest.token)
         if dom is None:
             raise TargetError(f"{guest.name}: no domain")
 
-        def agent(cmd: dict[str, Any]) -> Any:
+        def agent(execute: str, arguments: dict[str, Any]) -> Any:
+            cmd = {"execute": execute, "arguments": arguments}
             try:
                 return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0))["return"]
             except _libvirt().libvirtError as e:
                 raise TargetError(f"guest agent: {e}") from None
 
-        pid = agent({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True}})[
-            "pid"
-        ]
-        deadline = time.monotonic() + timeout
-        while True:
-            st = agent({"execute": "guest-exec-status", "arguments": {"pid": pid}})
-            if st.get("exited"):
-                out = base64.b64decode(st.get("out-data", "")) + base64.b64decode(st.get("err-data", ""))
-                return ExecResult(int(st.get("exitcode", -1)), out.decode("utf-8", errors="replace"))
-            if time.monotonic() > deadline:
-                raise TargetError(f"command {argv!r} in the guest did not finish in {timeout:.0f} s")
-            time.sleep(0.2)
+        return guest_exec(agent, argv, timeout)
 
     def move_to_local(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
         """Block copy onto the hydrated file (reused) and pivot; update a persistent definition."""
@@ -443,11 +428,7 @@ class KvmTarget(Target):
             if dom is None:
                 return
             try:
-                persistent = dom.isPersistent()
-                if dom.isActive():
-                    dom.destroy()
-                if persistent:
-                    dom.undefine()
+                _destroy_and_undefine(dom)
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise TargetError(f"libvirt: removing {resource.ident}: {e}") from None
@@ -461,12 +442,17 @@ class KvmTarget(Target):
                     if f"network='{resource.ident}'" in dom.XMLDesc():
                         return  # another machine of the run still uses it: its teardown removes it
                 try:
-                    persistent = net.isPersistent()
-                    if net.isActive():
-                        net.destroy()
-                    if persistent:
-                        net.undefine()
+                    _destroy_and_undefine(net)
                 except libvirt.libvirtError as e:
                     raise TargetError(f"libvirt: removing network {resource.ident}: {e}") from None
         else:
             destroy_generic(resource)
+
+
+def _destroy_and_undefine(obj: Any) -> None:
+    """Stop a libvirt domain or network and, if it is persistent, remove its definition."""
+    persistent = obj.isPersistent()
+    if obj.isActive():
+        obj.destroy()
+    if persistent:
+        obj.undefine()

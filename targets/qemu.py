@@ -33,6 +33,8 @@ from targets.base import (
     TargetError,
     TargetUnavailable,
     destroy_generic,
+    log_tail,
+    nbd_address,
     process_matches,
     stop_process,
 )
@@ -66,6 +68,13 @@ def socket_dir(guest: Guest) -> Path:
 def kvm_memo() -> Path:
     """The host-wide note that KVM failed here (per kernel release, so a new kernel tries again)."""
     return Path("/var/tmp/lifeboat") / f"kvm-unusable-{platform.release()}"
+
+
+def note_kvm_unusable() -> None:
+    """Write the ``kvm_memo`` note: a guest hit a KVM internal error here."""
+    memo = kvm_memo()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text("KVM internal error while booting a guest; lifeboat uses TCG on this host\n")
 
 
 def free_port() -> int:
@@ -208,15 +217,13 @@ class QemuTarget(Target):
         """The QEMU command line for the machine (``data``: the process resource's data)."""
         s = self.settings
         f = self._files(guest)
-        url = data["nbd_url"]
-        host_port, _, export = url[len("nbd://") :].partition("/")
-        host, _, port = host_port.rpartition(":")
+        host, port, export = nbd_address(data["nbd_url"])
         blockdev = {
             "driver": "raw",
             "node-name": DISK_NODE,
             "file": {
                 "driver": "nbd",
-                "server": {"type": "inet", "host": host.strip("[]"), "port": port},
+                "server": {"type": "inet", "host": host, "port": port},
                 "export": export,
             },
         }
@@ -283,7 +290,7 @@ class QemuTarget(Target):
             ) as qmp:
                 qmp.cmd("query-status")
         except TargetError:
-            detail = _tail(f["qemu.log"])
+            detail = log_tail(f["qemu.log"])
             stop_process(proc.pid, guest.token)
             raise TargetError(f"{guest.name}: QEMU did not start: {detail}") from None
         self.context.log(f"{guest.name}: QEMU started (pid {proc.pid}, {res.data['accel']})")
@@ -304,12 +311,11 @@ class QemuTarget(Target):
         """Fail if QEMU is gone; after a KVM internal error under ``accel: auto``, go to TCG."""
         res = self._process(guest, log)
         if not self._alive(res):
-            raise TargetError(f"{guest.name}: QEMU exited: {_tail(self._files(guest)['qemu.log'])}")
+            raise TargetError(f"{guest.name}: QEMU exited: {log_tail(self._files(guest)['qemu.log'])}")
         status = self._status(guest)
         if status == "internal-error" and res.data["accel"] == "kvm" and self.settings["accel"] == "auto":
             self.context.log(f"{guest.name}: KVM internal error (nested virtualisation?): restarting under TCG")
-            self._memo().parent.mkdir(parents=True, exist_ok=True)
-            self._memo().write_text("KVM internal error while booting a guest; lifeboat uses TCG on this host\n")
+            note_kvm_unusable()
             stop_process(int(res.data["pid"]), guest.token)
             log.update(res, {"accel": "tcg", "pid": None})
             self._start(guest, log, res)
@@ -410,11 +416,3 @@ def _read_pid(path: str | None) -> int | None:
         return int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"

@@ -1,4 +1,4 @@
-"""Shared by the exporter tests: byte sources, a huge sparse stand-in for a point, and qemu-img."""
+"""Shared by the exporter tests: backups of bytes, a huge sparse stand-in for a point, and qemu-img."""
 
 from __future__ import annotations
 
@@ -10,21 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from archive import Archive, PointReader
+from tests.archive.helpers import BytesSource
 
 MiB = 1024 * 1024
-
-
-class BytesSource:
-    """A backup source over bytes."""
-
-    def __init__(self, data: bytes, name: str = "memory") -> None:
-        self.data = data
-        self.size = len(data)
-        self.name = name
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``."""
-        return self.data[offset : offset + length]
 
 
 class SparsePoint:

@@ -14,7 +14,8 @@ from archive import Archive
 from archive.formats import ZERO_ID
 from archive.points import PointInfo, new_point_id, now_utc
 from exporters import WRITERS
-from tests.exporters.helpers import BytesSource, MiB, qemu_img
+from tests.archive.helpers import BytesSource
+from tests.exporters.helpers import MiB, qemu_img
 
 LIFEBOAT = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 

@@ -55,6 +55,19 @@ def random_ops(vol: Volume, model: bytearray, rng: random.Random, count: int, lo
                 vol.flush()
 
 
+def random_ops_in_threads(vol: Volume, model: bytearray, seed: int, threads: int, count: int) -> None:
+    """``random_ops`` in ``threads`` threads at once (seeds ``seed``, ``seed + 1``, …), waited for."""
+    lock = threading.Lock()
+    workers = [
+        threading.Thread(target=random_ops, args=(vol, model, random.Random(seed + t), count, lock))
+        for t in range(threads)
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
 def check(vol: Volume, model: bytes) -> None:
     assert vol.read(0, SIZE) == model
     for off, n in ((0, 1), (SIZE - 1, 1), (65535, 2), (12345, 200_000)):
@@ -74,16 +87,10 @@ def test_cow_volume_matches_model_across_restarts(small_point: tuple[Archive, by
     info = arc.resolve("small")
     model = bytearray(data)
     overlay = tmp_path / "small.cow"
-    lock = threading.Lock()
     for round_ in range(3):
         vol = CowVolume(PointVolume(arc.reader(info)), overlay, identity(arc, info))
         check(vol, bytes(model))
-        threads = [threading.Thread(target=random_ops, args=(vol, model, random.Random(round_ * 10 + t), 40, lock))
-                   for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        random_ops_in_threads(vol, model, round_ * 10, threads=4, count=40)
         check(vol, bytes(model))
         vol.trim(65536 * 3 + 10, 65536 * 2, fua=False)  # only whole clusters are discarded: read as zeros
         model[65536 * 4 : 65536 * 5] = bytes(65536)
@@ -97,7 +104,6 @@ def test_hydrate_volume_matches_model_and_finishes(small_point: tuple[Archive, b
     info = arc.resolve("small")
     model = bytearray(data)
     target = tmp_path / "small.raw"
-    lock = threading.Lock()
     plain = arc.backend
     for round_ in range(2):
         # round 0 over a slow archive: the background copy runs while the writes come in
@@ -105,12 +111,7 @@ def test_hydrate_volume_matches_model_and_finishes(small_point: tuple[Archive, b
         vol = HydrateVolume(PointVolume(arc.reader(info)), target, identity(arc, info), chunk_size=info.chunk_size,
                             writable=True, log=lambda m: None)
         vol.start()
-        threads = [threading.Thread(target=random_ops, args=(vol, model, random.Random(round_ * 10 + t), 30, lock))
-                   for t in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        random_ops_in_threads(vol, model, round_ * 10, threads=3, count=30)
         check(vol, bytes(model))
         if round_ == 1:
             assert vol.finished.wait(60)

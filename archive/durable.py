@@ -1,0 +1,57 @@
+"""File writing shared by the archive, the NBD server and the exporters.
+
+``pwrite_all`` writes every byte (``pwrite`` may write fewer). ``create_durably`` is the POSIX
+recipe for a new file: write a temporary file in the destination folder, fsync it, rename it
+over the final name, fsync the folder; after a crash the file is there whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def pwrite_all(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+    """Write ``buffers`` contiguously at ``offset`` (one ``pwritev``, retried on short writes)."""
+    total = sum(len(b) for b in buffers)
+    done = os.pwritev(fd, buffers, offset)
+    if done == total:
+        return
+    rest = memoryview(b"".join(buffers))[done:]
+    while rest:
+        n = os.pwrite(fd, rest, offset + done)
+        done += n
+        rest = rest[n:]
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that a rename or unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_durably(path: Path, tmp: Path, data: bytes | bytearray | memoryview, size: int | None = None) -> None:
+    """Make ``path`` hold ``data`` (extended with zeros to ``size`` bytes if given) through the
+    temporary file ``tmp`` in the same folder; ``tmp`` is removed on failure (OSError raised)."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if size is not None:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
