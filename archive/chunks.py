@@ -60,14 +60,14 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def chunk_id(self, data: bytes) -> bytes:
+    def chunk_id(self, data: bytes | bytearray) -> bytes:
         """The content address of ``data``."""
         digest = hashlib.sha256(data).digest()
         if self.keys is None:
             return digest
         return hmac.new(self.keys.id_key, digest, hashlib.sha256).digest()
 
-    def encode(self, chunk_id: bytes, data: bytes) -> bytes:
+    def encode(self, chunk_id: bytes, data: bytes | bytearray) -> bytes:
         """The blob stored for ``data``: compressed when that helps, then encrypted if keyed."""
         packed = self._zc().compress(data)
         plain = bytes([CODEC_ZSTD]) + packed if len(packed) < len(data) else bytes([CODEC_STORED]) + data

@@ -35,15 +35,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_durably(path: Path, tmp: Path, data: bytes | bytearray | memoryview, size: int | None = None) -> None:
-    """Make ``path`` hold ``data`` (extended with zeros to ``size`` bytes if given) through the
-    temporary file ``tmp`` in the same folder; ``tmp`` is removed on failure (OSError raised)."""
+Buffer = bytes | bytearray | memoryview
+_IOV_BATCH = 512  # well under IOV_MAX (1024 on Linux)
+
+
+def create_durably(path: Path, tmp: Path, data: Buffer | Sequence[Buffer], size: int | None = None) -> None:
+    """Make ``path`` hold ``data`` — one buffer, or parts written back to back without joining
+    them — (extended with zeros to ``size`` bytes if given) through the temporary file ``tmp``
+    in the same folder; ``tmp`` is removed on failure (OSError raised)."""
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            offset = 0
+            for start in range(0, len(parts), _IOV_BATCH):
+                batch = parts[start:start + _IOV_BATCH]
+                pwrite_all(fd, batch, offset)
+                offset += sum(len(b) for b in batch)
             if size is not None:
                 os.ftruncate(fd, size)
             os.fsync(fd)

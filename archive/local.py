@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from archive.backend import Backend
@@ -76,13 +76,16 @@ class LocalBackend(Backend):
             raise StorageError(f"cannot read {self._path(key)}: {e.strerror}") from e
 
     def put(self, key: str, data: bytes) -> None:
+        self.put_parts(key, [data])
+
+    def put_parts(self, key: str, parts: Sequence[bytes]) -> None:
         path = self._path(key)
         tmp = path.with_name(f"{path.name}{_TMP_MARK}{secrets.token_hex(4)}")
         try:
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fsync_dir(path.parent.parent)
-            create_durably(path, tmp, data)
+            create_durably(path, tmp, parts)
         except OSError as e:
             what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
             raise StorageError(f"cannot write {path}: {what}") from e

@@ -132,7 +132,7 @@ class PackWriter:
         return True
 
     def _store(self, key: str, parts: list[bytes], entries: list[PackEntry]) -> None:
-        self.backend.put(key, b"".join(parts))
+        self.backend.put_parts(key, parts)
         self.index.add(key, entries)
 
     def flush(self) -> None:

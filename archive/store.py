@@ -353,11 +353,20 @@ class Archive:
             data_extents = getattr(source, "data_extents", None)
             has_data = _chunks_with_data(data_extents(), cs, count) if data_extents else None
 
+            readinto = getattr(source, "readinto", None)
+            buffers = threading.local()
+
             def work(i: int) -> tuple[bytes, bytes | None, int]:
                 length = min(cs, size - i * cs)
                 if has_data is not None and i not in has_data:
                     return ZERO_ID, None, length  # a hole of the source: nothing to read
-                data = source.read(i * cs, length)
+                data: bytes | bytearray
+                if readinto is not None and length == cs:  # reuse one buffer a thread: no page faults
+                    data = getattr(buffers, "buf", None) or bytearray(cs)
+                    buffers.buf = data
+                    readinto(i * cs, data)
+                else:
+                    data = source.read(i * cs, length)
                 if len(data) != length:
                     raise SourceError(f"source {source.name}: short read at offset {i * cs}")
                 if data == (zero if length == cs else bytes(length)):

@@ -121,3 +121,9 @@ def test_incomplete_puts_are_invisible_and_cleaned(backend: Backend) -> None:
     assert list(backend.list("packs/")) == ["packs/ok"]
     assert backend.cleanup_incomplete() == (1 if isinstance(backend, LocalBackend) else 0)
     assert list(backend.list("packs/")) == ["packs/ok"]
+
+
+def test_put_parts_equals_put_of_the_join(backend: Backend) -> None:
+    parts = [os.urandom(n) for n in (0, 1, 4096, 100_000)] * 300  # more parts than one writev takes
+    backend.put_parts("packs/p", parts)
+    assert backend.get("packs/p") == b"".join(parts)
