@@ -44,6 +44,15 @@ class FileSource:
             raise SourceError(f"source {self.path}: file shrank while being read (offset {offset})")
         return data
 
+    def readinto(self, offset: int, buf: bytearray) -> None:
+        """Fill ``buf`` from ``offset`` (no new allocation: the backup reuses one buffer a thread)."""
+        try:
+            n = os.preadv(self.fd, [buf], offset)
+        except OSError as e:
+            raise SourceError(f"source {self.path}: read error at offset {offset} ({e.strerror})") from None
+        if n != len(buf):
+            raise SourceError(f"source {self.path}: file shrank while being read (offset {offset})")
+
     def data_extents(self) -> list[tuple[int, int]] | None:
         """Allocated extents of a regular file (SEEK_DATA/SEEK_HOLE), so holes are never read;
         None for a block device or a file system that cannot tell."""

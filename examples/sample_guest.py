@@ -104,6 +104,46 @@ then
 fi
 sync
 say "disk-write-ok $next"
+# Optional workload (kernel argument lifeboat.workload=1, used with lifeboat.stay=1): numbered
+# records "LBWORK <n> <boot> <uptime>" (boot = this boot's record counter) padded with random bytes
+# (slices of a pool made at start) to lifeboat.workload_kib KiB (default 4),
+# written to partition 2 from 1 MiB on (slot (n-1) mod lifeboat.workload_slots, default all that
+# fit) with fsync, one every lifeboat.workload_ms ms (default 200); "wrote <n> <boot>" on the console
+# after each one is durable, so a test knows what the disk held and when.
+workload() {
+  ms=200; kib=4; slots=0
+  for a in $(cat /proc/cmdline); do
+    case "$a" in
+      lifeboat.workload_ms=*) ms=${a#*=} ;;
+      lifeboat.workload_kib=*) kib=${a#*=} ;;
+      lifeboat.workload_slots=*) slots=${a#*=} ;;
+    esac
+  done
+  area=$(( ($(cat /sys/block/vda/vda2/size) * 512 - 1048576) / (kib * 1024) ))
+  if [ "$slots" -gt 0 ] && [ "$slots" -lt "$area" ]; then area=$slots; fi
+  base=$(( start * 512 + 1048576 ))
+  pause=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+  say "workload kib=$kib slots=$area ms=$ms"
+  dd if=/dev/urandom of=/tmp/pool bs=1024 count=$((kib * 2)) 2>/dev/null  # random bytes, made once (cheap writes)
+  n=1
+  while true; do
+    off=$(( base + ((n - 1) % area) * kib * 1024 ))
+    rec=$(printf 'LBWORK %d %d %s' "$n" "$next" "$(cut -d ' ' -f 1 /proc/uptime)")
+    if ! { echo "$rec"; dd if=/tmp/pool bs=1024 skip=$(( (n * 4) % kib )) count="$kib" 2>/dev/null; } \
+      | dd of=/dev/vda bs=$((kib * 1024)) count=1 seek="$off" \
+        oflag=seek_bytes iflag=fullblock conv=notrunc,fsync 2>/dev/null
+    then
+      say "workload-write-failed $n"
+      return
+    fi
+    say "wrote $n $next"
+    n=$((n + 1))
+    if [ "$ms" -gt 0 ]; then sleep "$pause"; fi
+  done
+}
+case " $(cat /proc/cmdline) " in
+  *" lifeboat.workload=1 "*) workload & ;;
+esac
 case " $(cat /proc/cmdline) " in
   *" lifeboat.stay=1 "*)
     while true; do say "alive $(cut -d ' ' -f 1 /proc/uptime)"; sleep 2; done

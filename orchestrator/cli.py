@@ -84,7 +84,7 @@ def command(group: click.Group = cli, **kw: Any) -> Callable[[F], F]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn typed errors into their exit status."""
-    from orchestrator import cmd_archive  # noqa: F401  (registers its commands)
+    from orchestrator import cmd_agent, cmd_archive, cmd_export, cmd_run, cmd_serve  # noqa: F401  (registers its commands)
 
     try:
         cli.main(args=argv, prog_name="lifeboat", standalone_mode=False)

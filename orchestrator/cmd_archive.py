@@ -73,14 +73,18 @@ def backup_cmd(machine: str, source: str, as_json: bool) -> None:
     """Store a new recovery point of MACHINE read from SOURCE."""
     check_machine(machine)
     arc = open_archive()
-    with open_source(source) as src, progress(f"backup {machine}", src.size) as advance:
-        info = arc.backup(machine, src, progress=advance)
-    doc = info.to_json()
+    from agent.plan import plan_backup, run_plan  # change tracking: what to read, then commit/abort
+
+    with open_source(source) as src:
+        plan = plan_backup(arc, machine, src)
+        with progress(f"backup {machine}", plan.to_read) as advance:
+            info = run_plan(arc, machine, src, plan, progress=advance)
+    doc = info.to_json() | plan.to_json()
     if as_json:
         emit_json(doc)
     else:
-        kind = "incremental" if info.parent else "full"
-        log(f"{machine}@{info.point}: {kind} backup, {info.bytes_read} bytes read, "
+        why = f" ({plan.fallback_reason})" if plan.fallback_reason else ""
+        log(f"{machine}@{info.point}: {plan.mode} backup{why}, {info.bytes_read} bytes read, "
             f"{info.bytes_new} new, {info.bytes_stored} stored")
 
 

@@ -1,0 +1,420 @@
+"""A small NBD client: reads and block status (dirty bitmaps, allocation) from QEMU's NBD server.
+
+Why our own: the only Python binding of libnbd is a Debian package (``python3-libnbd``) that a
+virtual environment does not see, and parsing ``nbdinfo --map`` output would leave reads to
+another process. The protocol subset needed here is small (NetworkBlockDevice/nbd
+``doc/proto.md``): fixed newstyle handshake, ``NBD_OPT_STRUCTURED_REPLY``,
+``NBD_OPT_SET_META_CONTEXT``, ``NBD_OPT_GO``, then ``NBD_CMD_READ`` and
+``NBD_CMD_BLOCK_STATUS``. One connection is not thread-safe; ``NbdReader`` keeps one per thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+
+OPT_ABORT = 2
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_SET_META_CONTEXT = 10
+
+REP_ACK = 1
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_BIT = 1 << 31
+INFO_EXPORT = 0
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_BLOCK_STATUS = 7
+
+REPLY_FLAG_DONE = 1
+REPLY_NONE = 0
+REPLY_OFFSET_DATA = 1
+REPLY_OFFSET_HOLE = 2
+REPLY_BLOCK_STATUS = 5
+REPLY_ERROR = 32769
+REPLY_ERROR_OFFSET = 32770
+
+STATE_HOLE = 1
+STATE_ZERO = 2
+STATE_DIRTY = 1
+
+MAX_REQUEST = 32 * 1024 * 1024  # QEMU's maximum block size
+MAX_STATUS = 1 << 30  # block status asked in 1 GiB steps (the length field is 32 bits)
+
+
+class NbdError(Exception):
+    """The NBD server refused something or the connection broke."""
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise NbdError("the NBD server closed the connection")
+        got += k
+    return bytes(buf)
+
+
+class NbdConnection:
+    """One NBD connection to one export, with optional metadata contexts."""
+
+    def __init__(self, address: str | tuple[str, int], export: str, contexts: tuple[str, ...] = (),
+                 timeout: float = 120.0) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self._cookie = 0
+        self.contexts: dict[str, int] = {}
+        try:
+            self.sock.connect(address)
+            self._handshake(export, contexts)
+        except OSError as e:
+            self.sock.close()
+            raise NbdError(f"cannot connect to NBD export {export!r} at {address}: {e}") from None
+        except NbdError:
+            self.sock.close()
+            raise
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _handshake(self, export: str, contexts: tuple[str, ...]) -> None:
+        head = _recv_exact(self.sock, 18)
+        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+            raise NbdError("not an NBD newstyle server")
+        (flags,) = struct.unpack(">H", head[16:18])
+        if not flags & FLAG_FIXED_NEWSTYLE:
+            raise NbdError("the NBD server does not speak fixed newstyle")
+        self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
+        self._option(OPT_STRUCTURED_REPLY, b"")
+        self._expect_ack(OPT_STRUCTURED_REPLY)
+        name = export.encode()
+        if contexts:
+            body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
+            for c in contexts:
+                body += struct.pack(">I", len(c.encode())) + c.encode()
+            self._option(OPT_SET_META_CONTEXT, body)
+            while True:
+                rtype, data = self._reply(OPT_SET_META_CONTEXT)
+                if rtype == REP_ACK:
+                    break
+                if rtype == REP_META_CONTEXT:
+                    (cid,) = struct.unpack(">I", data[:4])
+                    self.contexts[data[4:].decode()] = cid
+            missing = [c for c in contexts if c not in self.contexts]
+            if missing:
+                raise NbdError(f"the NBD export {export!r} does not offer {', '.join(missing)}")
+        self._option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        self.size = -1
+        while True:
+            rtype, data = self._reply(OPT_GO)
+            if rtype == REP_ACK:
+                break
+            if rtype == REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
+                self.size, self.flags = struct.unpack(">QH", data[2:12])
+        if self.size < 0:
+            raise NbdError(f"the NBD server sent no size for export {export!r}")
+
+    def _option(self, opt: int, data: bytes) -> None:
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+    def _reply(self, opt: int) -> tuple[int, bytes]:
+        magic, ropt, rtype, length = struct.unpack(">QIII", _recv_exact(self.sock, 20))
+        data = _recv_exact(self.sock, length) if length else b""
+        if magic != OPT_REPLY_MAGIC or ropt != opt:
+            raise NbdError("malformed NBD option reply")
+        if rtype & REP_ERR_BIT:
+            raise NbdError(f"the NBD server refused option {opt}: {data.decode(errors='replace') or hex(rtype)}")
+        return rtype, data
+
+    def _expect_ack(self, opt: int) -> None:
+        rtype, _ = self._reply(opt)
+        if rtype != REP_ACK:
+            raise NbdError(f"unexpected reply {rtype} to option {opt}")
+
+    # -- transmission --------------------------------------------------------------------------
+    def _request(self, cmd: int, offset: int, length: int) -> int:
+        self._cookie += 1
+        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._cookie, offset, length))
+        return self._cookie
+
+    def _chunks(self, cookie: int) -> Iterator[tuple[int, bytes]]:
+        """The (type, payload) of each structured reply chunk to a request, until DONE."""
+        while True:
+            head = _recv_exact(self.sock, 4)
+            (magic,) = struct.unpack(">I", head)
+            if magic == SIMPLE_REPLY_MAGIC:
+                error, handle = struct.unpack(">IQ", _recv_exact(self.sock, 12))
+                if handle != cookie:
+                    raise NbdError("NBD reply to an unknown request")
+                if error:
+                    raise NbdError(f"NBD request failed with error {error}")
+                return
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise NbdError(f"bad NBD reply magic {magic:#x}")
+            flags, rtype, handle, length = struct.unpack(">HHQI", _recv_exact(self.sock, 16))
+            if handle != cookie:
+                raise NbdError("NBD reply to an unknown request")
+            payload = _recv_exact(self.sock, length) if length else b""
+            if rtype in (REPLY_ERROR, REPLY_ERROR_OFFSET):
+                error, mlen = struct.unpack(">IH", payload[:6])
+                msg = payload[6:6 + mlen].decode(errors="replace")
+                raise NbdError(f"NBD request failed with error {error}: {msg}")
+            yield rtype, payload
+            if flags & REPLY_FLAG_DONE:
+                return
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (split into requests QEMU accepts)."""
+        out = bytearray(length)
+        pos = 0
+        while pos < length:
+            n = min(MAX_REQUEST, length - pos)
+            cookie = self._request(CMD_READ, offset + pos, n)
+            for rtype, payload in self._chunks(cookie):
+                if rtype == REPLY_OFFSET_DATA:
+                    (at,) = struct.unpack(">Q", payload[:8])
+                    rel = at - offset
+                    out[rel:rel + len(payload) - 8] = payload[8:]
+                elif rtype == REPLY_OFFSET_HOLE:
+                    at, hole = struct.unpack(">QI", payload[:12])
+                    rel = at - offset
+                    out[rel:rel + hole] = bytes(hole)
+            pos += n
+        return bytes(out)
+
+    def read_many(self, reads: Iterator[tuple[int, int]], depth: int = 16) -> Iterator[tuple[int, bytes]]:
+        """Pipelined reads: up to ``depth`` requests in flight (QEMU serves them in parallel, which is
+        what random reads of a cold disk need); yields (offset, data) as replies complete."""
+        pending: dict[int, tuple[int, bytearray]] = {}
+        more = True
+        while True:
+            while more and len(pending) < depth:
+                try:
+                    off, n = next(reads)
+                except StopIteration:
+                    more = False
+                    break
+                pending[self._request(CMD_READ, off, n)] = (off, bytearray(n))
+            if not pending:
+                return
+            (magic,) = struct.unpack(">I", _recv_exact(self.sock, 4))
+            if magic == SIMPLE_REPLY_MAGIC:
+                error, handle = struct.unpack(">IQ", _recv_exact(self.sock, 12))
+                if error or handle not in pending:
+                    raise NbdError(f"NBD read failed with error {error}")
+                off, buf = pending.pop(handle)
+                buf[:] = _recv_exact(self.sock, len(buf))
+                yield off, bytes(buf)
+                continue
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise NbdError(f"bad NBD reply magic {magic:#x}")
+            flags, rtype, handle, length = struct.unpack(">HHQI", _recv_exact(self.sock, 16))
+            payload = _recv_exact(self.sock, length) if length else b""
+            if handle not in pending:
+                raise NbdError("NBD reply to an unknown request")
+            off, buf = pending[handle]
+            if rtype in (REPLY_ERROR, REPLY_ERROR_OFFSET):
+                error, mlen = struct.unpack(">IH", payload[:6])
+                raise NbdError(f"NBD read failed with error {error}: {payload[6:6 + mlen].decode(errors='replace')}")
+            if rtype == REPLY_OFFSET_DATA:
+                (at,) = struct.unpack(">Q", payload[:8])
+                buf[at - off:at - off + length - 8] = payload[8:]
+            elif rtype == REPLY_OFFSET_HOLE:
+                at, hole = struct.unpack(">QI", payload[:12])
+                buf[at - off:at - off + hole] = bytes(hole)
+            if flags & REPLY_FLAG_DONE:
+                del pending[handle]
+                yield off, bytes(buf)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (benchmarks and tests apply changes through QEMU this way)."""
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            piece = view[pos:pos + MAX_REQUEST]
+            cookie = self._request(CMD_WRITE, offset + pos, len(piece))
+            self.sock.sendall(piece)
+            for _ in self._chunks(cookie):
+                pass
+            pos += len(piece)
+
+    def flush(self) -> None:
+        """Make every write durable."""
+        for _ in self._chunks(self._request(CMD_FLUSH, 0, 0)):
+            pass
+
+    def block_status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(offset, length, flags) extents of ``context`` covering ``[offset, offset+length)``."""
+        cid = self.contexts[context]
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(MAX_STATUS, end - pos)
+            cookie = self._request(CMD_BLOCK_STATUS, pos, n)
+            advanced = pos
+            for rtype, payload in self._chunks(cookie):
+                if rtype != REPLY_BLOCK_STATUS or struct.unpack(">I", payload[:4])[0] != cid:
+                    continue
+                at = pos
+                for i in range(4, len(payload), 8):
+                    elen, eflags = struct.unpack(">II", payload[i:i + 8])
+                    elen = min(elen, end - at)
+                    if elen <= 0:
+                        break
+                    yield at, elen, eflags
+                    at += elen
+                advanced = max(advanced, at)
+            if advanced == pos:
+                raise NbdError(f"the NBD server returned no block status at offset {pos}")
+            pos = advanced
+
+    def close(self) -> None:
+        """Say goodbye and close."""
+        try:
+            self._request(CMD_DISC, 0, 0)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class NbdReader:
+    """Thread-safe reads of one export: one connection per thread (QEMU allows many)."""
+
+    def __init__(self, address: str | tuple[str, int], export: str) -> None:
+        self.address = address
+        self.export = export
+        self._local = threading.local()
+        self._all: list[NbdConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> NbdConnection:
+        conn: NbdConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = NbdConnection(self.address, self.export)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``."""
+        try:
+            return self._conn().read(offset, length)
+        except OSError as e:
+            raise NbdError(f"NBD read at offset {offset} failed: {e}") from None
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            c.close()
+        self._local = threading.local()
+
+
+class Prefetcher:
+    """Reads a planned sequence of ranges ahead of the consumer on a pipelined connection.
+
+    ``get`` returns a prefetched range, waiting for it if it is on its way, or None (read it
+    directly) when it is not planned, not yet requested while the buffer is full, or the prefetch
+    failed: a wrong guess costs a direct read, never a wrong byte.
+    """
+
+    def __init__(self, address: str | tuple[str, int], export: str, reads: list[tuple[int, int]],
+                 max_bytes: int = 128 * 1024 * 1024, depth: int = 16) -> None:
+        self.planned = dict(reads)
+        self.reads = reads
+        self.max_bytes = max_bytes
+        self.cache: dict[int, bytes] = {}
+        self.cached = 0
+        self.requested: set[int] = set()
+        self.done = False
+        self.cond = threading.Condition()
+        self.conn = NbdConnection(address, export)
+        self.depth = depth
+        self.thread = threading.Thread(target=self._run, name="nbd-prefetch", daemon=True)
+        self.thread.start()
+
+    def _gated(self) -> Iterator[tuple[int, int]]:
+        for off, n in self.reads:
+            with self.cond:
+                while self.cached + n > self.max_bytes and self.cache and not self.done:
+                    self.cond.wait(0.5)
+                if self.done:
+                    return
+                self.requested.add(off)
+                self.cached += n  # reserved until consumed
+                self.cond.notify_all()
+            yield off, n
+
+    def _run(self) -> None:
+        try:
+            for off, data in self.conn.read_many(self._gated(), self.depth):
+                with self.cond:
+                    self.cache[off] = data
+                    self.cond.notify_all()
+        except (NbdError, OSError):
+            pass
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def get(self, offset: int, length: int) -> bytes | None:
+        """The prefetched bytes of this exact range, or None."""
+        if self.planned.get(offset) != length:
+            return None
+        with self.cond:
+            while offset not in self.cache:
+                if self.done:
+                    return None
+                if offset not in self.requested and self.cached + length > self.max_bytes:
+                    return None  # the buffer is full of ranges read ahead of this one: read it directly
+                self.cond.wait(0.5)
+            data = self.cache.pop(offset)
+            self.cached -= len(data)
+            self.cond.notify_all()
+            return data
+
+    def close(self) -> None:
+        """Stop prefetching and close the connection."""
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+        except OSError:
+            pass
+        self.thread.join(timeout=10)
+        self.conn.sock.close()
+        self.cache.clear()
+
+
+def merge_extents(extents: Iterator[tuple[int, int, int]], want: int) -> list[tuple[int, int]]:
+    """Adjacent extents whose flags have every bit of ``want`` set, as merged (offset, length)."""
+    out: list[tuple[int, int]] = []
+    for off, length, flags in extents:
+        if flags & want != want:
+            continue
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((off, length))
+    return out

@@ -1,0 +1,166 @@
+"""Agent commands: ``protect`` (continuous capture) and ``archive serve`` (the archive as a service)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from archive.errors import UsageError
+from archive.points import check_machine
+from archive.store import CONFIG_KEY, resolve_location
+from orchestrator.cli import archive_location, command, emit_json, json_option, open_archive
+from orchestrator.cmd_archive import archive_group
+from orchestrator.console import log
+
+DEFAULT_SERVE = "127.0.0.1:10810"
+
+
+def parse_listen(value: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear usage error otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{what} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9100")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop after the current step. Second: interrupt it now."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def __enter__(self) -> _Signals:
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        log(f"lifeboat: {signal.Signals(signum).name} received, stopping (again to interrupt now)")
+        self.stop.set()
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@command(name="protect")
+@click.argument("machine")
+@click.argument("source")
+@click.option("--rpo", type=click.FloatRange(min=0.1), required=True,
+              help="Recovery point objective: keep the newest point younger than SECONDS.")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON status, replaced atomically after every capture and every second.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus text on http://HOST:PORT/metrics (and JSON on /status).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prometheus textfile (node_exporter textfile collector), replaced atomically.")
+@click.option("--max-backoff", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Longest wait between retries after errors (seconds).")
+@click.option("--max-captures", type=click.IntRange(min=1), help="Stop after this many points (tests).")
+@json_option
+def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None, metrics_listen: str | None,
+                metrics_file: Path | None, max_backoff: float, max_captures: int | None, as_json: bool) -> None:
+    """Capture MACHINE from SOURCE continuously, keeping the newest point younger than --rpo.
+
+    Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
+    """
+    from agent.protect import MetricsServer, Protector  # imported here: every lifeboat command starts faster
+    from agent.sources import open_source
+
+    check_machine(machine)
+    open_archive()  # fail now (exit 2) on a missing archive or a wrong key, not in the loop
+    metrics_host = metrics_port = None
+    if metrics_listen:
+        metrics_host, metrics_port = parse_listen(metrics_listen, "--metrics-listen")
+    prot = Protector(open_archive, open_source, machine, source, rpo, status_file=status_file,
+                     metrics_file=metrics_file, max_backoff=max_backoff, log=log, max_captures=max_captures)
+    server = MetricsServer(prot, metrics_host, metrics_port) if metrics_host is not None and metrics_port is not None \
+        else None
+    if server is not None:
+        log(f"protect {machine}: metrics on http://{metrics_host}:{server.port}/metrics")
+    try:
+        with _Signals() as sig:
+            prot.run(sig.stop)
+    finally:
+        if server is not None:
+            server.close()
+    if as_json:
+        emit_json(prot.status())
+
+
+@command(archive_group, name="serve")
+@click.option("--listen", default=DEFAULT_SERVE, show_default=True, metavar="HOST:PORT",
+              help="Where to listen (loopback unless told otherwise).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key (PEM).")
+@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="Require client certificates signed by this CA.")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Bearer token clients must send (else $LIFEBOAT_ARCHIVE_TOKEN).")
+@click.option("--insecure-http", is_flag=True, help="Serve plain HTTP without TLS (tests on loopback only).")
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for uploads in progress (default: inside a local archive).")
+@click.option("--verbose", is_flag=True, help="Log every request on stderr.")
+def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client_ca: str | None,
+                  token_file: str | None, insecure_http: bool, spool: Path | None, verbose: bool) -> None:
+    """Serve the archive to remote agents (--archive https://HOST:PORT on their side) until stopped.
+
+    Prints one line, the URL, on stdout once it listens.
+    """
+    from archive.backend import open_backend
+    from archive.server import ArchiveServer, default_spool, tls_context
+
+    host, port = parse_listen(listen, "--listen")
+    location = resolve_location(archive_location())
+    if location.startswith(("https://", "http://")):
+        raise UsageError(f"--archive {location}: serve a local or object-store archive, not another server")
+    token = os.environ.get("LIFEBOAT_ARCHIVE_TOKEN")
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise UsageError(f"--token-file {token_file}: the file is empty")
+    if not token and not client_ca:
+        raise UsageError("no authentication: give --token-file FILE, LIFEBOAT_ARCHIVE_TOKEN or --client-ca FILE")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if not tls_cert and not insecure_http:
+        raise UsageError("give --tls-cert and --tls-key (or --insecure-http for a test on loopback)")
+    if client_ca and not tls_cert:
+        raise UsageError("--client-ca needs TLS (--tls-cert and --tls-key)")
+    if insecure_http and not tls_cert and not _is_loopback(host):
+        raise UsageError(f"--insecure-http serves loopback only, not {host}")
+    backend = open_backend(location)
+    if not backend.exists(CONFIG_KEY):
+        log(f"archive serve: {location} holds no archive yet (an agent may create it with 'archive init')")
+    tls = tls_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
+    server = ArchiveServer(backend, host, port, token=token, tls=tls, spool=spool or default_spool(location),
+                           verbose=verbose)
+    if not _is_loopback(host):
+        log(f"archive serve: listening beyond loopback on {host} as asked")
+    click.echo(server.url)
+    sys.stdout.flush()
+    server.start()
+    try:
+        with _Signals() as sig:
+            while not sig.stop.wait(0.5):
+                pass
+    finally:
+        server.shutdown()
+        backend.close()
+    log("archive serve: stopped")
