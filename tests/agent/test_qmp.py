@@ -97,6 +97,9 @@ def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: G
     guest.quit()
     guest.start()  # the bitmap now comes from the qcow2, which QEMU marks "in use" while it runs
     guest.wait_records(guest.console.wrote_max() + 3)
+    # A full capture into a second archive reads 256 MiB, more than the 128 MiB that reads ahead:
+    # killing QEMU at its first read is sure to leave bytes that can no longer be read.
+    other = Archive.init(str(tmp_path / "other-archive"))
     with open_source(guest.spec) as src:
         assert isinstance(src, QmpSource)
         real_read = src.read
@@ -110,14 +113,10 @@ def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: G
             return real_read(offset, length)
 
         src.read = read_then_die
-        try:
-            died_mid, _ = capture(arc, "vm", src)
-        except CaptureError as e:
-            assert "stopped serving" in str(e) or "failed" in str(e)
-            assert [p.point for p in arc.points("vm")] == [base.point]  # no point from the failed capture
-        else:  # the prefetcher had read every dirty extent before QEMU died: the point must be right
-            assert [p.point for p in arc.points("vm")] == [base.point, died_mid.point]
-            verify(arc, died_mid, guest, tmp_path)
+        with pytest.raises(CaptureError, match="stopped serving|failed"):
+            capture(other, "vm", src)
+    assert other.points("vm") == []  # no point from the failed capture
+    assert [p.point for p in arc.points("vm")] == [base.point]
     guest.start()  # QEMU was killed: the qcow2's persistent bitmap is still marked in use
     info, plan = backup(arc, guest)
     assert plan.mode == MODE_FULL and plan.fallback_reason and "inconsistent" in plan.fallback_reason
