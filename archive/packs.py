@@ -60,24 +60,35 @@ class ChunkIndex:
     def __init__(self) -> None:
         self._map: dict[bytes, Location] = {}
         self.bad_packs: dict[str, str] = {}
+        self.packs: set[str] = set()
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, backend: Backend) -> ChunkIndex:
         """Read every pack's index; damaged packs are recorded in ``bad_packs``, not fatal."""
         index = cls()
-        for key in backend.list(PACK_PREFIX):
+        index.refresh(backend)
+        return index
+
+    def refresh(self, backend: Backend) -> bool:
+        """Read the indexes of packs stored since the last load; False (nothing changed) when a
+        known pack is gone — prune ran — and the caller must load a new index instead."""
+        listed = set(backend.list(PACK_PREFIX))
+        if not self.packs <= listed:
+            return False
+        for key in sorted(listed - self.packs - set(self.bad_packs)):
             try:
                 entries = read_pack_index(backend, key)
             except (FormatError, KeyError) as e:
-                index.bad_packs[key] = str(e)
+                self.bad_packs[key] = str(e)
                 continue
-            index.add(key, entries)
-        return index
+            self.add(key, entries)
+        return True
 
     def add(self, pack: str, entries: list[PackEntry]) -> None:
         """Record the entries of a pack that is now durable."""
         with self._lock:
+            self.packs.add(pack)
             for e in entries:
                 self._map.setdefault(e.chunk_id, Location(pack, e))
 

@@ -238,6 +238,14 @@ class Archive:
                 self._index = ChunkIndex.load(self.backend)
             return self._index
 
+    def refresh_index(self) -> ChunkIndex:
+        """The chunk index brought up to date with packs other processes stored since it was
+        loaded (cheap); a full reload when any pack it knew was deleted by prune."""
+        with self._index_lock:
+            if self._index is not None and self._index.refresh(self.backend):
+                return self._index
+        return self.reload_index()
+
     def reload_index(self) -> ChunkIndex:
         """Forget and re-read the chunk index (after another process changed the packs)."""
         with self._index_lock:
@@ -295,7 +303,7 @@ class Archive:
             return data
         loc = self.index.get(chunk_id)
         if loc is None:
-            loc = self.reload_index().get(chunk_id)
+            loc = self.refresh_index().get(chunk_id)
             if loc is None:
                 raise MissingChunk(f"chunk {chunk_id.hex()} is in no pack of the archive")
         try:
@@ -335,7 +343,7 @@ class Archive:
         zero = bytes(cs)
         codec = self.codec
         with self.backend.lock(exclusive=False):
-            index = self.reload_index()
+            index = self.refresh_index()
             history = self.points(machine)
             parent = history[-1].point if history else None
             writer = PackWriter(self.backend, index)

@@ -97,3 +97,27 @@ def test_readers_never_wait_for_locks(tmp_path: Path) -> None:
             other = Archive.open(str(tmp_path / "arc"))
             assert read_all(other.reader(other.resolve("m"))) == data
             assert verify(other).ok
+
+
+def test_long_lived_archive_sees_other_writers_and_prunes(tmp_path: Path) -> None:
+    """A process that keeps its Archive open (protect, serve) must neither store a chunk twice
+    that another process stored, nor trust a chunk that a prune elsewhere deleted."""
+    loc = str(tmp_path / "arc")
+    mine = Archive.init(loc, chunk_size=CS)
+    other = Archive.open(loc)
+    shared = os.urandom(CS * 4)
+    mine.backup("a", BytesSource(os.urandom(CS * 4)))
+    other.backup("b", BytesSource(shared))
+    c = mine.backup("c", BytesSource(shared))
+    assert c.bytes_new == 0  # the other process's new pack was picked up
+    other.config["retention"] = {"keep_last": 1}
+    old = other.backup("b", BytesSource(os.urandom(CS * 4)))
+    assert old.parent is not None
+    for name in ("c",):
+        for p in other.points(name):
+            other.backend.delete(p.key)  # as if c's points had been pruned away too
+    prune(other)
+    again = mine.backup("d", BytesSource(shared))
+    assert again.bytes_new == len(shared)  # stored anew: its old pack is gone
+    assert read_all(Archive.open(loc).reader(again)) == shared
+    assert verify(Archive.open(loc)).ok
