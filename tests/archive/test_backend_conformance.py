@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.synchronize
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from archive.backend import Backend
+from archive.backend import Backend, open_backend
 from archive.errors import Locked
 from archive.local import LocalBackend
+from archive.remote import RemoteBackend
+from archive.server import ArchiveServer
 
-BackendFactory = Callable[[], Backend]
 
-
-@pytest.fixture(params=["local"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """Every backend kind; a new kind adds itself to ``params``."""
-    b: Backend = LocalBackend(tmp_path / "store")
-    (tmp_path / "store").mkdir()
-    yield b
-    b.close()
+@pytest.fixture(params=["local", "remote"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """Every backend kind; a new kind adds itself to ``params``. The remote backend talks to a
+    real ``ArchiveServer`` on loopback, which stores into a local directory."""
+    store = tmp_path / "store"
+    store.mkdir()
+    if request.param == "local":
+        local = LocalBackend(store)
+        yield local
+        local.close()
+        return
+    server = ArchiveServer(LocalBackend(store), "127.0.0.1", 0, token="tok", tls=None,
+                           spool=tmp_path / "spool", lock_ttl=2.0).start()
+    monkeypatch.setenv("LIFEBOAT_ARCHIVE_TOKEN", "tok")  # inherited by the lock holders forked below
+    remote = RemoteBackend(server.url)
+    try:
+        yield remote
+    finally:
+        remote.close()
+        server.shutdown()
 
 
 def test_put_get_roundtrip(backend: Backend) -> None:
@@ -79,11 +94,11 @@ def test_invalid_keys_rejected(backend: Backend) -> None:
             backend.put(key, b"x")
 
 
-def _hold_lock(root: str, ready: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event) -> None:
-    b = LocalBackend(root)
-    with b.lock(exclusive=True):
+def _hold_lock(location: str, ready: multiprocessing.synchronize.Event,
+               release: multiprocessing.synchronize.Event) -> None:
+    with open_backend(location).lock(exclusive=True):
         ready.set()
-        release.wait(10)
+        release.wait(20)
 
 
 def test_exclusive_lock_excludes_other_processes(backend: Backend) -> None:
@@ -93,6 +108,8 @@ def test_exclusive_lock_excludes_other_processes(backend: Backend) -> None:
     proc.start()
     try:
         assert ready.wait(10)
+        if not isinstance(backend, LocalBackend):
+            time.sleep(3)  # longer than the remote lease's ttl: the holder's renewals keep it
         with pytest.raises(Locked), backend.lock(exclusive=False, wait=False):
             pass
     finally:
@@ -110,7 +127,7 @@ def test_lock_released_when_holder_is_killed(backend: Backend) -> None:
     assert ready.wait(10)
     proc.kill()
     proc.join(10)
-    with backend.lock(exclusive=True, wait=False):
+    with backend.lock(exclusive=True, wait=True):  # a remote lease runs out after its ttl (2 s here)
         pass
 
 
