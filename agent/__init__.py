@@ -1,6 +1,6 @@
 """Capture: sources that yield a machine's disk to the archive, and continuous protection.
 
-- ``sources.open_source(SOURCE)``: image files and block devices (read and hashed), LVM volumes
+- ``orchestrator.sources.open_source(SOURCE)``: image files and block devices (read and hashed), LVM volumes
   (from a snapshot, ``lvm``), running QEMU guests (``qmp``: dirty bitmaps, fleecing over NBD) and
   libvirt domains (``virt``: checkpoints and pull-mode backups). ``SOURCES.md`` says what each
   guarantees and when an incremental falls back to a full read.

@@ -19,9 +19,9 @@ import stat
 import subprocess
 
 from agent.plan import MODE_FULL, MODE_HASH_SCAN, BackupPlan, CaptureError
-from agent.sources import FileSource
 from archive import Archive, PointInfo
 from archive.errors import SourceError, UsageError
+from archive.files import FileSource
 from archive.points import now_utc
 
 MIN_SNAPSHOT = 256 * 1024 * 1024

@@ -1,6 +1,6 @@
 """Which source a SOURCE argument names, for the sources the agent adds to plain files.
 
-``open_source`` (``agent/sources.py``) asks here first: ``qmp+unix://`` is a running QEMU guest,
+``open_source`` (``orchestrator/sources.py``) asks here first: ``qmp+unix://`` is a running QEMU guest,
 ``libvirt://`` a libvirt domain, and a block device that is an LVM logical volume is read from a
 snapshot. Anything else is left to ``open_source`` (image files, other block devices).
 """

@@ -71,7 +71,7 @@ ENGINE_SECONDS: dict[str, list[float]] = {}
 ENGINE = """
 import json, os, sys, time
 from agent.plan import capture
-from agent.sources import open_source
+from orchestrator.sources import open_source
 from archive import Archive
 arc = Archive.open(sys.argv[1])
 os.sync()

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arc_dir = work / "arc"
     arc = Archive.init(str(arc_dir))
     t = time.monotonic()
-    from agent.sources import FileSource
+    from archive.files import FileSource
 
     with FileSource(image) as src:
         info = arc.backup("bench", src)

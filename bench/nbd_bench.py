@@ -40,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.sources import FileSource  # noqa: E402
 from archive import Archive  # noqa: E402
+from archive.files import FileSource  # noqa: E402
 from archive.restore import restore  # noqa: E402
 from archive.throttle import ThrottledBackend  # noqa: E402
 from examples import sample_guest  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from agent.sources import FileSource
+from archive.files import FileSource
 from exporters.base import ImageError, UnsupportedImage
 from exporters.qcow2 import MAGIC as QCOW2_MAGIC
 from exporters.qcow2 import Qcow2Image

@@ -4,7 +4,7 @@ Why a writer at all: a raw export must not materialise the zeros the archive doe
 The file is sized with ``ftruncate`` first and only the non-zero 4 KiB blocks are written, so
 zero chunks, and zero runs inside chunks, stay holes (like ``qemu-img convert -S 4k``). The
 virtual size is the point's size to the byte (no rounding). Import of raw files is
-``agent.sources.FileSource``.
+``archive.files.FileSource``.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
     Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
     """
     from agent.protect import MetricsServer, Protector  # imported here: every lifeboat command starts faster
-    from agent.sources import open_source
+    from orchestrator.sources import open_source
 
     check_machine(machine)
     open_archive()  # fail now (exit 2) on a missing archive or a wrong key, not in the loop

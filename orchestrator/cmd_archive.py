@@ -6,7 +6,6 @@ import sys
 
 import click
 
-from agent.sources import open_source
 from archive import Archive
 from archive.points import check_machine
 from archive.prune import prune
@@ -16,6 +15,7 @@ from archive.store import DEFAULT_CHUNK_SIZE
 from archive.verify import verify
 from orchestrator.cli import archive_location, cli, command, emit_json, json_option, key_file_option, open_archive
 from orchestrator.console import log, progress
+from orchestrator.sources import open_source
 
 
 @cli.group("archive")

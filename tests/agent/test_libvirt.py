@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, capture
-from agent.sources import open_source
 from agent.virt import LibvirtSource
 from archive import Archive, PointInfo
 from archive.restore import restore
+from orchestrator.sources import open_source
 from tests.agent.guest import Console, check_point, make_disk
 
 URI = "qemu:///system"

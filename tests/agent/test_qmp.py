@@ -15,9 +15,9 @@ import pytest
 
 from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, capture
 from agent.qmp import QmpSource
-from agent.sources import open_source
 from archive import Archive, PointInfo
 from archive.restore import restore
+from orchestrator.sources import open_source
 from tests.agent.guest import Guest, check_point
 
 LIFEBOAT = [sys.executable, "-m", "orchestrator"]
@@ -92,7 +92,8 @@ def lifeboat_node(guest: Guest) -> str:
                                                      for b in n.get("dirty-bitmaps", [])))
 
 
-def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: Guest, tmp_path: Path) -> None:
+def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: Guest, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     base, _ = backup(arc, guest)
     guest.quit()
     guest.start()  # the bitmap now comes from the qcow2, which QEMU marks "in use" while it runs
@@ -112,7 +113,7 @@ def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: G
                 guest.kill()  # QEMU dies while the capture is reading the frozen view
             return real_read(offset, length)
 
-        src.read = read_then_die
+        monkeypatch.setattr(src, "read", read_then_die)
         with pytest.raises(CaptureError, match="stopped serving|failed"):
             capture(other, "vm", src)
     assert other.points("vm") == []  # no point from the failed capture

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.sources import FileSource
 from archive import Archive
 from archive.backend import open_backend
 from archive.errors import StorageError, UsageError
+from archive.files import FileSource
 from archive.remote import RemoteBackend
 from archive.server import ArchiveServer, tls_context
 from archive.verify import verify

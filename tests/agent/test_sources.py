@@ -21,8 +21,8 @@ import pytest
 
 from agent.lvm import LvmSnapshotSource
 from agent.plan import MODE_FULL, MODE_HASH_SCAN, CaptureError, plan_backup, run_plan
-from agent.sources import open_source
 from archive import Archive
+from orchestrator.sources import open_source
 
 LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 MiB = 1024 * 1024

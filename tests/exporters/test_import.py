@@ -120,7 +120,7 @@ def test_missing_and_unreadable_sources(tmp_path: Path) -> None:
 
 
 def test_cli_backup_of_a_qcow2(reference: Path, tmp_path: Path) -> None:
-    """``lifeboat backup MACHINE image.qcow2`` imports the image (via agent.sources.open_source)."""
+    """``lifeboat backup MACHINE image.qcow2`` imports the image (via orchestrator.sources.open_source)."""
     import sys
 
     image = tmp_path / "disk.qcow2"

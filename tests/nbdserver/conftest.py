@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from agent.sources import FileSource
 from archive import Archive
+from archive.files import FileSource
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024

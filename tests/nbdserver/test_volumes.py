@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources import FileSource
 from archive import Archive
+from archive.files import FileSource
 from archive.throttle import ThrottledBackend
 from nbdserver import protocol as P
 from nbdserver.hydrate import HydrateVolume

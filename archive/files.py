@@ -1,4 +1,7 @@
-"""Sources read by hash scan: a raw image file or a block device.
+"""The BlockSource over a raw image file or a block device, read by hash scan.
+
+It lives in the archive package because both the agent (devices, LVM snapshots) and the
+exporters (raw images) read through it, and they may not import each other.
 
 Guarantee: the point holds what the source held while it was read. For a device or file that
 is written during the backup the point is not crash-consistent (use a snapshot source then).
@@ -10,12 +13,8 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from archive.errors import SourceError
-
-if TYPE_CHECKING:
-    from exporters.images import Image
 
 
 class FileSource:
@@ -81,16 +80,3 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def open_source(spec: str) -> Image:
-    """The source named on the command line: a raw, qcow2, VMDK or VHDX image, or a block device;
-    a running QEMU or libvirt guest, or an LVM volume (``agent/tracked.py``)."""
-    from agent.tracked import open_special
-
-    special = open_special(spec)
-    if special is not None:
-        return special
-    from exporters.images import open_image  # format sniffed by magic; raw otherwise
-
-    return open_image(spec)
