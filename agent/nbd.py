@@ -407,6 +407,25 @@ class Prefetcher:
         self.cache.clear()
 
 
+class FrozenView:
+    """The point-in-time export a capture reads: the planned ranges arrive through the read-ahead,
+    anything else is read directly. Errors are ``NbdError``; each source words its own."""
+
+    def __init__(self, address: str | tuple[str, int], export: str, reads: list[tuple[int, int]]) -> None:
+        self.reader = NbdReader(address, export)
+        self.prefetch = Prefetcher(address, export, reads)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``."""
+        data = self.prefetch.get(offset, length)
+        return data if data is not None else self.reader.read(offset, length)
+
+    def close(self) -> None:
+        """Stop the read-ahead and close every connection."""
+        self.prefetch.close()
+        self.reader.close()
+
+
 def merge_extents(extents: Iterator[tuple[int, int, int]], want: int) -> list[tuple[int, int]]:
     """Adjacent extents whose flags have every bit of ``want`` set, as merged (offset, length)."""
     out: list[tuple[int, int]] = []

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from agent.nbd import STATE_DIRTY, NbdConnection, NbdError, NbdReader, Prefetcher, merge_extents
+from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
 from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, chunk_reads
 from archive import Archive, PointInfo
 from archive.errors import SourceError, UsageError
@@ -91,8 +91,7 @@ class QmpSource:
         finally:
             self._disconnect()
         self.name = f"{SCHEME}://{self.socket_path}?{urlencode({'node': self.node_arg})}"
-        self._reader: NbdReader | None = None
-        self._prefetch: Prefetcher | None = None
+        self._view: FrozenView | None = None
         self._token: str | None = None
         self._new_bitmap: str | None = None
         self._prefix: str | None = None
@@ -290,8 +289,7 @@ class QmpSource:
                     changed = merge_extents(conn.block_status(ctx, 0, size), STATE_DIRTY)
                 finally:
                     conn.close()
-            self._reader = NbdReader(str(sock), self._export_id())
-            self._prefetch = Prefetcher(str(sock), self._export_id(), chunk_reads(changed, size, arc.chunk_size))
+            self._view = FrozenView(str(sock), self._export_id(), chunk_reads(changed, size, arc.chunk_size))
         except (CaptureError, NbdError) as e:
             self.abort()
             raise CaptureError(f"QEMU at {self.socket_path}: cannot export the frozen view: {e}") from None
@@ -339,13 +337,10 @@ class QmpSource:
     # -- reading -------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the frozen view (only between ``prepare`` and ``commit``/``abort``)."""
-        if self._reader is None:
+        if self._view is None:
             raise UsageError(f"source {self.name}: read before prepare()")
-        data = self._prefetch.get(offset, length) if self._prefetch is not None else None
-        if data is not None:
-            return data
         try:
-            return self._reader.read(offset, length)
+            return self._view.read(offset, length)
         except NbdError as e:
             raise CaptureError(f"QEMU at {self.socket_path} stopped serving the frozen view "
                                f"(the guest stopped or QEMU died?): {e}") from None
@@ -356,12 +351,9 @@ class QmpSource:
         if self._token is None:
             return
         fleece, job, frozen = self._names()
-        if self._prefetch is not None:
-            self._prefetch.close()
-            self._prefetch = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._view is not None:
+            self._view.close()
+            self._view = None
         if self._exported:
             self.cmd("block-export-del", id=self._export_id(), mode="hard")
             self.cmd("nbd-server-stop")

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
-from agent.nbd import STATE_DIRTY, NbdConnection, NbdError, NbdReader, Prefetcher, merge_extents
+from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
 from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError, chunk_reads
 from agent.qmp import bitmap_prefix, point_param
 from archive import Archive, PointInfo
@@ -67,8 +67,7 @@ class LibvirtSource:
         self._scratch_given = Path(scratch) if scratch else None
         self.size = self._capacity()
         self.name = f"{SCHEME}:///{self.domain_name}?{urlencode({'disk': self.disk, 'uri': self.uri})}"
-        self._reader: NbdReader | None = None
-        self._prefetch: Prefetcher | None = None
+        self._view: FrozenView | None = None
         self._workdir: Path | None = None
         self._new: str | None = None
         self._prefix: str | None = None
@@ -175,8 +174,7 @@ class LibvirtSource:
                     changed = merge_extents(conn.block_status(ctx, 0, size), STATE_DIRTY)
                 finally:
                     conn.close()
-            self._reader = NbdReader(sock, export.group(1))
-            self._prefetch = Prefetcher(sock, export.group(1), chunk_reads(changed, size, arc.chunk_size))
+            self._view = FrozenView(sock, export.group(1), chunk_reads(changed, size, arc.chunk_size))
         except NbdError as e:
             self.abort()
             raise CaptureError(f"libvirt domain {self.domain_name}: cannot read the backup export: {e}") from None
@@ -190,24 +188,18 @@ class LibvirtSource:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the frozen view exported by libvirt."""
-        if self._reader is None:
+        if self._view is None:
             raise UsageError(f"source {self.name}: read before prepare()")
-        data = self._prefetch.get(offset, length) if self._prefetch is not None else None
-        if data is not None:
-            return data
         try:
-            return self._reader.read(offset, length)
+            return self._view.read(offset, length)
         except NbdError as e:
             raise CaptureError(f"libvirt domain {self.domain_name} stopped serving the backup "
                                f"(the domain stopped?): {e}") from None
 
     def _end_job(self) -> None:
-        if self._prefetch is not None:
-            self._prefetch.close()
-            self._prefetch = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._view is not None:
+            self._view.close()
+            self._view = None
         if self._running:
             self._running = False
             with contextlib.suppress(self.libvirt.libvirtError):
