@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054
@@ -200,13 +200,16 @@ class NbdConnection:
             pos += n
         return bytes(out)
 
-    def read_many(self, reads: Iterator[tuple[int, int]], depth: int = 16) -> Iterator[tuple[int, bytes]]:
+    def read_many(self, reads: Iterator[tuple[int, int]], depth: int = 16,
+                  may_send: Callable[[], bool] | None = None) -> Iterator[tuple[int, bytes]]:
         """Pipelined reads: up to ``depth`` requests in flight (QEMU serves them in parallel, which is
-        what random reads of a cold disk need); yields (offset, data) as replies complete."""
+        what random reads of a cold disk need); yields (offset, data) as replies complete. With
+        requests in flight, the next one is sent only when ``may_send()`` allows: ``reads`` may
+        then block (for memory) without stopping the replies it waits for from being received."""
         pending: dict[int, tuple[int, bytearray]] = {}
         more = True
         while True:
-            while more and len(pending) < depth:
+            while more and len(pending) < depth and (not pending or may_send is None or may_send()):
                 try:
                     off, n = next(reads)
                 except StopIteration:
@@ -345,12 +348,17 @@ class Prefetcher:
         self.cache: dict[int, bytes] = {}
         self.cached = 0
         self.requested: set[int] = set()
+        self.sent = 0
         self.done = False
         self.cond = threading.Condition()
         self.conn = NbdConnection(address, export)
         self.depth = depth
         self.thread = threading.Thread(target=self._run, name="nbd-prefetch", daemon=True)
         self.thread.start()
+
+    def _may_send(self) -> bool:
+        with self.cond:
+            return self.sent < len(self.reads) and self.cached + self.reads[self.sent][1] <= self.max_bytes
 
     def _gated(self) -> Iterator[tuple[int, int]]:
         for off, n in self.reads:
@@ -360,13 +368,14 @@ class Prefetcher:
                 if self.done:
                     return
                 self.requested.add(off)
+                self.sent += 1
                 self.cached += n  # reserved until consumed
                 self.cond.notify_all()
             yield off, n
 
     def _run(self) -> None:
         try:
-            for off, data in self.conn.read_many(self._gated(), self.depth):
+            for off, data in self.conn.read_many(self._gated(), self.depth, self._may_send):
                 with self.cond:
                     self.cache[off] = data
                     self.cond.notify_all()

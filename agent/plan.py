@@ -59,20 +59,6 @@ class BackupPlan:
         }
 
 
-def chunk_reads(changed: list[tuple[int, int]] | None, size: int, chunk_size: int) -> list[tuple[int, int]]:
-    """The (offset, length) reads ``Archive.backup`` will make, in its order (for read-ahead)."""
-    count = -(-size // chunk_size)
-    if changed is None:
-        todo: list[int] = list(range(count))
-    else:
-        dirty: set[int] = set()
-        for off, length in changed:
-            if length > 0:
-                dirty.update(range(off // chunk_size, min(count, -(-(off + length) // chunk_size))))
-        todo = sorted(dirty)
-    return [(i * chunk_size, min(chunk_size, size - i * chunk_size)) for i in todo]
-
-
 @runtime_checkable
 class ChangeTracking(Protocol):
     """A source that knows what changed since a point (see module doc for the call order)."""

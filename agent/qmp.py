@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, chunk_reads
+from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError
 from archive import Archive, PointInfo
 from archive.errors import SourceError, UsageError
 from archive.points import now_utc
@@ -289,7 +289,7 @@ class QmpSource:
                     changed = merge_extents(conn.block_status(ctx, 0, size), STATE_DIRTY)
                 finally:
                     conn.close()
-            self._view = FrozenView(str(sock), self._export_id(), chunk_reads(changed, size, arc.chunk_size))
+            self._view = FrozenView(str(sock), self._export_id(), arc.backup_reads(size, changed, base))
         except (CaptureError, NbdError) as e:
             self.abort()
             raise CaptureError(f"QEMU at {self.socket_path}: cannot export the frozen view: {e}") from None

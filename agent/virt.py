@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError, chunk_reads
+from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError
 from agent.qmp import bitmap_prefix, point_param
 from archive import Archive, PointInfo
 from archive.errors import SourceError, UsageError
@@ -174,7 +174,7 @@ class LibvirtSource:
                     changed = merge_extents(conn.block_status(ctx, 0, size), STATE_DIRTY)
                 finally:
                     conn.close()
-            self._view = FrozenView(sock, export.group(1), chunk_reads(changed, size, arc.chunk_size))
+            self._view = FrozenView(sock, export.group(1), arc.backup_reads(size, changed, base))
         except NbdError as e:
             self.abort()
             raise CaptureError(f"libvirt domain {self.domain_name}: cannot read the backup export: {e}") from None

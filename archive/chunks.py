@@ -14,10 +14,6 @@ import os
 import threading
 
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from archive.errors import CorruptChunk
 
@@ -31,6 +27,12 @@ class Keys:
     """The two keys derived from a key file: one encrypts blobs, one keys chunk ids."""
 
     def __init__(self, secret: bytes, salt: bytes) -> None:
+        # cryptography is imported here, not at the top: only encrypted archives need it, and it
+        # would add to the start-up time of every lifeboat command.
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=b"lifeboat archive keys").derive(secret)
         self.aead = AESGCM(okm[:32])
         self.id_key = okm[32:]
@@ -60,14 +62,14 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def chunk_id(self, data: bytes | bytearray) -> bytes:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         """The content address of ``data``."""
         digest = hashlib.sha256(data).digest()
         if self.keys is None:
             return digest
         return hmac.new(self.keys.id_key, digest, hashlib.sha256).digest()
 
-    def encode(self, chunk_id: bytes, data: bytes | bytearray) -> bytes:
+    def encode(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> bytes:
         """The blob stored for ``data``: compressed when that helps, then encrypted if keyed."""
         packed = self._zc().compress(data)
         plain = bytes([CODEC_ZSTD]) + packed if len(packed) < len(data) else bytes([CODEC_STORED]) + data
@@ -85,6 +87,8 @@ class Codec:
         """
         name = chunk_id.hex()
         if self.keys is not None:
+            from cryptography.exceptions import InvalidTag
+
             try:
                 blob = self.keys.aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], chunk_id)
             except InvalidTag:

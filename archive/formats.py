@@ -9,7 +9,7 @@ import hashlib
 import json
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from archive.errors import FormatError
@@ -27,6 +27,8 @@ PACK_TRAILER = struct.Struct("<QII8s")
 
 POINT_MAGIC = b"LBPOINT1"
 POINT_HEADER = struct.Struct("<8sI")  # magic, length of the JSON header that follows
+# patch: slot, offset in the slot, length, offset in the patch chunk, patch chunk id, its length
+PATCH_ENTRY = struct.Struct("<QIII32sI")
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,56 @@ def parse_pack_index(name: str, body: bytes, count: int, crc: int, index_offset:
     return entries
 
 
-def encode_point(header: dict[str, Any], chunk_ids: list[bytes]) -> bytes:
-    """A point manifest: magic, JSON header, one id per chunk, SHA-256 of all before it."""
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = POINT_HEADER.pack(POINT_MAGIC, len(head)) + head + b"".join(chunk_ids)
+@dataclass(frozen=True)
+class Patch:
+    """Bytes ``offset .. offset+length`` of slot ``slot`` are bytes ``chunk_offset ..`` of another
+    chunk (``ZERO_ID``: zeros). Incrementals from change tracking store only the changed blocks
+    of a slot this way instead of the whole slot (FORMAT.md, "Patches")."""
+
+    slot: int
+    offset: int
+    length: int
+    chunk_id: bytes
+    chunk_offset: int
+    chunk_length: int
+
+
+@dataclass
+class ChunkTable:
+    """A point's content: one chunk id a slot, and the patches laid over some slots (sorted,
+    not overlapping)."""
+
+    ids: list[bytes]
+    patches: dict[int, list[Patch]] = field(default_factory=dict)
+
+    def referenced(self) -> set[bytes]:
+        """Every stored chunk the point needs (ZERO_ID left out)."""
+        found = set(self.ids)
+        for ps in self.patches.values():
+            found.update(p.chunk_id for p in ps)
+        found.discard(ZERO_ID)
+        return found
+
+    def slot_refs(self, slot: int) -> set[bytes]:
+        """The stored chunks that slot ``slot`` is read from."""
+        found = {self.ids[slot]} | {p.chunk_id for p in self.patches.get(slot, ())}
+        found.discard(ZERO_ID)
+        return found
+
+    def is_zero(self, slot: int) -> bool:
+        """Whether slot ``slot`` is all zeros without reading anything."""
+        return self.ids[slot] == ZERO_ID and all(p.chunk_id == ZERO_ID for p in self.patches.get(slot, ()))
+
+
+def encode_point(header: dict[str, Any], table: ChunkTable) -> bytes:
+    """A point manifest: magic, JSON header, one id per slot, the patches, SHA-256 of all before it."""
+    patches = [p for slot in sorted(table.patches) for p in table.patches[slot]]
+    head = json.dumps(header | {"patches": len(patches)}, sort_keys=True, separators=(",", ":")).encode()
+    body = b"".join([
+        POINT_HEADER.pack(POINT_MAGIC, len(head)), head, *table.ids,
+        *(PATCH_ENTRY.pack(p.slot, p.offset, p.length, p.chunk_offset, p.chunk_id, p.chunk_length)
+          for p in patches),
+    ])
     return body + hashlib.sha256(body).digest()
 
 
@@ -94,16 +142,29 @@ def parse_point_header(name: str, data: bytes) -> tuple[dict[str, Any], int]:
     return header, end
 
 
-def parse_point(name: str, data: bytes) -> tuple[dict[str, Any], list[bytes]]:
-    """Header and chunk ids of a whole manifest, checked against its digest."""
+def parse_point(name: str, data: bytes) -> tuple[dict[str, Any], ChunkTable]:
+    """Header and chunk table of a whole manifest, checked against its digest and bounds."""
     if len(data) < POINT_HEADER.size + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise FormatError(f"point {name}: checksum mismatch (damaged manifest)")
     header, start = parse_point_header(name, data)
-    ids_bytes = data[start:-32]
-    if len(ids_bytes) % ID_LEN:
-        raise FormatError(f"point {name}: chunk table has a partial entry")
-    ids = [ids_bytes[i:i + ID_LEN] for i in range(0, len(ids_bytes), ID_LEN)]
-    expected = -(-int(header.get("size", -1)) // int(header.get("chunk_size", 1)))
-    if len(ids) != expected:
-        raise FormatError(f"point {name}: {len(ids)} chunk ids for a size needing {expected}")
-    return header, ids
+    try:
+        size, cs, npatches = int(header["size"]), int(header["chunk_size"]), int(header.get("patches", 0))
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"point {name}: header lacks size, chunk_size or patches") from None
+    if size < 0 or cs <= 0 or npatches < 0:
+        raise FormatError(f"point {name}: bad size, chunk size or patch count in the header")
+    count = -(-size // cs)
+    body = data[start:-32]
+    if len(body) != count * ID_LEN + npatches * PATCH_ENTRY.size:
+        raise FormatError(f"point {name}: table of {len(body)} bytes does not hold {count} ids and {npatches} patches")
+    table = ChunkTable([body[i:i + ID_LEN] for i in range(0, count * ID_LEN, ID_LEN)])
+    for at in range(count * ID_LEN, len(body), PATCH_ENTRY.size):
+        slot, off, length, coff, cid, clen = PATCH_ENTRY.unpack_from(body, at)
+        slot_len = min(cs, size - slot * cs) if slot < count else 0
+        prev = table.patches.get(slot)
+        source_ok = (coff, clen) == (0, 0) if cid == ZERO_ID else coff + length <= clen
+        in_order = not prev or prev[-1].offset + prev[-1].length <= off
+        if length == 0 or off + length > slot_len or not source_ok or not in_order:
+            raise FormatError(f"point {name}: patch of slot {slot} at {off} is out of bounds or out of order")
+        table.patches.setdefault(slot, []).append(Patch(slot, off, length, cid, coff, clen))
+    return header, table

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archive.errors import FormatError
-from archive.formats import ZERO_ID
 from archive.packs import PACK_PREFIX, PackWriter, read_pack_index
 from archive.points import PointInfo
 from archive.retention import check_policy, keep
@@ -75,14 +74,13 @@ def prune(arc: Archive, dry_run: bool = False) -> PruneReport:
                 if parent != p.parent:
                     report.relinked[f"{machine}@{p.point}"] = parent
                     if not dry_run:
-                        arc.write_point(_with_parent(p, parent), arc.chunk_ids(p))
+                        arc.write_point(_with_parent(p, parent), arc.chunk_table(p))
         if not dry_run:
             for p in report.removed:
                 backend.delete(p.key)
         live: set[bytes] = set()
         for p in report.kept:
-            live.update(arc.chunk_ids(p))
-        live.discard(ZERO_ID)
+            live.update(arc.chunk_table(p).referenced())
         _collect(arc, live, report)
     if not dry_run:
         arc.reload_index()

@@ -56,7 +56,7 @@ def restore(reader: PointReader, dest: str | os.PathLike[str], *, force: bool = 
             return length
 
         with ThreadPoolExecutor(WORKERS) as pool:
-            for length in ordered_map(pool, work, range(len(reader.ids)), ahead=AHEAD):
+            for length in ordered_map(pool, work, range(reader.count), ahead=AHEAD):
                 if progress:
                     progress(length)
         os.fsync(fd)

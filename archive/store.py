@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from archive.backend import Backend, open_backend
 from archive.chunks import Codec, Keys
+from archive.deltas import Job, job_reads, lay_patches, plan_jobs, slot_length
 from archive.errors import (
     ArchiveExists,
     ArchiveNotFound,
@@ -29,7 +30,7 @@ from archive.errors import (
     UsageError,
     WrongKey,
 )
-from archive.formats import FORMAT_VERSION, ZERO_ID, encode_point, parse_point, parse_point_header
+from archive.formats import FORMAT_VERSION, ZERO_ID, ChunkTable, Patch, encode_point, parse_point, parse_point_header
 from archive.packs import ChunkIndex, PackWriter
 from archive.points import (
     POINT_PREFIX,
@@ -43,7 +44,7 @@ from archive.points import (
 
 CONFIG_KEY = "config"
 DEFAULT_LOCATION = "./lifeboat-archive"
-DEFAULT_CHUNK_SIZE = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
@@ -51,6 +52,7 @@ WORKERS = max(2, os.cpu_count() or 2)
 AHEAD = 32  # chunks in flight in the backup and restore pipelines (bounds memory)
 
 Progress = Callable[[int], None]
+T = TypeVar("T")
 
 
 class BlockSource(Protocol):
@@ -83,7 +85,7 @@ def read_key_file(key_file: str | None) -> bytes | None:
     return secret
 
 
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: Iterable[int], ahead: int) -> Iterator[Any]:
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], Any], items: Iterable[T], ahead: int) -> Iterator[Any]:
     """``pool.map`` that keeps at most ``ahead`` tasks in flight, so memory stays bounded."""
     pending: deque[Future[Any]] = deque()
     for item in items:
@@ -142,6 +144,7 @@ class Archive:
         self.codec = Codec(level=config["compression"]["level"], keys=keys)
         self._index: ChunkIndex | None = None
         self._index_lock = threading.Lock()
+        self._table: tuple[str, ChunkTable] | None = None
         self.cache = ChunkCache(DEFAULT_CACHE_BYTES)
 
     # -- opening -------------------------------------------------------------------------
@@ -275,23 +278,27 @@ class Archive:
         machine, when = parse_selector(selector)
         return select(selector, machine, when, self.points(machine))
 
-    def chunk_ids(self, info: PointInfo) -> list[bytes]:
-        """The chunk table of a point (ZERO_ID for all-zero chunks)."""
+    def chunk_table(self, info: PointInfo) -> ChunkTable:
+        """The chunk table of a point (ZERO_ID for all-zero slots); the last one read is kept,
+        as a capture plans its reads and then stores from the same base. Do not modify it."""
+        if self._table is not None and self._table[0] == info.key:
+            return self._table[1]
         try:
             data = self.backend.get(info.key)
         except KeyError:
             raise MissingChunk(f"point {info.machine}@{info.point} was removed") from None
-        _, ids = parse_point(info.key, data)
-        return ids
+        _, table = parse_point(info.key, data)
+        self._table = (info.key, table)
+        return table
 
-    def write_point(self, info: PointInfo, ids: list[bytes]) -> None:
+    def write_point(self, info: PointInfo, table: ChunkTable) -> None:
         """Store a manifest atomically (new point, or a rollup rewriting its parent)."""
         header = info.to_json() | {"format": FORMAT_VERSION}
-        self.backend.put(info.key, encode_point(header, ids))
+        self.backend.put(info.key, encode_point(header, table))
 
     def reader(self, info: PointInfo) -> PointReader:
         """Random access to a point's bytes."""
-        return PointReader(self, info, self.chunk_ids(info))
+        return PointReader(self, info, self.chunk_table(info))
 
     # -- chunks --------------------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes, raw_length: int) -> bytes:
@@ -318,6 +325,19 @@ class Archive:
         return data
 
     # -- backup --------------------------------------------------------------------------
+    def _plan(self, size: int, changed: Iterable[tuple[int, int]] | None, base: PointInfo | None) -> list[Job]:
+        if changed is None:
+            return plan_jobs(size, self.chunk_size, None, None)
+        if base is None or base.size != size or base.chunk_size != self.chunk_size:
+            raise UsageError("an incremental from changed extents needs a base point of the same size")
+        return plan_jobs(size, self.chunk_size, changed, self.chunk_table(base))
+
+    def backup_reads(self, size: int, changed: Iterable[tuple[int, int]] | None,
+                     base: PointInfo | None) -> list[tuple[int, int]]:
+        """The (offset, length) reads ``backup`` will make with these arguments, in its order
+        (a change-tracking source reads them ahead)."""
+        return job_reads(self._plan(size, changed, base), size, self.chunk_size)
+
     def backup(
         self,
         machine: str,
@@ -331,9 +351,9 @@ class Archive:
         """Store a new point of ``machine`` read from ``source``; chunks already stored are not.
 
         Without ``changed`` every byte is read and hashed. With ``changed`` (byte extents, from
-        change tracking) only the chunks they touch are read; the rest is taken from ``base``,
-        which must be the point the tracking started from and have the same size. ``started``
-        is the moment the source's content was frozen (default: now).
+        change tracking) only those bytes are read, stored as patches over ``base`` (see
+        ``archive/deltas.py``), which must be the point the tracking started from and have the
+        same size. ``started`` is the moment the source's content was frozen (default: now).
         """
         check_machine(machine)
         started = started or now_utc()
@@ -346,57 +366,69 @@ class Archive:
             index = self.refresh_index()
             history = self.points(machine)
             parent = history[-1].point if history else None
-            writer = PackWriter(self.backend, index)
-            todo: Iterable[int] = range(count)
-            ids: list[bytes] = []
-            if changed is not None:
-                if base is None or base.size != size or base.chunk_size != cs:
-                    raise UsageError("an incremental from changed extents needs a base point of the same size")
-                ids = self.chunk_ids(base)
+            jobs = self._plan(size, changed, base)
+            table = ChunkTable([ZERO_ID] * count)
+            if changed is not None and base is not None:
+                old = self.chunk_table(base)
+                table = ChunkTable(list(old.ids), {slot: list(ps) for slot, ps in old.patches.items()})
                 parent = base.point
-                todo = sorted(_chunks_with_data(changed, cs, count))
+            writer = PackWriter(self.backend, index)
+            data_extents = getattr(source, "data_extents", None)
+            has_data = _chunks_with_data(data_extents(), cs, count) if data_extents and changed is None else None
+            read_view = getattr(source, "read_view", None)
+
+            def read(offset: int, length: int) -> bytes | memoryview:
+                data = read_view(offset, length) if read_view is not None else source.read(offset, length)
+                if len(data) != length:
+                    raise SourceError(f"source {source.name}: short read at offset {offset}")
+                return data
+
+            def store(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes | None]:
+                cid = codec.chunk_id(data)
+                return cid, None if cid in index else codec.encode(cid, data)
+
+            def whole(slot: int) -> tuple[bytes, bytes | None, int, int, list[Patch]]:
+                length = slot_length(size, cs, slot)
+                if has_data is not None and slot not in has_data:
+                    return ZERO_ID, None, length, 0, []  # a hole of the source: nothing to read
+                data = read(slot * cs, length)
+                if zero.startswith(data):  # memcmp; ``==`` on a memoryview compares byte by byte
+                    return ZERO_ID, None, length, length, []
+                return *store(data), length, length, []
+
+            def patch(runs: tuple[tuple[int, int, int], ...]) -> tuple[bytes, bytes | None, int, int, list[Patch]]:
+                packed = bytearray()
+                placed: list[tuple[int, int, int, int]] = []  # slot, offset, length, offset in chunk (-1: zeros)
+                for slot, inner, n in runs:
+                    data = read(slot * cs + inner, n)
+                    if zero.startswith(data):
+                        placed.append((slot, inner, n, -1))
+                    else:
+                        placed.append((slot, inner, n, len(packed)))
+                        packed += data
+                cid, blob = store(packed) if packed else (ZERO_ID, None)
+                patches = [Patch(slot, inner, n, *((ZERO_ID, 0, 0) if at < 0 else (cid, at, len(packed))))
+                           for slot, inner, n, at in placed]
+                return cid, blob, len(packed), sum(n for _, _, n in runs), patches
+
+            def work(job: Job) -> tuple[bytes, bytes | None, int, int, list[Patch]]:
+                return patch(job.runs) if job.runs else whole(job.slot)
 
             bytes_new = bytes_read = 0
-            full = changed is None
-            data_extents = getattr(source, "data_extents", None)
-            has_data = _chunks_with_data(data_extents(), cs, count) if data_extents else None
-
-            readinto = getattr(source, "readinto", None)
-            buffers = threading.local()
-
-            def work(i: int) -> tuple[bytes, bytes | None, int]:
-                length = min(cs, size - i * cs)
-                if has_data is not None and i not in has_data:
-                    return ZERO_ID, None, length  # a hole of the source: nothing to read
-                data: bytes | bytearray
-                if readinto is not None and length == cs:  # reuse one buffer a thread: no page faults
-                    data = getattr(buffers, "buf", None) or bytearray(cs)
-                    buffers.buf = data
-                    readinto(i * cs, data)
-                else:
-                    data = source.read(i * cs, length)
-                if len(data) != length:
-                    raise SourceError(f"source {source.name}: short read at offset {i * cs}")
-                if data == (zero if length == cs else bytes(length)):
-                    return ZERO_ID, None, length
-                cid = codec.chunk_id(data)
-                if cid in index:
-                    return cid, None, length
-                return cid, codec.encode(cid, data), length
-
             try:
                 with ThreadPoolExecutor(WORKERS) as pool:
-                    for i, (cid, blob, length) in zip(todo, ordered_map(pool, work, todo, ahead=AHEAD), strict=True):
-                        if full:
-                            ids.append(cid)
+                    for job, (cid, blob, length, nread, patches) in zip(
+                            jobs, ordered_map(pool, work, jobs, ahead=AHEAD), strict=True):
+                        if job.runs:
+                            lay_patches(table, patches)
                         else:
-                            ids[i] = cid
-                        if has_data is None or i in has_data:
-                            bytes_read += length
+                            table.ids[job.slot] = cid
+                            table.patches.pop(job.slot, None)
+                        bytes_read += nread
                         if blob is not None and writer.add(cid, blob, length):
                             bytes_new += length
                         if progress:
-                            progress(length)
+                            progress(nread if job.runs else length)
                 writer.finish()
             finally:
                 writer.close()
@@ -412,31 +444,57 @@ class Archive:
                 bytes_stored=writer.bytes_written,
                 source=source.name,
             )
-            self.write_point(info, ids)
+            self.write_point(info, table)
         return info
 
 
 class PointReader:
-    """Reads any byte range of one point: O(1) chunk lookup, decoded chunks cached."""
+    """Reads any byte range of one point: O(1) slot lookup, decoded chunks cached."""
 
-    def __init__(self, archive: Archive, info: PointInfo, ids: list[bytes]) -> None:
+    def __init__(self, archive: Archive, info: PointInfo, table: ChunkTable) -> None:
         self.archive = archive
         self.info = info
-        self.ids = ids
+        self.table = table
+        self.ids = table.ids
+        self.count = len(table.ids)
         self.size = info.size
         self.chunk_size = info.chunk_size
+        self._key = f"{info.machine}@{info.point}/".encode()
 
     def chunk_length(self, i: int) -> int:
-        """Length of chunk ``i`` (the last one may be short)."""
+        """Length of slot ``i`` (the last one may be short)."""
         return min(self.chunk_size, self.size - i * self.chunk_size)
 
     def is_zero(self, i: int) -> bool:
-        """Whether chunk ``i`` is all zeros (stored as nothing)."""
-        return self.ids[i] == ZERO_ID
+        """Whether slot ``i`` is all zeros (stored as nothing)."""
+        return self.ids[i] == ZERO_ID and (i not in self.table.patches or self.table.is_zero(i))
+
+    def cache_key(self, i: int) -> bytes:
+        """The key slot ``i``'s bytes are cached under: its chunk id, or for a patched slot a key
+        of this point's own."""
+        return self._key + i.to_bytes(8, "little") if i in self.table.patches else self.ids[i]
 
     def chunk(self, i: int) -> bytes:
-        """The plaintext of chunk ``i``."""
-        return self.archive.read_chunk(self.ids[i], self.chunk_length(i))
+        """The plaintext of slot ``i``: its chunk, with any patches laid over it."""
+        length = self.chunk_length(i)
+        patches = self.table.patches.get(i)
+        if not patches:
+            return self.archive.read_chunk(self.ids[i], length)
+        cache = self.archive.cache
+        key = self.cache_key(i)
+        data = cache.get(key)
+        if data is not None:
+            return data
+        out = bytearray(self.archive.read_chunk(self.ids[i], length))
+        for p in patches:
+            if p.chunk_id == ZERO_ID:
+                out[p.offset:p.offset + p.length] = bytes(p.length)
+            else:
+                src = self.archive.read_chunk(p.chunk_id, p.chunk_length)
+                out[p.offset:p.offset + p.length] = memoryview(src)[p.chunk_offset:p.chunk_offset + p.length]
+        data = bytes(out)
+        cache.put(key, data)
+        return data
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; ranges past the end are an error."""
@@ -448,7 +506,7 @@ class PointReader:
         while pos < end:
             i, inner = divmod(pos, cs)
             take = min(cs - inner, end - pos)
-            if self.ids[i] == ZERO_ID:
+            if self.is_zero(i):
                 parts.append(bytes(take))
             else:
                 data = self.chunk(i)
@@ -460,8 +518,8 @@ class PointReader:
         """Runs of ``(offset, length, is_zero)`` covering the whole point, adjacent runs merged."""
         cs = self.chunk_size
         start, zero = 0, None
-        for i, cid in enumerate(self.ids):
-            z = cid == ZERO_ID
+        for i in range(self.count):
+            z = self.is_zero(i)
             if zero is None:
                 zero = z
             elif z != zero:

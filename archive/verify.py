@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archive.errors import CorruptChunk, FormatError
-from archive.formats import PACK_MAGIC, ZERO_ID, PackEntry, parse_point
+from archive.formats import PACK_MAGIC, PackEntry, parse_point
 from archive.packs import PACK_PREFIX, read_pack_index
 from archive.store import WORKERS, Archive, Progress
 
@@ -89,12 +89,12 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
             report.points += 1
             name = f"{machine}@{key.rsplit('/', 1)[1]}"
             try:
-                _, ids = parse_point(key, backend.get(key))
+                _, table = parse_point(key, backend.get(key))
             except (FormatError, KeyError) as err:
                 report.bad_points[name] = str(err)
                 continue
-            for cid in set(ids):
-                if cid != ZERO_ID and cid not in good:
+            for cid in table.referenced():
+                if cid not in good:
                     users[cid].append(name)
     for cid, names in users.items():
         h = cid.hex()

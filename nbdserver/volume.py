@@ -18,7 +18,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from archive.formats import ZERO_ID
 from archive.store import PointReader
 from nbdserver import protocol as P
 
@@ -114,10 +113,10 @@ class PointChunks:
     def __init__(self, reader: PointReader, *, readahead: int = 4, workers: int | None = None) -> None:
         self.reader = reader
         self.cache = reader.archive.cache
-        self.ids = reader.ids
         self.size = reader.size
         self.chunk_size = reader.chunk_size
-        self.count = len(self.ids)
+        self.count = reader.count
+        self._zero_flags = bytes(reader.is_zero(i) for i in range(self.count))
         self.readahead = readahead
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[bytes]] = {}
@@ -132,15 +131,14 @@ class PointChunks:
 
     def is_zero(self, i: int) -> bool:
         """Whether chunk ``i`` is all zeros (stored as nothing)."""
-        return self.ids[i] == ZERO_ID
+        return bool(self._zero_flags[i])
 
     def cached(self, i: int) -> bytes | None:
         """Chunk ``i`` if it needs no fetch."""
-        cid = self.ids[i]
-        if cid == ZERO_ID:
+        if self._zero_flags[i]:
             n = self.chunk_length(i)
             return self._zero if n == self.chunk_size else bytes(n)
-        return self.cache.get(cid)
+        return self.cache.get(self.reader.cache_key(i))
 
     def get(self, i: int) -> bytes:
         """Chunk ``i``, fetched and decoded if needed; concurrent callers share one fetch."""
@@ -173,7 +171,7 @@ class PointChunks:
     def prefetch(self, first: int, last: int) -> None:
         """Start fetching chunks ``first..last`` in the background (bounded; best effort)."""
         for i in range(max(first, 0), min(last, self.count - 1) + 1):
-            if self.is_zero(i) or i in self._inflight or self.cache.get(self.ids[i]) is not None:
+            if self.is_zero(i) or i in self._inflight or self.cached(i) is not None:
                 continue
             with self._lock:
                 if self._queued >= self.readahead * 2:
@@ -226,22 +224,19 @@ class PointChunks:
     def all_zero(self, offset: int, length: int) -> bool:
         """Whether every chunk of the range is a zero chunk."""
         cs = self.chunk_size
-        ids = self.ids
         first, last = offset // cs, (offset + length - 1) // cs
-        if first == last:
-            return ids[first] == ZERO_ID
-        return all(ids[i] == ZERO_ID for i in range(first, last + 1))
+        return all(self._zero_flags[first:last + 1])
 
     def extents(self, offset: int, length: int) -> Extents:
         """Runs of zero (hole) and data chunks from ``offset`` to the end of its last chunk."""
         cs = self.chunk_size
-        ids = self.ids
+        flags = self._zero_flags
         first, last = offset // cs, (offset + length - 1) // cs
         out: Extents = []
         run_start = offset
-        run_zero = ids[first] == ZERO_ID
+        run_zero = flags[first]
         for i in range(first + 1, last + 1):
-            z = ids[i] == ZERO_ID
+            z = flags[i]
             if z != run_zero:
                 out.append((i * cs - run_start, ZERO_FLAGS if run_zero else 0))
                 run_start, run_zero = i * cs, z

@@ -13,12 +13,21 @@ from archive.restore import restore
 from archive.retention import RULES, check_policy
 from archive.store import DEFAULT_CHUNK_SIZE
 from archive.verify import verify
-from orchestrator.cli import archive_location, cli, command, emit_json, json_option, key_file_option, open_archive
+from orchestrator.cli import (
+    LazyGroup,
+    archive_location,
+    cli,
+    command,
+    emit_json,
+    json_option,
+    key_file_option,
+    open_archive,
+)
 from orchestrator.console import log, progress
 from orchestrator.sources import open_source
 
 
-@cli.group("archive")
+@cli.group("archive", cls=LazyGroup, lazy_subcommands={"serve": "orchestrator.cmd_agent"})
 def archive_group() -> None:
     """Create and configure an archive."""
 

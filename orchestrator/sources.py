@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.tracked import open_special
-from exporters.images import open_image
 
 
 def open_source(spec: str) -> Any:
@@ -19,4 +18,6 @@ def open_source(spec: str) -> Any:
     special = open_special(spec)
     if special is not None:
         return special
+    from exporters.images import open_image  # here: a guest's dirty-bitmap backup needs no image readers
+
     return open_image(spec)

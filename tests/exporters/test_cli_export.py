@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from archive import Archive
-from archive.formats import ZERO_ID
+from archive.formats import ZERO_ID, ChunkTable
 from archive.points import PointInfo, new_point_id, now_utc
 from exporters import WRITERS
 from tests.archive.helpers import BytesSource
@@ -85,7 +85,7 @@ def test_point_too_large_for_the_format(tmp_path: Path) -> None:
         machine="big", point=new_point_id(), time=now_utc().isoformat(), parent=None, size=size,
         chunk_size=16 * MiB, bytes_read=0, bytes_new=0, bytes_stored=0, source="test",
     )  # fmt: skip
-    arc.write_point(info, [ZERO_ID] * (size // (16 * MiB)))
+    arc.write_point(info, ChunkTable([ZERO_ID] * (size // (16 * MiB))))
     for fmt in ("vmdk", "vmdk-stream"):
         r = run("export", "big", str(tmp_path / "big.vmdk"), "--format", fmt, archive=tmp_path / "arc")
         assert r.returncode == 2 and "more than the 2 TiB" in r.stderr, r.stderr
