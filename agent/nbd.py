@@ -62,15 +62,19 @@ class NbdError(Exception):
     """The NBD server refused something or the connection broke."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket (data lands where it belongs: no copies)."""
+    got, n = 0, len(view)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise NbdError("the NBD server closed the connection")
         got += k
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
     return bytes(buf)
 
 
@@ -201,7 +205,7 @@ class NbdConnection:
         return bytes(out)
 
     def read_many(self, reads: Iterator[tuple[int, int]], depth: int = 16,
-                  may_send: Callable[[], bool] | None = None) -> Iterator[tuple[int, bytes]]:
+                  may_send: Callable[[], bool] | None = None) -> Iterator[tuple[int, bytearray]]:
         """Pipelined reads: up to ``depth`` requests in flight (QEMU serves them in parallel, which is
         what random reads of a cold disk need); yields (offset, data) as replies complete. With
         requests in flight, the next one is sent only when ``may_send()`` allows: ``reads`` may
@@ -224,28 +228,33 @@ class NbdConnection:
                 if error or handle not in pending:
                     raise NbdError(f"NBD read failed with error {error}")
                 off, buf = pending.pop(handle)
-                buf[:] = _recv_exact(self.sock, len(buf))
-                yield off, bytes(buf)
+                _recv_into(self.sock, memoryview(buf))
+                yield off, buf
                 continue
             if magic != STRUCTURED_REPLY_MAGIC:
                 raise NbdError(f"bad NBD reply magic {magic:#x}")
             flags, rtype, handle, length = struct.unpack(">HHQI", _recv_exact(self.sock, 16))
-            payload = _recv_exact(self.sock, length) if length else b""
             if handle not in pending:
                 raise NbdError("NBD reply to an unknown request")
             off, buf = pending[handle]
+            if rtype == REPLY_OFFSET_DATA and length < 8:
+                raise NbdError("NBD data reply shorter than its offset")
+            # data goes straight into the request's buffer: only its 8-byte offset is read here
+            payload = _recv_exact(self.sock, 8 if rtype == REPLY_OFFSET_DATA else length) if length else b""
             if rtype in (REPLY_ERROR, REPLY_ERROR_OFFSET):
                 error, mlen = struct.unpack(">IH", payload[:6])
                 raise NbdError(f"NBD read failed with error {error}: {payload[6:6 + mlen].decode(errors='replace')}")
             if rtype == REPLY_OFFSET_DATA:
-                (at,) = struct.unpack(">Q", payload[:8])
-                buf[at - off:at - off + length - 8] = payload[8:]
+                (at,) = struct.unpack(">Q", payload)
+                if not off <= at <= at + length - 8 <= off + len(buf):
+                    raise NbdError(f"NBD reply data at {at} lies outside the request at {off}")
+                _recv_into(self.sock, memoryview(buf)[at - off:at - off + length - 8])
             elif rtype == REPLY_OFFSET_HOLE:
                 at, hole = struct.unpack(">QI", payload[:12])
                 buf[at - off:at - off + hole] = bytes(hole)
             if flags & REPLY_FLAG_DONE:
                 del pending[handle]
-                yield off, bytes(buf)
+                yield off, buf
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` (benchmarks and tests apply changes through QEMU this way)."""
@@ -341,11 +350,11 @@ class Prefetcher:
     """
 
     def __init__(self, address: str | tuple[str, int], export: str, reads: list[tuple[int, int]],
-                 max_bytes: int = 128 * 1024 * 1024, depth: int = 16) -> None:
+                 max_bytes: int = 128 * 1024 * 1024, depth: int = 64) -> None:
         self.planned = dict(reads)
         self.reads = reads
         self.max_bytes = max_bytes
-        self.cache: dict[int, bytes] = {}
+        self.cache: dict[int, bytearray] = {}
         self.cached = 0
         self.requested: set[int] = set()
         self.sent = 0
@@ -386,7 +395,7 @@ class Prefetcher:
                 self.done = True
                 self.cond.notify_all()
 
-    def get(self, offset: int, length: int) -> bytes | None:
+    def get(self, offset: int, length: int) -> bytearray | None:
         """The prefetched bytes of this exact range, or None."""
         if self.planned.get(offset) != length:
             return None
@@ -424,7 +433,7 @@ class FrozenView:
         self.reader = NbdReader(address, export)
         self.prefetch = Prefetcher(address, export, reads)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes at ``offset``."""
         data = self.prefetch.get(offset, length)
         return data if data is not None else self.reader.read(offset, length)

@@ -186,7 +186,7 @@ class LibvirtSource:
         mode = MODE_CHECKPOINT if base is not None else MODE_FULL
         return BackupPlan(mode=mode, changed=changed, base=base, started=started, fallback_reason=reason, size=size)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Bytes of the frozen view exported by libvirt."""
         if self._view is None:
             raise UsageError(f"source {self.name}: read before prepare()")

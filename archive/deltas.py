@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from archive.formats import ZERO_ID, ChunkTable, Patch
 
 MAX_REFS = 4  # stored chunks one slot may be read from (its base chunk and patch chunks)
+# Patch chunks close at this size (or the chunk size, if smaller): a few MiB of changes then make
+# several jobs that hash and compress on every core while the next ones are read.
+PATCH_TARGET = 1024 * 1024
 
 Run = tuple[int, int, int]  # slot, offset in the slot, length
 
@@ -75,8 +78,8 @@ def cut(patches: Iterable[Patch], runs: Iterable[tuple[int, int]]) -> list[Patch
 
 def plan_jobs(size: int, cs: int, changed: Iterable[tuple[int, int]] | None, base: ChunkTable | None) -> list[Job]:
     """The jobs of a backup, in the order it reads them: every slot when ``changed`` is None;
-    otherwise the changed runs, packed into patch chunks of up to ``cs`` bytes, and the slots
-    that must be stored whole."""
+    otherwise the changed runs, packed into patch chunks of about ``PATCH_TARGET`` bytes (at most
+    ``cs``), and the slots that must be stored whole."""
     count = -(-size // cs)
     if changed is None or base is None:
         return [Job(slot=i) for i in range(count)]
@@ -91,7 +94,7 @@ def plan_jobs(size: int, cs: int, changed: Iterable[tuple[int, int]] | None, bas
         if 2 * dirty > slot_length(size, cs, slot) or len(refs) + 1 > MAX_REFS:
             jobs.append(Job(slot=slot))
             continue
-        if group and group_bytes + dirty > cs:  # a slot's runs never straddle two patch chunks
+        if group and group_bytes + dirty > min(cs, PATCH_TARGET):  # a slot's runs stay in one patch chunk
             jobs.append(Job(runs=tuple(group)))
             group, group_bytes = [], 0
         group.extend((slot, inner, n) for inner, n in runs)

@@ -44,7 +44,7 @@ class FileSource:
             os.close(self.fd)
             raise SourceError(f"source {self.path}: not a regular file or block device")
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self._direct_fd = _open_direct(self.path)
+        self._direct_fd = open_direct(self.path)
         self._views = threading.local()  # .buf: this thread's page-aligned read_view buffer
 
     @property
@@ -141,14 +141,14 @@ class FileSource:
         self.close()
 
 
-def _open_direct(path: Path) -> int | None:
+def open_direct(path: str | os.PathLike[str], mode: int = os.O_RDONLY) -> int | None:
     """A descriptor of ``path`` opened with ``O_DIRECT``, or None where that is not possible
-    (no ``O_DIRECT`` on this platform, EINVAL from tmpfs and some file systems, ...): read_view
-    then reads with plain ``pread``, a supported configuration."""
+    (no ``O_DIRECT`` on this platform, EINVAL from tmpfs and some file systems, ...): the caller
+    then uses plain ``pread``/``pwrite``, a supported configuration."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        return os.open(path, os.O_RDONLY | flag)
+        return os.open(path, mode | flag)
     except OSError:
         return None

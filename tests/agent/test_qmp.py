@@ -106,7 +106,7 @@ def test_guest_killed_mid_backup_then_inconsistent_bitmap(arc: Archive, guest: G
         real_read = src.read
         reads = 0
 
-        def read_then_die(offset: int, length: int) -> bytes:
+        def read_then_die(offset: int, length: int) -> bytes | bytearray:
             nonlocal reads
             reads += 1
             if reads == 1:

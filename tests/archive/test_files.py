@@ -126,7 +126,7 @@ def test_view_is_valid_until_the_next_read_view_of_the_same_thread(folder: Path)
 
 def test_without_o_direct(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The platform or file system refuses O_DIRECT: plain pread, same bytes."""
-    monkeypatch.setattr(archive.files, "_open_direct", lambda path: None)
+    monkeypatch.setattr(archive.files, "open_direct", lambda path, mode=0: None)
     size = 2 * MiB + 4321
     data = make(folder / "img", size)
     with FileSource(folder / "img") as src:
