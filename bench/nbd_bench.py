@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from archive import Archive  # noqa: E402
 from archive.files import FileSource  # noqa: E402
 from archive.restore import restore  # noqa: E402
+from archive.store import DEFAULT_CHUNK_SIZE  # noqa: E402
 from archive.throttle import ThrottledBackend  # noqa: E402
 from examples import sample_guest  # noqa: E402
 
@@ -268,7 +269,8 @@ def guest_images(workdir: Path) -> dict[str, Path]:
 def archive_of(workdir: Path, images: dict[str, Path]) -> Path:
     arc_dir = workdir / "archive"
     done = workdir / "archive.done"
-    if done.exists() and done.read_text() == json.dumps(sorted(images)):
+    key = json.dumps({"images": sorted(images), "chunk_size": DEFAULT_CHUNK_SIZE})  # rebuilt when either changes
+    if done.exists() and done.read_text() == key:
         return arc_dir
     shutil.rmtree(arc_dir, ignore_errors=True)
     arc = Archive.init(str(arc_dir))
@@ -276,7 +278,7 @@ def archive_of(workdir: Path, images: dict[str, Path]) -> Path:
         log(f"backing up {img.name} ({img.stat().st_size // MiB} MiB) as {machine}")
         with FileSource(img) as src:
             arc.backup(machine, src)
-    done.write_text(json.dumps(sorted(images)))
+    done.write_text(key)
     return arc_dir
 
 
