@@ -76,8 +76,9 @@ def test_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def new_archive(where: Path, image: Path, machine: str = "web01") -> Path:
-    """An archive at ``where`` holding one point of ``image``."""
-    arc = Archive.init(str(where))
+    """An archive at ``where`` holding one point of ``image``, in 1 MiB chunks: enough chunks of
+    the small test image to see what is fetched, hydrated or read ahead first."""
+    arc = Archive.init(str(where), chunk_size=MiB)
     with FileSource(image) as src:
         arc.backup(machine, src)
     return where
