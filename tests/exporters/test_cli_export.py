@@ -95,3 +95,29 @@ def test_point_too_large_for_the_format(tmp_path: Path) -> None:
         r = run("export", "big", str(out), "--format", fmt, archive=tmp_path / "arc")
         assert r.returncode == 0, r.stderr
         assert out.stat().st_blocks * 512 < 64 * MiB
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An archive whose newest point is a tracked incremental: slots with patches laid over them."""
+    root = tmp_path_factory.mktemp("patched")
+    arc = Archive.init(str(root / "arc"), chunk_size=256 * 1024)
+    disk = bytearray(os.urandom(3 * MiB + 4096))
+    base = arc.backup("db01", BytesSource(bytes(disk)))
+    changed = [(4096, 4096), (300 * 1024, 8192), (2 * MiB + 512, 1000), (3 * MiB, 4096)]
+    for off, n in changed:
+        disk[off:off + n] = os.urandom(n) if off != 3 * MiB else bytes(n)
+    info = arc.backup("db01", BytesSource(bytes(disk)), changed=changed, base=base)
+    assert arc.chunk_table(info).patches
+    (root / "db01.raw").write_bytes(bytes(disk))
+    return root / "arc"
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_export_of_a_patched_point(fmt: str, patched: Path, tmp_path: Path) -> None:
+    out = tmp_path / f"db01.{fmt}"
+    r = run("export", "db01", str(out), "--format", fmt, archive=patched)
+    assert r.returncode == 0, r.stderr
+    ref = patched.parent / "db01.raw"
+    qfmt = WRITERS[fmt].qemu_format
+    assert "identical" in qemu_img("compare", "-f", qfmt, "-F", "raw", str(out), str(ref)).stdout
