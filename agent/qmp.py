@@ -73,26 +73,36 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return parts.path, params
 
 
+def _qemu_img_create(path: Path, size: int) -> None:
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        path.unlink(missing_ok=True)
+        raise CaptureError(f"cannot create the fleecing overlay {path}: {proc.stderr.strip()}")
+
+
 def new_overlay(path: Path, size: int) -> None:
     """An empty qcow2 image of ``size`` bytes at ``path`` (the fleecing overlay): a copy of one
     made by ``qemu-img create`` once per size and kept in the user's cache folder. The copy takes
     well under a millisecond; ``qemu-img create`` took 20-40 ms (a process and four fdatasyncs),
-    a tenth of a whole incremental."""
+    a tenth of a whole incremental. A cache that cannot be written, or a template that is not a
+    qcow2 image any more, only costs that: the overlay is then made by ``qemu-img`` directly."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lifeboat"
     template = cache / f"empty-{size}.qcow2"
-    if not template.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".empty-{size}.{secrets.token_hex(4)}.qcow2"
-        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(size)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise CaptureError(f"cannot create the fleecing overlay {path}: {proc.stderr.strip()}")
-        os.replace(tmp, template)  # whole or absent: a killed capture leaves no half template
     try:
+        with template.open("rb") as f:
+            usable = f.read(4) == b"QFI\xfb"
+    except OSError:
+        usable = False
+    try:
+        if not usable:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".empty-{size}.{secrets.token_hex(4)}.qcow2"
+            _qemu_img_create(tmp, size)
+            os.replace(tmp, template)  # whole or absent: a killed capture leaves no half template
         shutil.copyfile(template, path)
-    except OSError as e:
-        raise CaptureError(f"cannot create the fleecing overlay {path}: {e.strerror}") from None
+    except OSError:
+        _qemu_img_create(path, size)
 
 
 def tracking_granularity(size: int) -> int:

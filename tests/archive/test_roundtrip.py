@@ -159,3 +159,36 @@ def test_incremental_from_changed_extents(arc: Archive) -> None:
     assert info.parent == base.point and info.bytes_read == 60
     assert read_all(arc.reader(info)) == bytes(disk)
     assert read_all(arc.reader(base)) != bytes(disk)
+
+
+@pytest.mark.parametrize("refusal", ["no-direct-fd", "direct-write-einval"])
+def test_restore_writes_through_the_cache_when_o_direct_is_refused(
+        arc: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    import errno
+
+    import archive.restore as restore_mod
+
+    data = os.urandom(CS * 9 + 123)
+    info = arc.backup("od", BytesSource(data))
+    direct_fds: list[int] = []
+    if refusal == "no-direct-fd":
+        monkeypatch.setattr(restore_mod, "open_direct", lambda path, mode=0: None)
+    else:
+        real_open, real_write = restore_mod.open_direct, restore_mod.pwrite_all
+
+        def opened(path: str | os.PathLike[str], mode: int = os.O_RDONLY) -> int | None:
+            fd = real_open(path, mode)
+            if fd is not None:
+                direct_fds.append(fd)
+            return fd
+
+        def refusing(fd: int, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+            if fd in direct_fds:  # as a file system that accepted the open but not the write
+                raise OSError(errno.EINVAL, "Invalid argument")
+            real_write(fd, buffers, offset)
+
+        monkeypatch.setattr(restore_mod, "open_direct", opened)
+        monkeypatch.setattr(restore_mod, "pwrite_all", refusing)
+    restore(arc.reader(info), tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == data
+    assert refusal == "no-direct-fd" or direct_fds
