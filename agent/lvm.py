@@ -18,11 +18,12 @@ import shutil
 import stat
 import subprocess
 
-from agent.plan import MODE_FULL, MODE_HASH_SCAN, BackupPlan, CaptureError
-from archive import Archive, PointInfo
-from archive.errors import SourceError, UsageError
-from archive.files import FileSource
-from archive.points import now_utc
+from lifeboat.agent.plan import MODE_FULL, MODE_HASH_SCAN, BackupPlan, CaptureError
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.errors import SourceError
+from lifeboat.archive.files import FileSource
+from lifeboat.archive.points import now_utc
+from lifeboat.plumbing.errors import UsageError
 
 MIN_SNAPSHOT = 256 * 1024 * 1024
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from archive import Archive, PointInfo
-from archive.errors import LifeboatError
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.plumbing.errors import LifeboatError
 
 MODE_FULL = "full"  # everything read and hashed (first backup, or a fallback)
 MODE_HASH_SCAN = "hash-scan"  # everything read and hashed; only chunks new to the archive stored

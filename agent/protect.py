@@ -26,9 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from agent.plan import capture
-from archive import Archive
-from archive.points import now_utc
+from lifeboat.agent.plan import capture
+from lifeboat.archive import Archive
+from lifeboat.archive.points import now_utc
 
 PEAKS_KEPT = 10000
 

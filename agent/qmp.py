@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError
-from archive import Archive, PointInfo
-from archive.errors import SourceError, UsageError
-from archive.points import now_utc
+from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
+from lifeboat.agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.errors import SourceError
+from lifeboat.archive.points import now_utc
+from lifeboat.plumbing.errors import UsageError
 
 SCHEME = "qmp+unix"
 TMP_PREFIX = "lifeboat-"

@@ -13,15 +13,15 @@ from typing import Any
 def open_special(spec: str) -> Any | None:
     """The change-tracking or snapshotting source for ``spec``, or None for a plain file/device."""
     if spec.startswith("qmp+unix://"):
-        from agent.qmp import QmpSource
+        from lifeboat.agent.qmp import QmpSource
 
         return QmpSource(spec)
     if spec.startswith("libvirt://"):
-        from agent.virt import LibvirtSource
+        from lifeboat.agent.virt import LibvirtSource
 
         return LibvirtSource(spec)
     if spec.startswith("/dev/"):
-        from agent.lvm import LvmSnapshotSource, logical_volume
+        from lifeboat.agent.lvm import LvmSnapshotSource, logical_volume
 
         lv = logical_volume(spec)
         if lv is not None:

@@ -27,12 +27,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
-from agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError
-from agent.qmp import bitmap_prefix, point_param
-from archive import Archive, PointInfo
-from archive.errors import SourceError, UsageError
-from archive.points import now_utc
+from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
+from lifeboat.agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError
+from lifeboat.agent.qmp import bitmap_prefix, point_param
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.errors import SourceError
+from lifeboat.archive.points import now_utc
+from lifeboat.plumbing.errors import UsageError
 
 SCHEME = "libvirt"
 DEFAULT_URI = "qemu:///system"

@@ -3,8 +3,8 @@
 Entry point: ``Archive`` (``archive.store``). The on-disk format is in ``archive/FORMAT.md``.
 """
 
-from archive.errors import LifeboatError
-from archive.points import PointInfo
-from archive.store import Archive, BlockSource, PointReader
+from lifeboat.archive.points import PointInfo
+from lifeboat.archive.store import Archive, BlockSource, PointReader
+from lifeboat.plumbing.errors import LifeboatError
 
 __all__ = ["Archive", "BlockSource", "LifeboatError", "PointInfo", "PointReader"]

@@ -74,15 +74,15 @@ class Backend(abc.ABC):
 
 def open_backend(location: str) -> Backend:
     """The backend for a location: a URL's scheme picks it, a plain path is a local directory."""
-    from archive.errors import UsageError
-    from archive.local import LocalBackend
+    from lifeboat.archive.local import LocalBackend
+    from lifeboat.plumbing.errors import UsageError
 
     if "://" in location:
         scheme = location.split("://", 1)[0]
         if scheme == "file":
             return LocalBackend(location.split("://", 1)[1])
         if scheme in ("https", "http"):  # an archive server (lifeboat archive serve)
-            from archive.remote import RemoteBackend
+            from lifeboat.archive.remote import RemoteBackend
 
             return RemoteBackend(location)
         raise UsageError(f"archive location {location!r}: the {scheme}:// backend is not available yet")

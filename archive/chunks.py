@@ -15,7 +15,7 @@ import threading
 
 import zstandard
 
-from archive.errors import CorruptChunk
+from lifeboat.archive.errors import CorruptChunk
 
 CODEC_STORED = 0
 CODEC_ZSTD = 1

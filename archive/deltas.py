@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from archive.formats import ZERO_ID, ChunkTable, Patch
+from lifeboat.archive.formats import ZERO_ID, ChunkTable, Patch
 
 MAX_REFS = 4  # stored chunks one slot may be read from (its base chunk and patch chunks)
 # Patch chunks close at this size (or the chunk size, if smaller): a few MiB of changes then make

@@ -1,20 +1,7 @@
-"""Typed errors of the archive: each class carries its exit status, so the CLI needs no mapping.
+"""Typed errors of the archive, on the one hierarchy of ``lifeboat.plumbing.errors``: each class
+carries its exit status, so the CLI needs no mapping."""
 
-Exit status follows ``shared/CLI.md``: 2 for bad usage or bad input (nothing was changed),
-1 for an operation that failed.
-"""
-
-
-class LifeboatError(Exception):
-    """Base of every error lifeboat reports to a user."""
-
-    exit_code = 1
-
-
-class UsageError(LifeboatError):
-    """The user asked for something malformed: nothing was changed."""
-
-    exit_code = 2
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 
 class ArchiveNotFound(UsageError):

@@ -16,7 +16,7 @@ import stat
 import threading
 from pathlib import Path
 
-from archive.errors import SourceError
+from lifeboat.archive.errors import SourceError
 
 #: Alignment of offsets, lengths and buffers for O_DIRECT reads: a multiple of any logical block size in use.
 DIRECT_ALIGN = 4096

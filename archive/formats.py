@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from archive.errors import FormatError
+from lifeboat.archive.errors import FormatError
 
 FORMAT_VERSION = 1
 ID_LEN = 32

@@ -17,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from archive.backend import Backend
-from archive.durable import create_durably, fsync_dir
-from archive.errors import Locked, StorageError
+from lifeboat.archive.backend import Backend
+from lifeboat.archive.durable import create_durably, fsync_dir
+from lifeboat.archive.errors import Locked, StorageError
 
 _TMP_MARK = ".tmp-"
 _MAX_OPEN = 256

@@ -12,9 +12,9 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from archive.backend import Backend
-from archive.errors import FormatError
-from archive.formats import (
+from lifeboat.archive.backend import Backend
+from lifeboat.archive.errors import FormatError
+from lifeboat.archive.formats import (
     PACK_ENTRY,
     PACK_MAGIC,
     PACK_TRAILER,

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from archive.errors import BadSelector, UsageError
+from lifeboat.archive.errors import BadSelector
+from lifeboat.plumbing.errors import UsageError
 
 POINT_PREFIX = "points/"
 _MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from archive.errors import FormatError
-from archive.packs import PACK_PREFIX, PackWriter, read_pack_index
-from archive.points import PointInfo
-from archive.retention import check_policy, keep
-from archive.store import Archive, ChunkIndex
+from lifeboat.archive.errors import FormatError
+from lifeboat.archive.packs import PACK_PREFIX, PackWriter, read_pack_index
+from lifeboat.archive.points import PointInfo
+from lifeboat.archive.retention import check_policy, keep
+from lifeboat.archive.store import Archive, ChunkIndex
 
 REPACK_DEAD_FRACTION = 0.25
 

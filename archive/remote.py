@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from archive.backend import Backend
-from archive.errors import Locked, StorageError, UsageError
+from lifeboat.archive.backend import Backend
+from lifeboat.archive.errors import Locked, StorageError
+from lifeboat.plumbing.errors import UsageError
 
 PIECE = 8 * 1024 * 1024
 TAIL_BATCH = 2000

@@ -19,10 +19,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from archive.durable import pwrite_all
-from archive.errors import DestinationError, StorageError
-from archive.files import DIRECT_ALIGN, open_direct
-from archive.store import AHEAD, IO_THREADS, PointReader, Progress, ordered_map
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.archive.errors import DestinationError, StorageError
+from lifeboat.archive.files import DIRECT_ALIGN, open_direct
+from lifeboat.archive.store import AHEAD, IO_THREADS, PointReader, Progress, ordered_map
 
 
 def restore(reader: PointReader, dest: str | os.PathLike[str], *, force: bool = False,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from archive.errors import UsageError
-from archive.points import PointInfo
+from lifeboat.archive.points import PointInfo
+from lifeboat.plumbing.errors import UsageError
 
 _BUCKETS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
     "keep_hourly": lambda t: (t.year, t.month, t.day, t.hour),

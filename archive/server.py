@@ -60,9 +60,10 @@ from socket import socket
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from archive.backend import Backend
-from archive.errors import LifeboatError, Locked
-from archive.formats import PACK_TRAILER
+from lifeboat.archive.backend import Backend
+from lifeboat.archive.errors import Locked
+from lifeboat.archive.formats import PACK_TRAILER
+from lifeboat.plumbing.errors import LifeboatError
 
 LOCK_TTL = 30.0
 MAX_PIECE = 64 * 1024 * 1024

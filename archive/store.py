@@ -18,21 +18,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from archive.backend import Backend, open_backend
-from archive.chunks import Codec, Keys
-from archive.deltas import Job, job_reads, lay_patches, plan_jobs, slot_length
-from archive.errors import (
+from lifeboat.archive.backend import Backend, open_backend
+from lifeboat.archive.chunks import Codec, Keys
+from lifeboat.archive.deltas import Job, job_reads, lay_patches, plan_jobs, slot_length
+from lifeboat.archive.errors import (
     ArchiveExists,
     ArchiveNotFound,
     FormatError,
     MissingChunk,
     SourceError,
-    UsageError,
     WrongKey,
 )
-from archive.formats import FORMAT_VERSION, ZERO_ID, ChunkTable, Patch, encode_point, parse_point, parse_point_header
-from archive.packs import ChunkIndex, PackWriter
-from archive.points import (
+from lifeboat.archive.formats import (
+    FORMAT_VERSION,
+    ZERO_ID,
+    ChunkTable,
+    Patch,
+    encode_point,
+    parse_point,
+    parse_point_header,
+)
+from lifeboat.archive.packs import ChunkIndex, PackWriter
+from lifeboat.archive.points import (
     POINT_PREFIX,
     PointInfo,
     check_machine,
@@ -41,6 +48,7 @@ from archive.points import (
     parse_selector,
     select,
 )
+from lifeboat.plumbing.errors import UsageError
 
 CONFIG_KEY = "config"
 DEFAULT_LOCATION = "./lifeboat-archive"

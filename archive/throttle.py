@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from archive.backend import Backend
+from lifeboat.archive.backend import Backend
 
 
 class ThrottledBackend(Backend):

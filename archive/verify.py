@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from archive.errors import CorruptChunk, FormatError
-from archive.formats import PACK_MAGIC, PackEntry, parse_point
-from archive.packs import PACK_PREFIX, read_pack_index
-from archive.store import WORKERS, Archive, Progress
+from lifeboat.archive.errors import CorruptChunk, FormatError
+from lifeboat.archive.formats import PACK_MAGIC, PackEntry, parse_point
+from lifeboat.archive.packs import PACK_PREFIX, read_pack_index
+from lifeboat.archive.store import WORKERS, Archive, Progress
 
 
 @dataclass

@@ -51,10 +51,10 @@ from common import BENCH_DIR, drop_caches, load_meta, machine_info, one_percent_
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.nbd import NbdConnection  # noqa: E402
 from examples import sample_guest as sg  # noqa: E402
+from lifeboat.agent.nbd import NbdConnection  # noqa: E402
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT  # noqa: E402
 
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 BLOCK = 4096  # the change is 1 % of 4 KiB blocks: written as such, as a guest's file system would
 MiB = 1024 * 1024
 
@@ -70,9 +70,9 @@ ENGINE_SECONDS: dict[str, list[float]] = {}
 # imports and the archive's opening happen before the clock starts, the page cache is dropped.
 ENGINE = """
 import json, os, sys, time
-from agent.plan import capture
-from orchestrator.sources import open_source
-from archive import Archive
+from lifeboat.agent.plan import capture
+from lifeboat.orchestrator.sources import open_source
+from lifeboat.archive import Archive
 arc = Archive.open(sys.argv[1])
 os.sync()
 open("/proc/sys/vm/drop_caches", "w").write("3\\n")

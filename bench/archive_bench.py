@@ -138,9 +138,9 @@ class Lifeboat(Tool):
 
         try:
             head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
-            dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "archive", "agent",
+            dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "archive", "agent", "plumbing",
                          "orchestrator"]).stdout.strip()
-            head += " + uncommitted changes in archive/, agent/ or orchestrator/" if dirty else ""
+            head += " + uncommitted changes in archive/, agent/, plumbing/ or orchestrator/" if dirty else ""
         except (RuntimeError, FileNotFoundError):
             head = "?"
         return f"lifeboat @{head} (python-zstandard {zstandard.__version__})"

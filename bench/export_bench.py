@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import BENCH_DIR, drop_caches, machine_info, realistic_image, run, warm  # noqa: E402
 
-from archive import Archive  # noqa: E402
-from archive.restore import restore  # noqa: E402
-from exporters import WRITERS, writer  # noqa: E402
-from exporters.vmdk_stream import VmdkStreamWriter  # noqa: E402
+from lifeboat.archive import Archive  # noqa: E402
+from lifeboat.archive.restore import restore  # noqa: E402
+from lifeboat.exporters import WRITERS, writer  # noqa: E402
+from lifeboat.exporters.vmdk_stream import VmdkStreamWriter  # noqa: E402
 
 QEMU_OPTS = {"vmdk-stream": ["-o", "subformat=streamOptimized"]}
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arc_dir = work / "arc"
     arc = Archive.init(str(arc_dir))
     t = time.monotonic()
-    from archive.files import FileSource
+    from lifeboat.archive.files import FileSource
 
     with FileSource(image) as src:
         info = arc.backup("bench", src)

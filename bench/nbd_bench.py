@@ -40,12 +40,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from archive import Archive  # noqa: E402
-from archive.files import FileSource  # noqa: E402
-from archive.restore import restore  # noqa: E402
-from archive.store import DEFAULT_CHUNK_SIZE  # noqa: E402
-from archive.throttle import ThrottledBackend  # noqa: E402
 from examples import sample_guest  # noqa: E402
+from lifeboat.archive import Archive  # noqa: E402
+from lifeboat.archive.files import FileSource  # noqa: E402
+from lifeboat.archive.restore import restore  # noqa: E402
+from lifeboat.archive.store import DEFAULT_CHUNK_SIZE  # noqa: E402
+from lifeboat.archive.throttle import ThrottledBackend  # noqa: E402
 
 GiB = 1024**3
 MiB = 1024**2
@@ -77,8 +77,8 @@ def thread_model():
 
 def get_ready():
     global vol
-    from archive import Archive
-    from nbdserver.volume import PointVolume
+    from lifeboat.archive import Archive
+    from lifeboat.nbdserver.volume import PointVolume
 
     arc = Archive.open(_cfg["archive"])
     arc.cache.max_bytes = int(_cfg.get("cache", 1 << 30))
@@ -168,7 +168,7 @@ class Server:
 
 def lifeboat_serve(archive: Path, selector: str, *args: str) -> Server:
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "--archive", str(archive), "serve", selector,
+    proc = subprocess.Popen([sys.executable, "-m", "lifeboat", "--archive", str(archive), "serve", selector,
                              "--listen", "127.0.0.1:0", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert proc.stdout is not None

@@ -28,7 +28,7 @@ RUNBOOK = Path(__file__).with_name("rehearsal.yaml")
 
 def lifeboat(*args: str) -> Any:
     """Run the CLI with ``--json`` and return its document; stop the demo on failure."""
-    cmd = [sys.executable, "-m", "orchestrator", *args, "--json"]
+    cmd = [sys.executable, "-m", "lifeboat", *args, "--json"]
     print("$ lifeboat " + " ".join(args), file=sys.stderr, flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from archive.errors import UsageError
-from exporters.base import ExportResult, ImageError, ImageTooLarge, ImageWriter, PointSource, UnsupportedImage
-from exporters.images import detect, open_image
-from exporters.qcow2 import Qcow2Writer
-from exporters.raw import RawWriter
-from exporters.vhdx import VhdxWriter
-from exporters.vmdk import VmdkSparseWriter
-from exporters.vmdk_stream import VmdkStreamWriter
+from lifeboat.exporters.base import ExportResult, ImageError, ImageTooLarge, ImageWriter, PointSource, UnsupportedImage
+from lifeboat.exporters.images import detect, open_image
+from lifeboat.exporters.qcow2 import Qcow2Writer
+from lifeboat.exporters.raw import RawWriter
+from lifeboat.exporters.vhdx import VhdxWriter
+from lifeboat.exporters.vmdk import VmdkSparseWriter
+from lifeboat.exporters.vmdk_stream import VmdkStreamWriter
+from lifeboat.plumbing.errors import UsageError
 
 WRITERS: dict[str, type[ImageWriter]] = {
     w.format: w for w in (RawWriter, Qcow2Writer, VmdkSparseWriter, VmdkStreamWriter, VhdxWriter)

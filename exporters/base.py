@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, Protocol, TypeVar
 
-from archive.durable import fsync_dir
-from archive.errors import DestinationError, SourceError
+from lifeboat.archive.durable import fsync_dir
+from lifeboat.archive.errors import DestinationError, SourceError
 
 SECTOR = 512
 KiB = 1024

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 
-from archive.files import FileSource
-from exporters.base import ImageError, UnsupportedImage
-from exporters.qcow2 import MAGIC as QCOW2_MAGIC
-from exporters.qcow2 import Qcow2Image
-from exporters.source import ImageSource
-from exporters.vhdx import FILE_SIGNATURE as VHDX_MAGIC
-from exporters.vhdx import VhdxImage
-from exporters.vmdk import MAGIC as VMDK_MAGIC
-from exporters.vmdk import VmdkDescriptorImage, VmdkSparseImage
+from lifeboat.archive.files import FileSource
+from lifeboat.exporters.base import ImageError, UnsupportedImage
+from lifeboat.exporters.qcow2 import MAGIC as QCOW2_MAGIC
+from lifeboat.exporters.qcow2 import Qcow2Image
+from lifeboat.exporters.source import ImageSource
+from lifeboat.exporters.vhdx import FILE_SIGNATURE as VHDX_MAGIC
+from lifeboat.exporters.vhdx import VhdxImage
+from lifeboat.exporters.vmdk import MAGIC as VMDK_MAGIC
+from lifeboat.exporters.vmdk import VmdkDescriptorImage, VmdkSparseImage
 
 Image = FileSource | ImageSource | VmdkDescriptorImage
 

@@ -35,8 +35,8 @@ import threading
 import zlib
 from typing import ClassVar
 
-from archive.durable import pwrite_all
-from exporters.base import (
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.exporters.base import (
     SECTOR,
     ImageWriter,
     MiB,
@@ -47,7 +47,7 @@ from exporters.base import (
     nonzero_clusters,
     round_up,
 )
-from exporters.source import SPECIAL, ZERO, ImageSource, TableCache
+from lifeboat.exporters.source import SPECIAL, ZERO, ImageSource, TableCache
 
 MAGIC = b"QFI\xfb"
 # magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,

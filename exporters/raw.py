@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from archive.durable import pwrite_all
-from exporters.base import ImageWriter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.exporters.base import ImageWriter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs
 
 HOLE_GRANULARITY = 4 * KiB
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from exporters.base import ImageError, read_exact
+from lifeboat.exporters.base import ImageError, read_exact
 
 ZERO = -1  # _locate: the cluster reads as zeros
 SPECIAL = -2  # _locate: the cluster is produced by _special (compressed)

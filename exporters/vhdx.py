@@ -39,8 +39,8 @@ import struct
 import uuid
 from typing import ClassVar
 
-from archive.durable import pwrite_all
-from exporters.base import (
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.exporters.base import (
     SECTOR,
     GiB,
     ImageWriter,
@@ -55,7 +55,7 @@ from exporters.base import (
     nonzero_runs,
     round_up,
 )
-from exporters.source import ZERO, ImageSource
+from lifeboat.exporters.source import ZERO, ImageSource
 
 FILE_SIGNATURE = b"vhdxfile"
 HEADER_SIGNATURE = b"head"

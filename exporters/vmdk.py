@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from archive.durable import pwrite_all
-from exporters.base import (
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.exporters.base import (
     SECTOR,
     ImageError,
     ImageTooLarge,
@@ -60,7 +60,7 @@ from exporters.base import (
     read_exact,
     round_up,
 )
-from exporters.source import SPECIAL, ZERO, ImageSource, TableCache
+from lifeboat.exporters.source import SPECIAL, ZERO, ImageSource, TableCache
 
 MAGIC = b"KDMV"
 # magic, version, flags, capacity, grainSize, descriptorOffset, descriptorSize, numGTEsPerGT,

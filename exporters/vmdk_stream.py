@@ -34,9 +34,9 @@ import zlib
 from collections.abc import Callable
 from typing import ClassVar
 
-from archive.durable import pwrite_all
-from exporters.base import SECTOR, ImageTooLarge, ImageWriter, MiB, PointSource, Progress, UnitPipeline
-from exporters.vmdk import (
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.exporters.base import SECTOR, ImageTooLarge, ImageWriter, MiB, PointSource, Progress, UnitPipeline
+from lifeboat.exporters.vmdk import (
     COMPRESS_DEFLATE,
     FLAG_COMPRESSED,
     FLAG_MARKERS,

@@ -39,9 +39,9 @@ makes every completed write durable and visible to all, which is what NBD_FLAG_C
 promises.
 """
 
-from nbdserver.server import Export, NBDServer, tls_context
-from nbdserver.service import default_overlay, open_volume, serve_until_signal
-from nbdserver.volume import Volume, VolumeError
+from lifeboat.nbdserver.server import Export, NBDServer, tls_context
+from lifeboat.nbdserver.service import default_overlay, open_volume, serve_until_signal
+from lifeboat.nbdserver.volume import Volume, VolumeError
 
 __all__ = [
     "Export",

@@ -38,11 +38,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from archive.durable import create_durably, fsync_dir, pwrite_all
-from archive.errors import FormatError, StorageError, UsageError
-from nbdserver import protocol as P
-from nbdserver.overlay import clip, merge
-from nbdserver.storage import (
+from lifeboat.archive.durable import create_durably, fsync_dir, pwrite_all
+from lifeboat.archive.errors import FormatError, StorageError
+from lifeboat.nbdserver import protocol as P
+from lifeboat.nbdserver.overlay import clip, merge
+from lifeboat.nbdserver.storage import (
     PAGE,
     Bitmap,
     ceil_div,
@@ -52,7 +52,8 @@ from nbdserver.storage import (
     round_up,
     write_zeros,
 )
-from nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
+from lifeboat.nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
+from lifeboat.plumbing.errors import UsageError
 
 MAGIC = b"LBHYD001"
 VERSION = 1

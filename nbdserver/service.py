@@ -9,13 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from archive import Archive, PointInfo
-from archive.errors import LifeboatError, UsageError
-from archive.local import LocalBackend
-from nbdserver.hydrate import HydrateVolume, ProgressCallback
-from nbdserver.overlay import CowVolume
-from nbdserver.server import Export, NBDServer, _default_log
-from nbdserver.volume import PointVolume, Volume
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.local import LocalBackend
+from lifeboat.nbdserver.hydrate import HydrateVolume, ProgressCallback
+from lifeboat.nbdserver.overlay import CowVolume
+from lifeboat.nbdserver.server import Export, NBDServer, _default_log
+from lifeboat.nbdserver.volume import PointVolume, Volume
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 OVERLAY_DIR = "overlays"
 

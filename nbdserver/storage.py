@@ -15,8 +15,8 @@ import os
 import re
 import threading
 
-from archive.durable import pwrite_all
-from archive.errors import Locked
+from lifeboat.archive.durable import pwrite_all
+from lifeboat.archive.errors import Locked
 
 PAGE = 4096
 FALLOC_FL_KEEP_SIZE = 0x01

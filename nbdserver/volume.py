@@ -18,8 +18,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from archive.store import PointReader
-from nbdserver import protocol as P
+from lifeboat.archive.store import PointReader
+from lifeboat.nbdserver import protocol as P
 
 MiB = 1024 * 1024
 MAX_PAYLOAD = 32 * MiB

@@ -20,29 +20,29 @@ from typing import Any, TypeVar
 
 import click
 
-from archive import Archive
-from archive.errors import LifeboatError
-from orchestrator.console import emit_json, log
+from lifeboat.archive import Archive
+from lifeboat.orchestrator.console import emit_json, log
+from lifeboat.plumbing.errors import LifeboatError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Which module registers each top-level command (with ``command()`` when imported).
 COMMANDS = {
-    "archive": "orchestrator.cmd_archive",
-    "backup": "orchestrator.cmd_archive",
-    "points": "orchestrator.cmd_archive",
-    "restore": "orchestrator.cmd_archive",
-    "verify": "orchestrator.cmd_archive",
-    "prune": "orchestrator.cmd_archive",
-    "protect": "orchestrator.cmd_agent",
-    "export": "orchestrator.cmd_export",
-    "run": "orchestrator.cmd_run",
-    "failover": "orchestrator.cmd_run",
-    "teardown": "orchestrator.cmd_run",
-    "validate": "orchestrator.cmd_run",
-    "runs": "orchestrator.cmd_run",
-    "scheduler": "orchestrator.cmd_run",
-    "serve": "orchestrator.cmd_serve",
+    "archive": "lifeboat.orchestrator.cmd_archive",
+    "backup": "lifeboat.orchestrator.cmd_archive",
+    "points": "lifeboat.orchestrator.cmd_archive",
+    "restore": "lifeboat.orchestrator.cmd_archive",
+    "verify": "lifeboat.orchestrator.cmd_archive",
+    "prune": "lifeboat.orchestrator.cmd_archive",
+    "protect": "lifeboat.orchestrator.cmd_agent",
+    "export": "lifeboat.orchestrator.cmd_export",
+    "run": "lifeboat.orchestrator.cmd_run",
+    "failover": "lifeboat.orchestrator.cmd_run",
+    "teardown": "lifeboat.orchestrator.cmd_run",
+    "validate": "lifeboat.orchestrator.cmd_run",
+    "runs": "lifeboat.orchestrator.cmd_run",
+    "scheduler": "lifeboat.orchestrator.cmd_run",
+    "serve": "lifeboat.orchestrator.cmd_serve",
 }
 
 

@@ -12,12 +12,12 @@ from types import FrameType
 
 import click
 
-from archive.errors import UsageError
-from archive.points import check_machine
-from archive.store import CONFIG_KEY, resolve_location
-from orchestrator.cli import archive_location, command, emit_json, json_option, open_archive
-from orchestrator.cmd_archive import archive_group
-from orchestrator.console import log
+from lifeboat.archive.points import check_machine
+from lifeboat.archive.store import CONFIG_KEY, resolve_location
+from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, open_archive
+from lifeboat.orchestrator.cmd_archive import archive_group
+from lifeboat.orchestrator.console import log
+from lifeboat.plumbing.errors import UsageError
 
 DEFAULT_SERVE = "127.0.0.1:10810"
 
@@ -80,8 +80,8 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
 
     Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
     """
-    from agent.protect import MetricsServer, Protector  # imported here: every lifeboat command starts faster
-    from orchestrator.sources import open_source
+    from lifeboat.agent.protect import MetricsServer, Protector  # imported here: every lifeboat command starts faster
+    from lifeboat.orchestrator.sources import open_source
 
     check_machine(machine)
     open_archive()  # fail now (exit 2) on a missing archive or a wrong key, not in the loop
@@ -123,8 +123,8 @@ def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client
 
     Prints one line, the URL, on stdout once it listens.
     """
-    from archive.backend import open_backend
-    from archive.server import ArchiveServer, default_spool, tls_context
+    from lifeboat.archive.backend import open_backend
+    from lifeboat.archive.server import ArchiveServer, default_spool, tls_context
 
     host, port = parse_listen(listen, "--listen")
     location = resolve_location(archive_location())

@@ -6,14 +6,14 @@ import sys
 
 import click
 
-from archive import Archive
-from archive.points import check_machine
-from archive.prune import prune
-from archive.restore import restore
-from archive.retention import RULES, check_policy
-from archive.store import DEFAULT_CHUNK_SIZE
-from archive.verify import verify
-from orchestrator.cli import (
+from lifeboat.archive import Archive
+from lifeboat.archive.points import check_machine
+from lifeboat.archive.prune import prune
+from lifeboat.archive.restore import restore
+from lifeboat.archive.retention import RULES, check_policy
+from lifeboat.archive.store import DEFAULT_CHUNK_SIZE
+from lifeboat.archive.verify import verify
+from lifeboat.orchestrator.cli import (
     LazyGroup,
     archive_location,
     cli,
@@ -23,11 +23,11 @@ from orchestrator.cli import (
     key_file_option,
     open_archive,
 )
-from orchestrator.console import log, progress
-from orchestrator.sources import open_source
+from lifeboat.orchestrator.console import log, progress
+from lifeboat.orchestrator.sources import open_source
 
 
-@cli.group("archive", cls=LazyGroup, lazy_subcommands={"serve": "orchestrator.cmd_agent"})
+@cli.group("archive", cls=LazyGroup, lazy_subcommands={"serve": "lifeboat.orchestrator.cmd_agent"})
 def archive_group() -> None:
     """Create and configure an archive."""
 
@@ -82,7 +82,7 @@ def backup_cmd(machine: str, source: str, as_json: bool) -> None:
     """Store a new recovery point of MACHINE read from SOURCE."""
     check_machine(machine)
     arc = open_archive()
-    from agent.plan import plan_backup, run_plan  # change tracking: what to read, then commit/abort
+    from lifeboat.agent.plan import plan_backup, run_plan  # change tracking: what to read, then commit/abort
 
     with open_source(source) as src:
         plan = plan_backup(arc, machine, src)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from exporters import WRITERS, writer
-from exporters.vmdk import ADAPTERS, DescriptorFields
-from orchestrator.cli import command, emit_json, json_option, open_archive
-from orchestrator.console import log, progress
+from lifeboat.exporters import WRITERS, writer
+from lifeboat.exporters.vmdk import ADAPTERS, DescriptorFields
+from lifeboat.orchestrator.cli import command, emit_json, json_option, open_archive
+from lifeboat.orchestrator.console import log, progress
 
 
 @command(name="export")

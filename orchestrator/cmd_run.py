@@ -16,12 +16,12 @@ from typing import Any
 
 import click
 
-from archive.errors import UsageError
-from orchestrator.cli import archive_location, command, emit_json, json_option, key_file_option
-from orchestrator.console import log
-from orchestrator.engine import Engine, Outcome, plan
-from orchestrator.runbook import InvalidRunbook, Runbook, load
-from orchestrator.state import State, default_state_dir
+from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, key_file_option
+from lifeboat.orchestrator.console import log
+from lifeboat.orchestrator.engine import Engine, Outcome, plan
+from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
+from lifeboat.orchestrator.state import State, default_state_dir
+from lifeboat.plumbing.errors import UsageError
 
 state_option = click.option(
     "--state",
@@ -281,7 +281,7 @@ def scheduler_cmd(paths: tuple[str, ...], once: bool, units_dir: str | None, sta
     /etc/lifeboat/runbooks) until stopped, catching up on missed runs."""
     import os
 
-    from orchestrator.scheduler import Scheduler, find_runbooks, write_systemd_units
+    from lifeboat.orchestrator.scheduler import Scheduler, find_runbooks, write_systemd_units
 
     roots = [Path(p) for p in paths] or [Path(os.environ.get("LIFEBOAT_RUNBOOKS", "/etc/lifeboat/runbooks"))]
     extra = []

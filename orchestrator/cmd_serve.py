@@ -13,11 +13,11 @@ from urllib.parse import quote
 
 import click
 
-from archive.errors import UsageError
-from archive.throttle import ThrottledBackend
-from nbdserver import Export, open_volume, serve_until_signal, tls_context
-from orchestrator.cli import command, open_archive
-from orchestrator.console import log, progress
+from lifeboat.archive.throttle import ThrottledBackend
+from lifeboat.nbdserver import Export, open_volume, serve_until_signal, tls_context
+from lifeboat.orchestrator.cli import command, open_archive
+from lifeboat.orchestrator.console import log, progress
+from lifeboat.plumbing.errors import UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)

@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+# How lifeboat starts itself as a child (``lifeboat serve`` for a run, ``lifeboat run`` for the
+# scheduler): this interpreter, so a child runs the same installation as its parent.
+SELF_COMMAND = [sys.executable, "-m", "lifeboat"]
+
 # The control characters rich drops from printed text (BEL, BS, VT, FF, CR): a log line stays one line.
 _CONTROL = dict.fromkeys((7, 8, 11, 12, 13))
 # The console of the progress bar on screen, if any: log lines go through it to print above the bar.

@@ -34,16 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archive import Archive
-from archive.errors import LifeboatError, Locked, UsageError
-from orchestrator.console import log as console_log
-from orchestrator.exports import find_export, start_export, stop_export
-from orchestrator.health import run_check
-from orchestrator.hooks import HookFailed, run_hook
-from orchestrator.runbook import Hook, Machine, Runbook
-from orchestrator.state import DbResourceLog, Run, State
-from targets import driver_class
-from targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError
+from lifeboat.archive import Archive
+from lifeboat.archive.errors import Locked
+from lifeboat.orchestrator.console import log as console_log
+from lifeboat.orchestrator.exports import find_export, start_export, stop_export
+from lifeboat.orchestrator.health import run_check
+from lifeboat.orchestrator.hooks import HookFailed, run_hook
+from lifeboat.orchestrator.runbook import Hook, Machine, Runbook
+from lifeboat.orchestrator.state import DbResourceLog, Run, State
+from lifeboat.plumbing.errors import LifeboatError, UsageError
+from lifeboat.targets import driver_class
+from lifeboat.targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError
 
 RECOVER_STEPS = ["resolve", "prepare", "export", "provision", "boot", "health", "localize"]
 
@@ -239,7 +240,7 @@ class Engine:
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> Outcome:
         """Run (or resume) the runbook to the end; see the module docstring."""
-        from orchestrator.reports import build_report, write_reports
+        from lifeboat.orchestrator.reports import build_report, write_reports
 
         lock = self._lock()
         try:
@@ -297,7 +298,7 @@ class Engine:
 
     def machine_statuses(self) -> dict[str, str]:
         """Each machine's status (succeeded, failed, blocked, incomplete) from its steps."""
-        from orchestrator.reports import machine_status
+        from lifeboat.orchestrator.reports import machine_status
 
         steps: dict[str, dict[str, Any]] = {}
         for st in self.state.steps(self.run_id):
@@ -404,7 +405,7 @@ class Engine:
                 )
                 return {"url": ex.url, "local_path": str(local), "pid": ex.pid}
             if target.needs_image_upload():
-                from archive.restore import restore
+                from lifeboat.archive.restore import restore
 
                 image = guest.workdir / "disk.raw"
                 elog.record("file", str(image), {})
@@ -493,7 +494,7 @@ class Engine:
 
     @staticmethod
     def _console_tail(target: Target, guest: Guest, tlog: DbResourceLog, lines: int = 30) -> list[str]:
-        from orchestrator.health import console_text
+        from lifeboat.orchestrator.health import console_text
 
         text = console_text(target.console_path(guest, tlog))
         return [ln for ln in text.splitlines() if ln.strip()][-lines:]
@@ -612,7 +613,7 @@ def plan(rb: Runbook, *, archive: str | None = None, key_file: str | None = None
 
 def _teardown_engine(log: DbResourceLog) -> None:
     """Destroy the engine's resources of a machine (export server, its files, the workdir)."""
-    from targets.base import destroy_generic
+    from lifeboat.targets.base import destroy_generic
 
     for res in reversed(log.resources()):
         destroy_generic(res)

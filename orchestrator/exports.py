@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdserver.hydrate import hydration_progress
-from targets.base import Resource, ResourceLog, TargetError, log_tail, process_matches, stop_process
+from lifeboat.nbdserver.hydrate import hydration_progress
+from lifeboat.orchestrator.console import SELF_COMMAND
+from lifeboat.targets.base import Resource, ResourceLog, TargetError, log_tail, process_matches, stop_process
 
 
 @dataclass
@@ -52,9 +52,7 @@ def serve_command(
 ) -> list[str]:
     """The ``lifeboat serve`` command line for one machine's export."""
     cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator",
+        *SELF_COMMAND,
         "serve",
         selector,
         "--listen",

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.runbook import Check
-from targets.base import Guest, ResourceLog, Target, TargetError
+from lifeboat.orchestrator.runbook import Check
+from lifeboat.targets.base import Guest, ResourceLog, Target, TargetError
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[^\[])")
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runbook import Hook
+from lifeboat.orchestrator.runbook import Hook
 
 
 class HookFailed(Exception):

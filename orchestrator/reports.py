@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.engine import RECOVER_STEPS
+from lifeboat.orchestrator.engine import RECOVER_STEPS
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine
+    from lifeboat.orchestrator.engine import Engine
 
 STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "running": "#f9a825", "skipped": "#9e9e9e"}
 
@@ -354,7 +354,7 @@ def notify(engine: Engine, report: dict[str, Any]) -> None:
     ok = report["status"] == "succeeded"
     if (when == "failure" and ok) or (when == "success" and not ok):
         return
-    from orchestrator.runbook import parse_duration
+    from lifeboat.orchestrator.runbook import parse_duration
 
     body = {
         "runbook": report["runbook"],

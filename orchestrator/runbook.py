@@ -28,8 +28,8 @@ import jsonschema
 import yaml
 from jsonschema.exceptions import ValidationError
 
-from archive.errors import UsageError
-from archive.points import parse_selector, parse_when
+from lifeboat.archive.points import parse_selector, parse_when
+from lifeboat.plumbing.errors import UsageError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "runbooks" / "schema.json"
 RUNBOOK_VERSION = 1
@@ -351,13 +351,13 @@ def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
 
 
 def _driver_schema(driver: str) -> dict[str, Any] | None:
-    from targets import driver_schema
+    from lifeboat.targets import driver_schema
 
     return driver_schema(driver)
 
 
 def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[Problem]:
-    from targets import available_drivers, driver_kind
+    from lifeboat.targets import available_drivers, driver_kind
 
     out: list[Problem] = []
     p = loc.problem

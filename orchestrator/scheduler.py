@@ -19,7 +19,6 @@ catch-up after downtime. Cron's rule that a restricted day-of-month and day-of-w
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +28,9 @@ from pathlib import Path
 
 from croniter import croniter
 
-from orchestrator.runbook import InvalidRunbook, Runbook, load
-from orchestrator.state import State
+from lifeboat.orchestrator.console import SELF_COMMAND
+from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
+from lifeboat.orchestrator.state import State
 
 DOW = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
 
@@ -115,9 +115,7 @@ class Scheduler:
     def command(self, path: Path) -> list[str]:
         """The ``lifeboat run`` command for a scheduled runbook."""
         return [
-            sys.executable,
-            "-m",
-            "orchestrator",
+            *SELF_COMMAND,
             "run",
             str(path),
             "--state",
@@ -233,9 +231,7 @@ def write_systemd_units(
         cmd = " ".join(
             _quote(a)
             for a in [
-                sys.executable,
-                "-m",
-                "orchestrator",
+                *SELF_COMMAND,
                 "run",
                 str(s.path),
                 "--state",

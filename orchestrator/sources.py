@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.tracked import open_special
+from lifeboat.agent.tracked import open_special
 
 
 def open_source(spec: str) -> Any:
@@ -18,6 +18,6 @@ def open_source(spec: str) -> Any:
     special = open_special(spec)
     if special is not None:
         return special
-    from exporters.images import open_image  # here: a guest's dirty-bitmap backup needs no image readers
+    from lifeboat.exporters.images import open_image  # here: a guest's dirty-bitmap backup needs no image readers
 
     return open_image(spec)

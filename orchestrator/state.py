@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from targets.base import Resource
+from lifeboat.targets.base import Resource
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -12,11 +12,11 @@ import importlib
 import os
 from typing import Any
 
-from targets.base import Target, TargetError, TargetUnavailable
+from lifeboat.targets.base import Target, TargetError, TargetUnavailable
 
 BUILTIN = {
-    "qemu": "targets.qemu:QemuTarget",
-    "kvm": "targets.kvm:KvmTarget",
+    "qemu": "lifeboat.targets.qemu:QemuTarget",
+    "kvm": "lifeboat.targets.kvm:KvmTarget",
 }
 # Designed in shared/DESIGN.md, settings schema written, driver to come: runbooks using them
 # validate, and a run stops before creating anything.
@@ -60,7 +60,7 @@ def driver_kind(name: str) -> str | None:
 
 def driver_schema(name: str) -> dict[str, Any] | None:
     """The settings schema of a known driver (planned ones included), else None."""
-    from targets.base import SCHEMA_DIR, load_schema
+    from lifeboat.targets.base import SCHEMA_DIR, load_schema
 
     if name in PLANNED:
         return load_schema(SCHEMA_DIR / f"{name}.json")

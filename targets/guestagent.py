@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from targets.base import ExecResult, TargetError
+from lifeboat.targets.base import ExecResult, TargetError
 
 
 class GuestAgent:

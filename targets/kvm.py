@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from targets.base import (
+from lifeboat.targets.base import (
     Disk,
     ExecResult,
     Guest,
@@ -35,7 +35,7 @@ from targets.base import (
     destroy_generic,
     nbd_address,
 )
-from targets.qemu import kvm_memo, note_kvm_unusable
+from lifeboat.targets.qemu import kvm_memo, note_kvm_unusable
 
 DISK_DEV = "vda"
 _net_lock = threading.Lock()
@@ -333,7 +333,7 @@ class KvmTarget(Target):
 
         import libvirt_qemu
 
-        from targets.guestagent import guest_exec
+        from lifeboat.targets.guestagent import guest_exec
 
         dom = self._domain(guest.token)
         if dom is None:

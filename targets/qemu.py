@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from targets.base import (
+from lifeboat.targets.base import (
     Disk,
     ExecResult,
     Guest,
@@ -333,7 +333,7 @@ class QemuTarget(Target):
 
     def exec_in_guest(self, guest: Guest, log: ResourceLog, argv: list[str], timeout: float) -> ExecResult:
         """Run a command through the guest agent channel."""
-        from targets.guestagent import GuestAgent
+        from lifeboat.targets.guestagent import GuestAgent
 
         with GuestAgent(str(self._files(guest)["qga.sock"]), timeout=min(timeout, 10.0)) as agent:
             return agent.exec(argv, timeout)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
+from lifeboat.archive import Archive
 from tests.agent.guest import Guest, make_disk
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from archive import Archive
-from archive.files import FileSource
+from lifeboat.archive import Archive
+from lifeboat.archive.files import FileSource
 from tests.archive.helpers import read_all
 
 CS = 65536

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, capture
-from agent.virt import LibvirtSource
-from archive import Archive, PointInfo
-from archive.restore import restore
-from orchestrator.sources import open_source
+from lifeboat.agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, capture
+from lifeboat.agent.virt import LibvirtSource
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.restore import restore
+from lifeboat.orchestrator.sources import open_source
 from tests.agent.guest import Console, check_point, make_disk
 
 URI = "qemu:///system"

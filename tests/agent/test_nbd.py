@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.nbd import NbdReader, Prefetcher
-from archive.store import ordered_map
+from lifeboat.agent.nbd import NbdReader, Prefetcher
+from lifeboat.archive.store import ordered_map
 
 KiB = 1024
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.qmp import new_overlay
+from lifeboat.agent.qmp import new_overlay
 
 SIZE = 64 * 1024 * 1024
 

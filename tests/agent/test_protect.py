@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,11 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from archive import Archive
-from archive.restore import restore
+from lifeboat.archive import Archive
+from lifeboat.archive.restore import restore
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.agent.guest import Guest, check_point
-
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 
 
 class Protect:

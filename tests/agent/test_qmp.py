@@ -8,19 +8,17 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, capture
-from agent.qmp import QmpSource
-from archive import Archive, PointInfo
-from archive.restore import restore
-from orchestrator.sources import open_source
+from lifeboat.agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, capture
+from lifeboat.agent.qmp import QmpSource
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.restore import restore
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.orchestrator.sources import open_source
 from tests.agent.guest import Guest, check_point
-
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 
 
 def backup(arc: Archive, guest: Guest) -> tuple[PointInfo, BackupPlan]:

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,15 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from archive import Archive
-from archive.backend import open_backend
-from archive.errors import StorageError, UsageError
-from archive.files import FileSource
-from archive.remote import RemoteBackend
-from archive.server import ArchiveServer, tls_context
-from archive.verify import verify
+from lifeboat.archive import Archive
+from lifeboat.archive.backend import open_backend
+from lifeboat.archive.errors import StorageError
+from lifeboat.archive.files import FileSource
+from lifeboat.archive.remote import RemoteBackend
+from lifeboat.archive.server import ArchiveServer, tls_context
+from lifeboat.archive.verify import verify
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing.errors import UsageError
 
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 MiB = 1024 * 1024
 
 

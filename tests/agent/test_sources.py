@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.lvm import LvmSnapshotSource
-from agent.plan import MODE_FULL, MODE_HASH_SCAN, CaptureError, plan_backup, run_plan
-from archive import Archive
-from orchestrator.sources import open_source
+from lifeboat.agent.lvm import LvmSnapshotSource
+from lifeboat.agent.plan import MODE_FULL, MODE_HASH_SCAN, CaptureError, plan_backup, run_plan
+from lifeboat.archive import Archive
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.orchestrator.sources import open_source
 
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
 MiB = 1024 * 1024
 
 

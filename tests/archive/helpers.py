@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from archive import PointReader
+from lifeboat.archive import PointReader
 
 
 class BytesSource:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from archive.backend import Backend, open_backend
-from archive.errors import Locked
-from archive.local import LocalBackend
-from archive.remote import RemoteBackend
-from archive.server import ArchiveServer
+from lifeboat.archive.backend import Backend, open_backend
+from lifeboat.archive.errors import Locked
+from lifeboat.archive.local import LocalBackend
+from lifeboat.archive.remote import RemoteBackend
+from lifeboat.archive.server import ArchiveServer
 
 
 @pytest.fixture(params=["local", "remote"])

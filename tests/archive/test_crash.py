@@ -6,15 +6,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from archive import Archive
-from archive.restore import restore
-from archive.verify import verify
+from lifeboat.archive import Archive
+from lifeboat.archive.restore import restore
+from lifeboat.archive.verify import verify
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 
-LIFEBOAT = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 CS = 65536
 
 

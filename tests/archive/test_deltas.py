@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.deltas import MAX_REFS, Job, cut, plan_jobs
-from archive.errors import FormatError
-from archive.formats import ZERO_ID, ChunkTable, Patch, encode_point, parse_point
-from archive.prune import prune
-from archive.restore import restore
-from archive.verify import verify
+from lifeboat.archive import Archive
+from lifeboat.archive.deltas import MAX_REFS, Job, cut, plan_jobs
+from lifeboat.archive.errors import FormatError
+from lifeboat.archive.formats import ZERO_ID, ChunkTable, Patch, encode_point, parse_point
+from lifeboat.archive.prune import prune
+from lifeboat.archive.restore import restore
+from lifeboat.archive.verify import verify
 from tests.archive.helpers import BytesSource, read_all
 
 CS = 64 * 1024

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import archive.files
-from archive.errors import SourceError
-from archive.files import FileSource
+import lifeboat.archive.files
+from lifeboat.archive.errors import SourceError
+from lifeboat.archive.files import FileSource
 
 MiB = 1 << 20
 
@@ -126,7 +126,7 @@ def test_view_is_valid_until_the_next_read_view_of_the_same_thread(folder: Path)
 
 def test_without_o_direct(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The platform or file system refuses O_DIRECT: plain pread, same bytes."""
-    monkeypatch.setattr(archive.files, "open_direct", lambda path, mode=0: None)
+    monkeypatch.setattr(lifeboat.archive.files, "open_direct", lambda path, mode=0: None)
     size = 2 * MiB + 4321
     data = make(folder / "img", size)
     with FileSource(folder / "img") as src:

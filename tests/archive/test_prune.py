@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive, PointInfo
-from archive.errors import UsageError
-from archive.prune import prune
-from archive.retention import check_policy, keep
-from archive.verify import verify
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.prune import prune
+from lifeboat.archive.retention import check_policy, keep
+from lifeboat.archive.verify import verify
+from lifeboat.plumbing.errors import UsageError
 from tests.archive.helpers import BytesSource, read_all
 
 CS = 4096

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.errors import BadSelector, WrongKey
-from archive.formats import ZERO_ID
-from archive.restore import restore
+from lifeboat.archive import Archive
+from lifeboat.archive.errors import BadSelector, WrongKey
+from lifeboat.archive.formats import ZERO_ID
+from lifeboat.archive.restore import restore
 from tests.archive.helpers import BytesSource, read_all
 
 CS = 4096
@@ -166,7 +166,7 @@ def test_restore_writes_through_the_cache_when_o_direct_is_refused(
         arc: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
     import errno
 
-    import archive.restore as restore_mod
+    import lifeboat.archive.restore as restore_mod
 
     data = os.urandom(CS * 9 + 123)
     info = arc.backup("od", BytesSource(data))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.errors import CorruptChunk
-from archive.formats import PACK_TRAILER
-from archive.verify import verify
+from lifeboat.archive import Archive
+from lifeboat.archive.errors import CorruptChunk
+from lifeboat.archive.formats import PACK_TRAILER
+from lifeboat.archive.verify import verify
 from tests.archive.helpers import BytesSource, read_all
 
 CS = 4096

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from archive import Archive, PointReader
+from lifeboat.archive import Archive, PointReader
 from tests.archive.helpers import BytesSource
 
 MiB = 1024 * 1024

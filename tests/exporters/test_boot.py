@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive, PointReader
 from examples import sample_guest as sg
-from exporters import WRITERS, open_image, writer
+from lifeboat.archive import Archive, PointReader
+from lifeboat.exporters import WRITERS, open_image, writer
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.formats import ZERO_ID, ChunkTable
-from archive.points import PointInfo, new_point_id, now_utc
-from exporters import WRITERS
+from lifeboat.archive import Archive
+from lifeboat.archive.formats import ZERO_ID, ChunkTable
+from lifeboat.archive.points import PointInfo, new_point_id, now_utc
+from lifeboat.exporters import WRITERS
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.archive.helpers import BytesSource
 from tests.exporters.helpers import MiB, qemu_img
-
-LIFEBOAT = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 
 
 def run(*args: str, archive: Path) -> subprocess.CompletedProcess[str]:

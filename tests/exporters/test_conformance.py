@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive, PointReader
-from archive.errors import DestinationError
-from exporters import WRITERS, ImageWriter, open_image, writer
+from lifeboat.archive import Archive, PointReader
+from lifeboat.archive.errors import DestinationError
+from lifeboat.exporters import WRITERS, ImageWriter, open_image, writer
 from tests.exporters.helpers import MiB, backup_bytes, contents, qemu_img, qemu_info
 
 CONTENTS = contents()

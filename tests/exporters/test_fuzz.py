@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from archive.errors import LifeboatError
-from exporters import open_image, writer
-from exporters.qcow2 import Qcow2Image
-from exporters.vhdx import HEADER1, HEADER2, HEADER_SIZE, REGION1, REGION2, REGION_SIZE, with_checksum
-from exporters.vmdk import VmdkSparseImage
+from lifeboat.exporters import open_image, writer
+from lifeboat.exporters.qcow2 import Qcow2Image
+from lifeboat.exporters.vhdx import HEADER1, HEADER2, HEADER_SIZE, REGION1, REGION2, REGION_SIZE, with_checksum
+from lifeboat.exporters.vmdk import VmdkSparseImage
+from lifeboat.plumbing.errors import LifeboatError
 from tests.exporters.helpers import MiB, SparsePoint, qemu_img
 
 CASES_PER_IMAGE = int(os.environ.get("LIFEBOAT_FUZZ_CASES", "220"))  # more for a longer hunt

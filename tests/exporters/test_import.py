@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.errors import LifeboatError, SourceError
-from exporters import ImageError, UnsupportedImage, detect, open_image
+from lifeboat.archive import Archive
+from lifeboat.archive.errors import SourceError
+from lifeboat.exporters import ImageError, UnsupportedImage, detect, open_image
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing.errors import LifeboatError
 from tests.exporters.helpers import MiB, qemu_img
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -68,7 +70,7 @@ def test_import_qemu_image(variant: str, reference: Path, tmp_path: Path) -> Non
 
 def test_import_lifeboat_export_roundtrip(reference: Path, tmp_path: Path) -> None:
     """lifeboat's own exports import back to the same point content, in every format."""
-    from exporters import WRITERS, writer
+    from lifeboat.exporters import WRITERS, writer
 
     arc = Archive.init(str(tmp_path / "arc"), chunk_size=64 * 1024)
     with open_image(reference) as src:
@@ -121,12 +123,11 @@ def test_missing_and_unreadable_sources(tmp_path: Path) -> None:
 
 def test_cli_backup_of_a_qcow2(reference: Path, tmp_path: Path) -> None:
     """``lifeboat backup MACHINE image.qcow2`` imports the image (via orchestrator.sources.open_source)."""
-    import sys
 
     image = tmp_path / "disk.qcow2"
     qemu_img("convert", "-O", "qcow2", "-c", str(reference), str(image))
     arc = tmp_path / "arc"
-    cli = [sys.executable, "-c", "from orchestrator.cli import main; main()", "--archive", str(arc)]
+    cli = [*LIFEBOAT, "--archive", str(arc)]
     for args in (["archive", "init"], ["backup", "vm1", str(image)], ["restore", "vm1", str(tmp_path / "out.raw")]):
         r = subprocess.run(cli + args, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

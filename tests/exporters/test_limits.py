@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exporters import WRITERS, ImageTooLarge, open_image, writer
-from exporters.base import PiB, TiB
+from lifeboat.exporters import WRITERS, ImageTooLarge, open_image, writer
+from lifeboat.exporters.base import PiB, TiB
 from tests.exporters.helpers import MiB, SparsePoint, qemu_img, qemu_info
 
 LIMITS = {"qcow2": 2 * PiB, "vmdk": 2 * TiB, "vmdk-stream": 2 * TiB, "vhdx": 64 * TiB, "raw": 4 * TiB}

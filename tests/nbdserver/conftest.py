@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from archive import Archive
-from archive.files import FileSource
+from lifeboat.archive import Archive
+from lifeboat.archive.files import FileSource
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -145,7 +145,7 @@ class Served:
 
 def start_serve(archive: Path, *args: str, timeout: float = 30) -> Served:
     """Start ``lifeboat serve`` on a free loopback port and wait for its URL line."""
-    cmd = [sys.executable, "-m", "orchestrator", "--archive", str(archive), "serve", *args]
+    cmd = [*LIFEBOAT, "--archive", str(archive), "serve", *args]
     if "--listen" not in args:
         cmd += ["--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,

@@ -10,7 +10,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-from nbdserver import protocol as P
+from lifeboat.nbdserver import protocol as P
 
 
 @dataclass

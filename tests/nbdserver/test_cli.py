@@ -5,19 +5,19 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from archive.errors import UsageError
-from orchestrator.cmd_serve import nbd_url, parse_listen, parse_size
+from lifeboat.orchestrator.cmd_serve import nbd_url, parse_listen, parse_size
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing.errors import UsageError
 from tests.nbdserver.conftest import REPO, Served, run
 
 
 def lifeboat(archive: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(archive), *args],
+    return subprocess.run([*LIFEBOAT, "--archive", str(archive), *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 

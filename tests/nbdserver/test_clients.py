@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from archive import Archive
+from lifeboat.archive import Archive
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.nbdserver.conftest import FIO_PATTERN, REPO, MiB, Served, archive_digest, run
 
 
@@ -56,7 +56,7 @@ def test_nbdcopy_equals_lifeboat_restore(shared_archive: Path, serve: Callable[.
     copy = tmp_path / "copy.img"
     run(["nbdcopy", s.url, str(copy)])
     restored = tmp_path / "restored.img"
-    subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(shared_archive), "restore", "web01",
+    subprocess.run([*LIFEBOAT, "--archive", str(shared_archive), "restore", "web01",
                     str(restored)], check=True, cwd=REPO, capture_output=True)
     assert copy.read_bytes() == restored.read_bytes() == test_image.read_bytes()
 

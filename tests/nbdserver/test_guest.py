@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from archive import Archive
 from examples.sample_guest import INITIAL_COUNTER, INITIAL_TEXT, PARTITION2_OFFSET, boot, read_record
+from lifeboat.archive import Archive
 from tests.nbdserver.conftest import Served, archive_digest, need, new_archive, run
 
 BOOT_TIMEOUT = 240  # a deadline for a TCG boot on a busy machine, not a performance threshold

@@ -6,9 +6,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from archive import Archive
-from nbdserver.hydrate import HEADER_SIZE, state_path
-from nbdserver.storage import Bitmap
+from lifeboat.archive import Archive
+from lifeboat.nbdserver.hydrate import HEADER_SIZE, state_path
+from lifeboat.nbdserver.storage import Bitmap
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.nbdserver.conftest import Served, archive_digest, run
 from tests.nbdserver.test_writable import apply, qemu_io
 
@@ -85,7 +86,6 @@ def test_hydration_is_demand_first_resumable_and_complete(fresh_archive: Path, t
 def test_read_only_hydration_and_refusals(fresh_archive: Path, tmp_path: Path, serve: Callable[..., Served],
                                           test_image: Path) -> None:
     import subprocess
-    import sys
 
     from tests.nbdserver.conftest import REPO
 
@@ -100,7 +100,7 @@ def test_read_only_hydration_and_refusals(fresh_archive: Path, tmp_path: Path, s
     # lifeboat never overwrites a file it did not create
     foreign = tmp_path / "foreign.raw"
     foreign.write_bytes(b"precious" * 1000)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(fresh_archive), "serve", "web01",
+    proc = subprocess.run([*LIFEBOAT, "--archive", str(fresh_archive), "serve", "web01",
                            "--hydrate-to", str(foreign), "--listen", "127.0.0.1:0"], capture_output=True, text=True,
                           timeout=30, cwd=REPO)
     assert proc.returncode == 2 and proc.stdout == "" and "lifeboat only writes files it created" in proc.stderr

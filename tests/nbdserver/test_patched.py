@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from archive import Archive
+from lifeboat.archive import Archive
 from tests.archive.helpers import BytesSource
 from tests.nbdserver.conftest import Served, run
 

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nbdserver import protocol as P
+from lifeboat.nbdserver import protocol as P
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.nbdserver.conftest import Served, run
 from tests.nbdserver.rawclient import RawClient, assemble
 
@@ -160,13 +161,12 @@ def test_tls_without_client_certificates(shared_archive: Path, serve: Callable[.
 
 def test_tls_options_are_checked(shared_archive: Path, serve: Callable[..., Served], pki: PKI) -> None:
     import subprocess
-    import sys
 
     from tests.nbdserver.conftest import REPO
 
     for args in (["--tls-cert", str(pki.server_cert)], ["--tls-ca", str(pki.ca)],
                  ["--tls-cert", str(pki.server_cert), "--tls-key", "/nonexistent.key"]):
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(shared_archive), "serve",
+        proc = subprocess.run([*LIFEBOAT, "--archive", str(shared_archive), "serve",
                                "web01", "--listen", "127.0.0.1:0", *args], capture_output=True, text=True,
                               timeout=30, cwd=REPO)
         assert proc.returncode == 2, (args, proc.stderr)

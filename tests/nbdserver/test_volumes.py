@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from archive import Archive
-from archive.files import FileSource
-from archive.throttle import ThrottledBackend
-from nbdserver import protocol as P
-from nbdserver.hydrate import HydrateVolume
-from nbdserver.overlay import CowVolume
-from nbdserver.service import identity
-from nbdserver.volume import PointVolume, Volume, VolumeError
+from lifeboat.archive import Archive
+from lifeboat.archive.files import FileSource
+from lifeboat.archive.throttle import ThrottledBackend
+from lifeboat.nbdserver import protocol as P
+from lifeboat.nbdserver.hydrate import HydrateVolume
+from lifeboat.nbdserver.overlay import CowVolume
+from lifeboat.nbdserver.service import identity
+from lifeboat.nbdserver.volume import PointVolume, Volume, VolumeError
 
 SIZE = 3 * 1024 * 1024 + 12345
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from archive import Archive
+from lifeboat.archive import Archive
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.nbdserver.conftest import REPO, MiB, Served, archive_digest, new_archive, run
 
 # (qemu-io command, effect on the expected image): unaligned, across clusters and chunks
@@ -69,7 +69,7 @@ def test_writes_persist_across_restart_and_archive_never_changes(fresh_archive: 
     assert arc.reader(point).read(0, point.size) == original
     assert archive_digest(fresh_archive) == before
     restored = tmp_path / "restored.img"
-    subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(fresh_archive), "restore", "web01",
+    subprocess.run([*LIFEBOAT, "--archive", str(fresh_archive), "restore", "web01",
                     str(restored)], check=True, cwd=REPO, capture_output=True)
     assert restored.read_bytes() == original
 
@@ -109,13 +109,13 @@ def test_overlay_belongs_to_one_point(tmp_path: Path, test_image: Path, serve: C
     overlay = tmp_path / "shared.cow"
     s = serve(arc_a, "alpha", "--writable", "--overlay", str(overlay))
     qemu_io(s.url, "write -P 0x01 0 4096")
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(arc_b), "serve", "beta",
+    proc = subprocess.run([*LIFEBOAT, "--archive", str(arc_b), "serve", "beta",
                            "--writable", "--overlay", str(overlay), "--listen", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=30, cwd=REPO)
     assert proc.returncode != 0 and proc.stdout == ""
     assert "in use" in proc.stderr  # the first server still holds it
     assert s.stop() == 0
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--archive", str(arc_b), "serve", "beta",
+    proc = subprocess.run([*LIFEBOAT, "--archive", str(arc_b), "serve", "beta",
                            "--writable", "--overlay", str(overlay), "--listen", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=30, cwd=REPO)
     assert proc.returncode == 2 and "belongs to alpha@" in proc.stderr

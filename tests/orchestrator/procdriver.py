@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from targets.base import Disk, Guest, ResourceLog, Target, TargetError, process_matches
+from lifeboat.targets.base import Disk, Guest, ResourceLog, Target, TargetError, process_matches
 
 PLUGIN = "proc=tests.orchestrator.procdriver:ProcTarget"
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-LIFEBOAT = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.state import State
+from lifeboat.orchestrator.state import State
 from tests.orchestrator.procdriver import PLUGIN
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat, qemu_processes
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.state import State
+from lifeboat.orchestrator.state import State
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat, qemu_processes
 
 CHECKS = [

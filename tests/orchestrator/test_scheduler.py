@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from croniter import croniter
 
-from orchestrator.scheduler import on_calendar
-from orchestrator.state import State
+from lifeboat.orchestrator.scheduler import on_calendar
+from lifeboat.orchestrator.state import State
 from tests.orchestrator.procdriver import PLUGIN
 from tests.orchestrator.test_engine import machine, runbook, tiny_archive, write_runbook  # noqa: F401
 from tests.targets.realpeers import lifeboat

@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.runbook import SCHEMA_PATH, InvalidRunbook, load
+from lifeboat.orchestrator.cli import main
+from lifeboat.orchestrator.runbook import SCHEMA_PATH, InvalidRunbook, load
 from tests.runbooks.cases import BASE, CASES
 from tests.targets.realpeers import REPO, lifeboat
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+
 REPO = Path(__file__).resolve().parents[2]
-LIFEBOAT = [sys.executable, "-m", "orchestrator"]
+
 MACHINE = "sample-guest"
 
 

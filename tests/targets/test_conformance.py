@@ -17,13 +17,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-import targets.qemu
+import lifeboat.targets.qemu
 from examples.sample_guest import read_record
-from orchestrator.exports import start_export, stop_export
-from orchestrator.health import console_text
-from orchestrator.state import DbResourceLog, State
-from targets import driver_class
-from targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError, destroy_generic
+from lifeboat.orchestrator.exports import start_export, stop_export
+from lifeboat.orchestrator.health import console_text
+from lifeboat.orchestrator.state import DbResourceLog, State
+from lifeboat.targets import driver_class
+from lifeboat.targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError, destroy_generic
 from tests.targets.realpeers import qemu_processes
 
 DRIVERS = ["qemu", "kvm"]
@@ -104,7 +104,7 @@ def test_lifecycle_adopt_move_to_local_and_teardown_after_a_crash(
     else:
         # A fresh host memo: where /dev/kvm opens but KVM fails (nested), this exercises the
         # restart under TCG; where KVM works, the guest simply runs under KVM.
-        monkeypatch.setattr(targets.qemu, "kvm_memo", lambda: tmp_path / "kvm-memo")
+        monkeypatch.setattr(lifeboat.targets.qemu, "kvm_memo", lambda: tmp_path / "kvm-memo")
     events: list[str] = []
     ctx = TargetContext(state_dir=tmp_path / "state", log=events.append)
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
@@ -152,7 +152,7 @@ def test_lifecycle_adopt_move_to_local_and_teardown_after_a_crash(
     if name == "qemu":
         assert len(machine_pids(name, guest.token)) == 1
         proc = next(r for r in tlog.resources() if r.kind == "process")
-        if targets.qemu.kvm_usable():
+        if lifeboat.targets.qemu.kvm_usable():
             assert proc.data["accel"] == "kvm" or (tmp_path / "kvm-memo").exists()
     else:
         assert domain_exists(guest.token)

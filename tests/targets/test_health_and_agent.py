@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.health import console_matches, console_text, run_check
-from orchestrator.runbook import Check
-from targets.base import Guest, MemoryLog, TargetContext
-from targets.guestagent import GuestAgent
-from targets.qemu import QemuTarget, socket_dir
+from lifeboat.orchestrator.health import console_matches, console_text, run_check
+from lifeboat.orchestrator.runbook import Check
+from lifeboat.targets.base import Guest, MemoryLog, TargetContext
+from lifeboat.targets.guestagent import GuestAgent
+from lifeboat.targets.qemu import QemuTarget, socket_dir
 
 
 @pytest.fixture

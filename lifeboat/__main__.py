@@ -1,0 +1,5 @@
+"""``python -m lifeboat`` is the ``lifeboat`` command."""
+
+from lifeboat.orchestrator.cli import main
+
+main()
