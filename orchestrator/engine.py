@@ -44,7 +44,19 @@ from lifeboat.orchestrator.runbook import Hook, Machine, Runbook
 from lifeboat.orchestrator.state import DbResourceLog, Run, State
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.targets import driver_class
-from lifeboat.targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError
+from lifeboat.targets.base import (
+    BootsFromNbd,
+    Disk,
+    Guest,
+    HasConsole,
+    Localizes,
+    NetworkSpec,
+    TakesImage,
+    Target,
+    TargetContext,
+    TargetError,
+    capabilities,
+)
 
 RECOVER_STEPS = ["resolve", "prepare", "export", "provision", "boot", "health", "localize"]
 
@@ -103,7 +115,7 @@ class Engine:
         key = f"{machine.driver}:{sorted(machine.settings.items())!r}"
         with self._targets_lock:
             if key not in self._targets:
-                cls = driver_class(machine.driver)
+                cls = driver_class(machine.driver).variant(machine.settings)
                 ctx = TargetContext(state_dir=self.state.dir, log=lambda msg: self.event(msg, level="debug"))
                 self._targets[key] = cls(machine.settings, ctx)
             return self._targets[key]
@@ -151,7 +163,11 @@ class Engine:
             if ex and ex.result and ex.result.get("url"):
                 env["LIFEBOAT_NBD_URL"] = ex.result["url"]
             target = self.target(machine)
-            console = target.console_path(self.guest(machine), self.driver_log(machine))
+            console = (
+                target.console_path(self.guest(machine), self.driver_log(machine))
+                if isinstance(target, HasConsole)
+                else None
+            )
             if console is not None:
                 env["LIFEBOAT_CONSOLE"] = str(console)
             for k, v in (machine.reip or {}).items():
@@ -389,7 +405,7 @@ class Engine:
 
         def export() -> dict[str, Any]:
             selector = f"{point['machine']}@{point['point']}"
-            if target.boots_from_nbd():
+            if isinstance(target, BootsFromNbd):
                 local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
                 if not local.parent.exists():
                     elog.record("dir", str(local.parent), {})
@@ -404,14 +420,16 @@ class Engine:
                     log=elog,
                 )
                 return {"url": ex.url, "local_path": str(local), "pid": ex.pid}
-            if target.needs_image_upload():
-                from lifeboat.archive.restore import restore
+            if isinstance(target, TakesImage):
+                from lifeboat.exporters import writer
 
-                image = guest.workdir / "disk.raw"
+                fmt = target.image_formats()[0]
+                image = guest.workdir / f"disk.{fmt}"
                 elog.record("file", str(image), {})
                 arc = self.archive_handle()
-                restore(arc.reader(arc.resolve(selector)), str(image), force=True)
-                return {"image_path": str(image)}
+                info = arc.resolve(selector)
+                writer(fmt).write(arc.reader(info), image, overwrite=True)
+                return {"image_path": str(image), "image_format": fmt}
             raise TargetError(f"the {target.name} target neither boots from NBD nor takes an image")
 
         ex = self._step(m.name, "export", export)
@@ -419,6 +437,7 @@ class Engine:
             size=int(point["size"]),
             nbd_url=ex.get("url"),
             image_path=Path(ex["image_path"]) if ex.get("image_path") else None,
+            image_format=ex.get("image_format"),
             local_path=Path(ex["local_path"]) if ex.get("local_path") else None,
         )
 
@@ -469,7 +488,7 @@ class Engine:
         on_healthy()
 
         def localize() -> dict[str, Any]:
-            if not (self.rb.move_to_local and target.boots_from_nbd() and target.can_move_to_local()):
+            if not (self.rb.move_to_local and isinstance(target, Localizes)):
                 return {"skipped": "move_to_local is off" if not self.rb.move_to_local else "not supported"}
             running = find_export(elog, guest.token)
             if running is None:
@@ -496,6 +515,8 @@ class Engine:
     def _console_tail(target: Target, guest: Guest, tlog: DbResourceLog, lines: int = 30) -> list[str]:
         from lifeboat.orchestrator.health import console_text
 
+        if not isinstance(target, HasConsole):
+            return []
         text = console_text(target.console_path(guest, tlog))
         return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
@@ -588,7 +609,8 @@ def plan(rb: Runbook, *, archive: str | None = None, key_file: str | None = None
                 entry["resolved"] = {"point": info.point, "time": info.time, "size": info.size}
             except LifeboatError as e:
                 entry["resolved"] = {"error": str(e)}
-        cls = driver_class(m.driver)
+        cls = driver_class(m.driver).variant(m.settings)
+        entry["capabilities"] = capabilities(cls)
         entry["settings"] = {
             **{k: v["default"] for k, v in cls.schema().get("properties", {}).items() if "default" in v},
             **m.settings,

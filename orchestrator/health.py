@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifeboat.orchestrator.runbook import Check
-from lifeboat.targets.base import Guest, ResourceLog, Target, TargetError
+from lifeboat.targets.base import ExecInGuest, Guest, HasConsole, ResourceLog, Target, TargetError
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[^\[])")
 
@@ -107,7 +107,7 @@ def run_check(
 def _attempt(check: Check, target: Target, guest: Guest, log: ResourceLog, env: dict[str, str]) -> tuple[bool, str]:
     spec = check.spec
     if check.kind == "console":
-        path = target.console_path(guest, log)
+        path = target.console_path(guest, log) if isinstance(target, HasConsole) else None
         if path is None:
             raise TargetError(f"the {target.name} target has no console to watch")
         text = console_text(path)
@@ -133,6 +133,8 @@ def _attempt(check: Check, target: Target, guest: Guest, log: ResourceLog, env: 
     want_exit = int(spec.get("expect_exit", 0))
     want_out = spec.get("expect_output")
     if spec.get("in", "guest") == "guest":
+        if not isinstance(target, ExecInGuest):
+            raise TargetError(f"the {target.name} target cannot run commands in the guest")
         result = target.exec_in_guest(guest, log, argv, timeout=60)
         code, out = result.exit_code, result.output
     else:

@@ -22,14 +22,17 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 from jsonschema.exceptions import ValidationError
 
 from lifeboat.archive.points import parse_selector, parse_when
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
+
+if TYPE_CHECKING:
+    from lifeboat.targets.base import Target
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "runbooks" / "schema.json"
 RUNBOOK_VERSION = 1
@@ -356,8 +359,20 @@ def _driver_schema(driver: str) -> dict[str, Any] | None:
     return driver_schema(driver)
 
 
+def _driver(driver: str, settings: dict[str, Any]) -> type[Target] | None:
+    """The driver class that would serve these settings; None when it cannot be loaded here
+    (planned, unknown: reported on its own), so capability rules are checked only where known."""
+    from lifeboat.targets import driver_class
+
+    try:
+        return driver_class(driver).variant(settings)
+    except (LifeboatError, ImportError):
+        return None
+
+
 def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[Problem]:
     from lifeboat.targets import available_drivers, driver_kind
+    from lifeboat.targets.base import ExecInGuest, HasConsole
 
     out: list[Problem] = []
     p = loc.problem
@@ -537,7 +552,8 @@ def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[P
 
     # health checks the target can carry out
     for i, m in enumerate(machines):
-        driver = (m.get("target") or {}).get("driver", doc["target"]["driver"])
+        tgt = {**doc["target"], **(m.get("target") or {})}
+        cls = _driver(tgt["driver"], tgt.get("settings", {}))
         for j, c in enumerate(m.get("health", [])):
             if "tcp" in c and "host" not in c["tcp"] and mode == "none":
                 out.append(
@@ -546,8 +562,12 @@ def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[P
                         "a TCP check needs a network: set network.mode, or give the host to connect to",
                     )
                 )
-            if "console" in c and driver in ("pxe",):
-                out.append(p(["machines", i, "health", j, "console"], f"the {driver} target has no console to watch"))
+            where: list[PathElem] = ["machines", i, "health", j]
+            if cls is not None and "console" in c and not issubclass(cls, HasConsole):
+                out.append(p(where + ["console"], f"the {cls.name} target has no console to watch"))
+            in_guest = "command" in c and c["command"].get("in", "guest") == "guest"
+            if cls is not None and in_guest and not issubclass(cls, ExecInGuest):
+                out.append(p(where + ["command"], f"the {cls.name} target cannot run commands in the guest"))
     return out
 
 

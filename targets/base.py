@@ -1,16 +1,19 @@
 """The target driver interface: what every place a machine can come back to must provide.
 
-A driver is a small object with explicit capability methods (like an nbdkit plugin's ``can_*``)
-and a fixed lifecycle, driven by the runbook engine (``orchestrator/engine.py``), one machine at a
-time, possibly several machines in parallel on one driver instance:
+A driver is a small object with a fixed lifecycle and explicit capabilities: it derives from the
+capability classes below (``BootsFromNbd``, ``Localizes``, ``TakesImage``, ``HasConsole``,
+``ExecInGuest``, ``Physical``, ``StagesAhead``), whose methods are abstract, so what a driver
+claims cannot drift from what it implements (as coriolis' ``providers/base.py`` does). It is
+driven by the runbook engine (``orchestrator/engine.py``), one machine at a time, possibly several
+machines in parallel on one driver instance:
 
     Driver(settings, context)     settings validated against targets/schemas/NAME.json, defaults filled
     prepare()                     check the host/API is usable; creates nothing
     provision(guest, disk, log)   create what the machine needs (workdir, networks, a VM definition)
     boot(guest, log)              start it; idempotent: a machine already running is adopted
     poll(guest, log)              called while waiting for health; may repair (KVM -> TCG fallback)
-    health: console_path(), guest_endpoint(), exec_in_guest()   used by orchestrator/health.py
-    move_to_local(guest, disk, log)   optional: leave the NBD export for the hydrated local disk
+    health: guest_endpoint(), and console_path() / exec_in_guest() where the driver has them
+    move_to_local(guest, disk, log)   ``Localizes``: leave the NBD export for the hydrated local disk
     teardown(log)                 destroy exactly what ``log`` holds, newest first; idempotent
 
 Every resource a driver creates is written to a ``ResourceLog`` *before* it is created (so a
@@ -36,10 +39,12 @@ from typing import Any, ClassVar, Protocol
 
 import jsonschema
 
+from lifeboat.plumbing.errors import LifeboatError
+
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
-class TargetError(Exception):
+class TargetError(LifeboatError):
     """A driver operation failed (exit status 1 at the CLI)."""
 
 
@@ -141,8 +146,9 @@ class Disk:
     """The machine's disk as the engine provides it: an NBD export and/or an image file."""
 
     size: int
-    nbd_url: str | None = None  # set for drivers that boot_from_nbd()
-    image_path: Path | None = None  # set for drivers that needs_image_upload(), or the local disk
+    nbd_url: str | None = None  # for drivers that boot from NBD (BootsFromNbd)
+    image_path: Path | None = None  # for drivers that take an image (TakesImage)
+    image_format: str | None = None  # its format: the first of the driver's image_formats()
     local_path: Path | None = None  # where the export hydrates to (move_to_local's destination)
 
 
@@ -199,39 +205,16 @@ class Target(ABC):
         self.settings = with_defaults(schema, settings)
         self.context = context
 
-    # -- capabilities: the engine decides what to prepare from these -------------------
-    def boots_from_nbd(self) -> bool:
-        """The machine boots straight from an NBD export (``Disk.nbd_url``): instant recovery."""
-        return False
-
-    def needs_image_upload(self) -> bool:
-        """The machine needs a whole image file (``Disk.image_path``) before it can boot."""
-        return False
-
-    def can_replicate_ahead(self) -> bool:
-        """The driver can keep a replica of the disk at the target before any recovery."""
-        return False
-
-    def can_move_to_local(self) -> bool:
-        """A machine booted from NBD can move onto the hydrated local disk while running."""
-        return False
-
-    def has_console(self) -> bool:
-        """``console_path()`` gives the machine's serial console as a file."""
-        return False
-
-    def can_exec_in_guest(self) -> bool:
-        """``exec_in_guest()`` works (given a guest agent in the machine)."""
-        return False
+    @classmethod
+    def variant(cls, settings: dict[str, Any]) -> type[Target]:
+        """The class that serves these settings. A driver whose settings change what it can do
+        (``qemu`` with ``boot: image`` takes an image file instead of an NBD export) returns a
+        subclass with other capabilities; most drivers are one class."""
+        return cls
 
     def supports_network(self, mode: str) -> bool:
         """Whether the driver can attach a machine to a network of this mode."""
         return mode == "none"
-
-    def local_disk_path(self, guest: Guest) -> Path | None:
-        """Where the driver wants the hydrated local disk (e.g. where its hypervisor may read);
-        None lets the engine choose (in the guest's workdir)."""
-        return None
 
     # -- lifecycle ------------------------------------------------------------------------
     @abstractmethod
@@ -258,21 +241,9 @@ class Target(ABC):
         if not self.is_running(guest, log):
             raise TargetError(f"{guest.name}: the machine is not running")
 
-    def console_path(self, guest: Guest, log: ResourceLog) -> Path | None:
-        """The file the machine's serial console is written to (``has_console()``)."""
-        return None
-
     def guest_endpoint(self, guest: Guest, log: ResourceLog, port: int) -> tuple[str, int] | None:
         """Where the orchestrator host reaches the guest's TCP ``port``; None if it cannot."""
         return None
-
-    def exec_in_guest(self, guest: Guest, log: ResourceLog, argv: list[str], timeout: float) -> ExecResult:
-        """Run a command in the guest (``can_exec_in_guest()``)."""
-        raise TargetError(f"the {self.name} driver cannot run commands in the guest")
-
-    def move_to_local(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
-        """Move the running machine from ``disk.nbd_url`` onto ``disk.local_path`` (complete)."""
-        raise TargetError(f"the {self.name} driver cannot move a machine onto a local disk")
 
     def teardown(self, log: ResourceLog) -> None:
         """Destroy every resource in ``log`` (newest first) and forget it. Idempotent."""
@@ -284,6 +255,95 @@ class Target(ABC):
         """Destroy one recorded resource; "already gone" is success. Subclasses handle their own
         kinds and defer to this for processes, files and directories."""
         destroy_generic(resource)
+
+
+# --------------------------------------------------------------------------- capabilities
+# A driver states what it can do by the capability classes it derives from; their methods are
+# abstract, so a driver cannot claim a capability without implementing it, nor implement one
+# without claiming it. The engine and the runbook validator ask ``isinstance``/``issubclass``,
+# never a driver's name.
+
+
+class BootsFromNbd(Target):
+    """The machine boots straight from an NBD export (``Disk.nbd_url``): instant recovery; the
+    engine serves the point with ``lifeboat serve`` and hydrates it to ``Disk.local_path``."""
+
+    @abstractmethod
+    def local_disk_path(self, guest: Guest) -> Path | None:
+        """Where the driver wants the hydrated local disk (where its hypervisor may read); None
+        lets the engine choose (in the guest's workdir)."""
+
+
+class Localizes(BootsFromNbd):
+    """A machine booted from NBD can move onto the hydrated local disk while it runs."""
+
+    @abstractmethod
+    def move_to_local(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
+        """Move the running machine from ``disk.nbd_url`` onto ``disk.local_path`` (complete).
+        Idempotent."""
+
+
+class TakesImage(Target):
+    """The machine needs a whole image file (``Disk.image_path``) before it can boot: the engine
+    writes the point with an exporter in the first of ``image_formats()`` (a cloud upload, a
+    recovery without a running server)."""
+
+    @abstractmethod
+    def image_formats(self) -> list[str]:
+        """The exporter formats (``lifeboat export --format`` names) this driver takes, preferred first."""
+
+
+class HasConsole(Target):
+    """The machine's serial console can be read as a file (health checks watch it)."""
+
+    @abstractmethod
+    def console_path(self, guest: Guest, log: ResourceLog) -> Path | None:
+        """The file the console is written to; None before the machine was provisioned."""
+
+
+class ExecInGuest(Target):
+    """Commands run in the guest (through a guest agent the machine runs)."""
+
+    @abstractmethod
+    def exec_in_guest(self, guest: Guest, log: ResourceLog, argv: list[str], timeout: float) -> ExecResult:
+        """Run ``argv`` in the guest and return its exit status and output."""
+
+
+class Physical(Target):
+    """A physical server (V2P, P2P): its boot device is set through its management controller."""
+
+    kind = "physical"
+
+    @abstractmethod
+    def set_next_boot(self, guest: Guest, log: ResourceLog, device: str) -> None:
+        """Make the server boot from ``device`` (``network`` or ``disk``) next time."""
+
+
+class StagesAhead(Target):
+    """The target keeps its own copy of a machine's disk in step with the archive ahead of a
+    failover (``lifeboat stage``), so that a recovery starts from that copy."""
+
+    @abstractmethod
+    def stage(self, machine: str, point: str, log: ResourceLog) -> dict[str, Any]:
+        """Bring the target's copy of ``machine`` up to ``point`` (a ``MACHINE@WHEN`` already
+        resolved to a point id); returns what was staged (ids, bytes sent)."""
+
+
+CAPABILITIES: dict[str, type] = {
+    "boots_from_nbd": BootsFromNbd,
+    "moves_to_local": Localizes,
+    "takes_image": TakesImage,
+    "console": HasConsole,
+    "exec_in_guest": ExecInGuest,
+    "physical": Physical,
+    "stages_ahead": StagesAhead,
+}
+
+
+def capabilities(driver: Target | type[Target]) -> list[str]:
+    """The names of the capabilities a driver (class or instance) has, for plans and listings."""
+    cls = driver if isinstance(driver, type) else type(driver)
+    return [name for name, cap in CAPABILITIES.items() if issubclass(cls, cap)]
 
 
 # --------------------------------------------------------------------------- processes and files

@@ -25,11 +25,13 @@ from typing import Any
 
 from lifeboat.targets.base import (
     Disk,
+    ExecInGuest,
     ExecResult,
     Guest,
+    HasConsole,
+    Localizes,
     Resource,
     ResourceLog,
-    Target,
     TargetError,
     TargetUnavailable,
     destroy_generic,
@@ -116,33 +118,15 @@ def network_xml(name: str, subnet: ipaddress.IPv4Network) -> str:
     return ET.tostring(net, encoding="unicode")
 
 
-class KvmTarget(Target):
+class KvmTarget(Localizes, HasConsole, ExecInGuest):
     """A libvirt domain booting from the NBD export, moved onto the local disk by block copy."""
 
     name = "kvm"
-    kind = "virtual"
 
     def __init__(self, settings: dict[str, Any], context: Any) -> None:
         super().__init__(settings, context)
         self._conn: Any = None
         self._conn_lock = threading.Lock()
-
-    # -- capabilities ---------------------------------------------------------------------
-    def boots_from_nbd(self) -> bool:
-        """A network disk on the NBD export."""
-        return True
-
-    def can_move_to_local(self) -> bool:
-        """Block copy onto the hydrated file, then pivot."""
-        return True
-
-    def has_console(self) -> bool:
-        """``<serial type='file'>``."""
-        return True
-
-    def can_exec_in_guest(self) -> bool:
-        """Through libvirt's guest agent channel (the guest must run qemu-guest-agent)."""
-        return True
 
     def supports_network(self, mode: str) -> bool:
         """isolated (a host-only libvirt network per run), none, mapped (onto libvirt networks)."""

@@ -25,11 +25,13 @@ from typing import Any
 
 from lifeboat.targets.base import (
     Disk,
+    ExecInGuest,
     ExecResult,
     Guest,
+    HasConsole,
+    Localizes,
     Resource,
     ResourceLog,
-    Target,
     TargetError,
     TargetUnavailable,
     destroy_generic,
@@ -128,28 +130,14 @@ class Qmp:
         self.close()
 
 
-class QemuTarget(Target):
+class QemuTarget(Localizes, HasConsole, ExecInGuest):
     """qemu-system over QMP: boots from NBD, isolated user-mode network, console to a file."""
 
     name = "qemu"
-    kind = "virtual"
 
-    # -- capabilities ---------------------------------------------------------------------
-    def boots_from_nbd(self) -> bool:
-        """QEMU's NBD client boots straight from the export."""
-        return True
-
-    def can_move_to_local(self) -> bool:
-        """blockdev-mirror onto the hydrated file, then pivot."""
-        return True
-
-    def has_console(self) -> bool:
-        """The serial console is written to ``console.log``."""
-        return True
-
-    def can_exec_in_guest(self) -> bool:
-        """Through the guest agent channel (the guest must run qemu-guest-agent)."""
-        return True
+    def local_disk_path(self, guest: Guest) -> Path | None:
+        """QEMU runs as this user: the engine's choice (the guest's workdir) will do."""
+        return None
 
     def supports_network(self, mode: str) -> bool:
         """isolated (user-mode, restrict=on), none, mapped (onto host bridges)."""

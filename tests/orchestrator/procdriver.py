@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lifeboat.targets.base import Disk, Guest, ResourceLog, Target, TargetError, process_matches
+from lifeboat.targets.base import Disk, Guest, HasConsole, ResourceLog, TakesImage, TargetError, process_matches
 
 PLUGIN = "proc=tests.orchestrator.procdriver:ProcTarget"
 
@@ -33,19 +33,15 @@ with open(console, "a", buffering=1) as out:
 """
 
 
-class ProcTarget(Target):
+class ProcTarget(TakesImage, HasConsole):
     """A process standing in for a machine (see the module docstring)."""
 
     name = "proc"
     schema_file = Path(__file__).with_name("proc.schema.json")
 
-    def needs_image_upload(self) -> bool:
-        """The engine restores the point into ``Disk.image_path``."""
-        return True
-
-    def has_console(self) -> bool:
-        """``console.log`` in the workdir."""
-        return True
+    def image_formats(self) -> list[str]:
+        """The engine writes the point as a raw file into ``Disk.image_path``."""
+        return ["raw"]
 
     def supports_network(self, mode: str) -> bool:
         """Any: it has no network."""

@@ -23,7 +23,20 @@ from lifeboat.orchestrator.exports import start_export, stop_export
 from lifeboat.orchestrator.health import console_text
 from lifeboat.orchestrator.state import DbResourceLog, State
 from lifeboat.targets import driver_class
-from lifeboat.targets.base import Disk, Guest, NetworkSpec, Target, TargetContext, TargetError, destroy_generic
+from lifeboat.targets.base import (
+    BootsFromNbd,
+    Disk,
+    Guest,
+    HasConsole,
+    Localizes,
+    NetworkSpec,
+    TakesImage,
+    Target,
+    TargetContext,
+    TargetError,
+    capabilities,
+    destroy_generic,
+)
 from tests.targets.realpeers import qemu_processes
 
 DRIVERS = ["qemu", "kvm"]
@@ -78,16 +91,7 @@ def test_capabilities_and_settings_schema(name: str, tmp_path: Path) -> None:
     ctx = TargetContext(state_dir=tmp_path)
     target = cls({}, ctx)
     jsonschema.validate(target.settings, schema)  # the defaults satisfy the schema
-    for cap in (
-        "boots_from_nbd",
-        "needs_image_upload",
-        "can_replicate_ahead",
-        "can_move_to_local",
-        "has_console",
-        "can_exec_in_guest",
-    ):
-        assert isinstance(getattr(target, cap)(), bool), cap
-    assert target.boots_from_nbd() or target.needs_image_upload()
+    assert isinstance(target, BootsFromNbd | TakesImage), capabilities(target)
     assert target.supports_network("none")
     with pytest.raises(TargetError, match="no_such_setting"):
         cls({"no_such_setting": 1}, ctx)
@@ -112,6 +116,7 @@ def test_lifecycle_adopt_move_to_local_and_teardown_after_a_crash(
     guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("isolated"))
     guest.workdir.mkdir()
     target = driver_class(name)(settings_for(name), ctx)
+    assert isinstance(target, Localizes) and isinstance(target, HasConsole)
     target.prepare()
 
     elog = DbResourceLog(state, run_id, "conf", "engine")
