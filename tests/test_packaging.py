@@ -3,6 +3,7 @@ under it), never the generic ``archive``, ``agent``, … that would clash with o
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,13 @@ def test_install_puts_only_lifeboat_into_site_packages(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
+    # a copy of the checkout: setuptools builds in the source tree (build/, *.egg-info)
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "*-output", "*_cache")
+    shutil.copytree(REPO, src, symlinks=True, ignore=junk)
     # the project's own files only (--no-deps): what this checks is what the build lays out
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(REPO)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(src)],
         check=True,
         capture_output=True,
     )
