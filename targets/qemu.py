@@ -1,10 +1,15 @@
 """The ``qemu`` target: qemu-system run directly and driven over QMP (``qemu.qmp``); no daemon.
 
-The embedded default. The machine boots from the NBD export (``-blockdev`` nbd), its serial
-console goes to a file (console health checks), an isolated network is QEMU's user-mode network
-with ``restrict=on`` (no way out; health-check ports forwarded from loopback), and once the export
-has hydrated the local disk a ``blockdev-mirror`` + ``block-job-complete`` moves the running
-machine onto it, so the NBD server can stop.
+The embedded default. Its serial console goes to a file (console health checks), an isolated
+network is QEMU's user-mode network with ``restrict=on`` (no way out; health-check ports forwarded
+from loopback). Two boot modes (the ``boot`` setting; ``QemuDriver.variant`` picks the class):
+
+- ``nbd`` (``QemuTarget``): the machine boots from the NBD export (``-blockdev`` nbd), and once
+  the export has hydrated the local disk a ``blockdev-mirror`` + ``block-job-complete`` moves the
+  running machine onto it, so the NBD server can stop.
+- ``image`` (``QemuImageTarget``): the machine boots from a qcow2 file the engine wrote with the
+  qcow2 exporter (``Disk.image_path``): recovery without a running server. The file is the run's
+  own copy, so the guest writes into it; it is already local, so there is nothing to move.
 
 KVM when it works, TCG otherwise: ``accel: auto`` starts under KVM if ``/dev/kvm`` opens, and if
 QEMU reports a KVM internal error while the machine boots (nested virtualisation often fails inside
@@ -19,6 +24,7 @@ import platform
 import socket
 import subprocess
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,9 @@ from lifeboat.targets.base import (
     Localizes,
     Resource,
     ResourceLog,
+    TakesImage,
+    Target,
+    TargetContext,
     TargetError,
     TargetUnavailable,
     destroy_generic,
@@ -130,14 +139,31 @@ class Qmp:
         self.close()
 
 
-class QemuTarget(Localizes, HasConsole, ExecInGuest):
-    """qemu-system over QMP: boots from NBD, isolated user-mode network, console to a file."""
+class QemuDriver(HasConsole, ExecInGuest):
+    """qemu-system over QMP, whatever the boot mode: the process, its command line, the console,
+    the network, the guest agent, teardown. A boot mode adds where the boot disk comes from
+    (``_disk_record``, ``_boot_disk``) and its own capability."""
 
     name = "qemu"
 
-    def local_disk_path(self, guest: Guest) -> Path | None:
-        """QEMU runs as this user: the engine's choice (the guest's workdir) will do."""
-        return None
+    def __init__(self, settings: dict[str, Any], context: TargetContext) -> None:
+        super().__init__(settings, context)
+        served_by = self.variant(self.settings)
+        if not isinstance(self, served_by):
+            raise TargetError(f"qemu settings: boot: {self.settings['boot']!r} is served by {served_by.__name__}")
+
+    @classmethod
+    def variant(cls, settings: dict[str, Any]) -> type[Target]:
+        """``boot: image`` takes a qcow2 file (``QemuImageTarget``), else NBD (``QemuTarget``)."""
+        return QemuImageTarget if settings.get("boot") == "image" else QemuTarget
+
+    @abstractmethod
+    def _disk_record(self, guest: Guest, disk: Disk) -> dict[str, Any]:
+        """What the process resource records about the boot disk (read back by ``_boot_disk``)."""
+
+    @abstractmethod
+    def _boot_disk(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The ``-blockdev`` of the boot disk (node ``DISK_NODE``) from the recorded data."""
 
     def supports_network(self, mode: str) -> bool:
         """isolated (user-mode, restrict=on), none, mapped (onto host bridges)."""
@@ -162,8 +188,7 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
 
     def provision(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
         """Record the machine's files and its QEMU command line (started by ``boot``)."""
-        if not disk.nbd_url:
-            raise TargetError(f"{guest.name}: the qemu target boots from an NBD export, none was given")
+        boot_disk = self._disk_record(guest, disk)
         for res in log.resources():
             if res.kind == "process" and res.ident == guest.token:
                 return  # provisioned before a crash: keep its command line (ports, accelerator)
@@ -179,7 +204,7 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
             guest.token,
             {
                 "token": guest.token,
-                "nbd_url": disk.nbd_url,
+                **boot_disk,
                 "forwards": forwards,
                 "accel": self._pick_accel(),
                 "pidfile": str(self._files(guest)["qemu.pid"]),
@@ -205,16 +230,6 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
         """The QEMU command line for the machine (``data``: the process resource's data)."""
         s = self.settings
         f = self._files(guest)
-        host, port, export = nbd_address(data["nbd_url"])
-        blockdev = {
-            "driver": "raw",
-            "node-name": DISK_NODE,
-            "file": {
-                "driver": "nbd",
-                "server": {"type": "inet", "host": host, "port": port},
-                "export": export,
-            },
-        }
         disk_dev = "virtio-blk-pci" if s["disk_bus"] == "virtio" else "ide-hd"
         cmd = [
             s["binary"],
@@ -230,7 +245,7 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
             "-monitor", "none",
             "-qmp", f"unix:{f['qmp.sock']},server=on,wait=off",
             "-pidfile", str(f["qemu.pid"]),
-            "-blockdev", json.dumps(blockdev),
+            "-blockdev", json.dumps(self._boot_disk(data)),
             "-device", f"{disk_dev},drive={DISK_NODE},id=bootdisk,bootindex=1",
         ]  # fmt: skip
         mode = guest.network.mode
@@ -326,6 +341,39 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
         with GuestAgent(str(self._files(guest)["qga.sock"]), timeout=min(timeout, 10.0)) as agent:
             return agent.exec(argv, timeout)
 
+    def destroy(self, resource: Resource) -> None:
+        """Stop QEMU (by pid, else by its pidfile); files and dirs as usual."""
+        if resource.kind == "process" and not resource.data.get("pid"):
+            pid = _read_pid(resource.data.get("pidfile"))
+            if pid:
+                resource = Resource(resource.kind, resource.ident, {**resource.data, "pid": pid}, resource.owner)
+        destroy_generic(resource)
+
+
+class QemuTarget(QemuDriver, Localizes):
+    """``boot: nbd``: boots from the NBD export and moves onto the hydrated local disk while it runs."""
+
+    def local_disk_path(self, guest: Guest) -> Path | None:
+        """QEMU runs as this user: the engine's choice (the guest's workdir) will do."""
+        return None
+
+    def _disk_record(self, guest: Guest, disk: Disk) -> dict[str, Any]:
+        if not disk.nbd_url:
+            raise TargetError(f"{guest.name}: the qemu target (boot: nbd) boots from an NBD export, none was given")
+        return {"nbd_url": disk.nbd_url}
+
+    def _boot_disk(self, data: dict[str, Any]) -> dict[str, Any]:
+        host, port, export = nbd_address(data["nbd_url"])
+        return {
+            "driver": "raw",
+            "node-name": DISK_NODE,
+            "file": {
+                "driver": "nbd",
+                "server": {"type": "inet", "host": host, "port": port},
+                "export": export,
+            },
+        }
+
     def move_to_local(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
         """Mirror the NBD-backed disk onto ``disk.local_path`` and pivot, then drop the NBD node.
 
@@ -388,13 +436,29 @@ class QemuTarget(Localizes, HasConsole, ExecInGuest):
                 return node
         return None
 
-    def destroy(self, resource: Resource) -> None:
-        """Stop QEMU (by pid, else by its pidfile); files and dirs as usual."""
-        if resource.kind == "process" and not resource.data.get("pid"):
-            pid = _read_pid(resource.data.get("pidfile"))
-            if pid:
-                resource = Resource(resource.kind, resource.ident, {**resource.data, "pid": pid}, resource.owner)
-        destroy_generic(resource)
+
+class QemuImageTarget(QemuDriver, TakesImage):
+    """``boot: image``: boots from a qcow2 file the engine exported (no running server); the
+    guest writes into that file, the run's own copy."""
+
+    def image_formats(self) -> list[str]:
+        """qcow2: sparse, and QEMU writes it in place (its name is the same for qemu-img)."""
+        return ["qcow2"]
+
+    def _disk_record(self, guest: Guest, disk: Disk) -> dict[str, Any]:
+        if disk.image_path is None or disk.image_format not in self.image_formats():
+            raise TargetError(
+                f"{guest.name}: the qemu target (boot: image) boots from a "
+                f"{' or '.join(self.image_formats())} image, none was given"
+            )
+        return {"image": str(disk.image_path), "image_format": disk.image_format}
+
+    def _boot_disk(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "driver": data["image_format"],
+            "node-name": DISK_NODE,
+            "file": {"driver": "file", "filename": data["image"]},
+        }
 
 
 def _read_pid(path: str | None) -> int | None:
