@@ -1,25 +1,48 @@
-"""The conformance suite every target driver passes, against real peers.
+"""The conformance suite every target driver passes, against real peers (as restic's
+``internal/backend/test/suite.go`` does for its backends).
 
-Each driver boots the real sample guest from a real ``lifeboat serve`` export (qemu: qemu-system
-over QMP; kvm: a real libvirtd), is checked through its console, is adopted rather than started
-twice, moves onto the hydrated local disk while running, and is then torn down by a *fresh*
-driver instance reading only what the state database recorded (as after a ``kill -9``): nothing
-it created may be left, and nothing it did not create may be touched.
+One suite, parametrized over test peers (``tests/targets/peers.py``), one peer per driver *mode*:
+``qemu`` (boots from NBD), ``qemu-image`` (``boot: image``: boots from an exported qcow2 file),
+``kvm`` (a real libvirtd). The tests branch only on capabilities (``isinstance``), never on a
+driver's name:
+
+- the settings schema is valid, the defaults satisfy it, unknown and mistyped settings are
+  rejected with an error naming the setting;
+- the driver either boots from NBD or takes an image, and implements every capability it claims;
+- one lifecycle per mode with the real sample guest: the disk prepared as the engine prepares it
+  (NBD: an export hydrating a local disk; image: the point written by the exporter of the
+  driver's first format, judged by ``qemu-img check``), provision records before it creates,
+  boot, the guest's console lines (``HasConsole``), boot again adopts, ``Localizes``: move onto
+  the hydrated disk and keep running once the export stops; then a *fresh* driver instance with
+  a fresh ``State`` tears down from the database alone (as after a ``kill -9``): the guest's write
+  is on its disk, nothing the driver created is left, teardown is idempotent, and a file in the
+  workdir that the driver did not create is untouched.
+
+How a new target driver is added: write the driver (a ``Target`` subclass deriving from the
+capability classes of ``targets/base.py`` it has, with its settings schema in
+``targets/schemas/NAME.json``), register it, and add a peer for each of its modes to
+``PEERS`` in ``tests/targets/peers.py``: its name and test settings, ``start`` (its host or API
+on loopback), ``is_running`` and ``leftovers`` (asked of the host, not of the driver). This suite
+then runs on it unchanged; a capability the suite cannot yet exercise is a change to the suite,
+branched on that capability, never on the driver's name.
 """
 
 from __future__ import annotations
 
+import inspect
 import secrets
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 
-import lifeboat.targets.qemu
 from examples.sample_guest import read_record
-from lifeboat.orchestrator.exports import start_export, stop_export
+from lifeboat.archive import Archive
+from lifeboat.exporters import WRITERS, writer
+from lifeboat.orchestrator.exports import Export, start_export, stop_export
 from lifeboat.orchestrator.health import console_text
 from lifeboat.orchestrator.state import DbResourceLog, State
 from lifeboat.targets import driver_class
@@ -30,172 +53,174 @@ from lifeboat.targets.base import (
     HasConsole,
     Localizes,
     NetworkSpec,
+    ResourceLog,
     TakesImage,
     Target,
     TargetContext,
     TargetError,
-    capabilities,
     destroy_generic,
 )
-from tests.targets.realpeers import qemu_processes
+from tests.targets.peers import PEERS, Peer
 
-DRIVERS = ["qemu", "kvm"]
-
-
-def settings_for(name: str) -> dict[str, Any]:
-    return {"memory_mib": 256}
+POINT = "sample-guest@latest"
 
 
-def machine_pids(name: str, token: str) -> list[int]:
-    """The hypervisor processes running the guest (not the export's ``lifeboat serve``)."""
-    out = []
-    for pid in qemu_processes(token):
-        try:
-            exe = Path(f"/proc/{pid}/exe").resolve().name
-        except OSError:
-            continue
-        if exe.startswith("qemu-system"):
-            out.append(pid)
-    return out
+def driver_for(peer: Peer) -> type[Target]:
+    """The class that serves the peer's settings, found the way the engine finds it."""
+    return driver_class(peer.driver).variant(peer.settings)
 
 
-def domain_exists(token: str) -> bool:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        conn.lookupByName(token)
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
-
-
-def network_exists(name: str) -> bool:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return name in conn.listNetworks() + conn.listDefinedNetworks()
-    finally:
-        conn.close()
-
-
-@pytest.mark.parametrize("name", DRIVERS)
-def test_capabilities_and_settings_schema(name: str, tmp_path: Path) -> None:
-    cls = driver_class(name)
-    assert issubclass(cls, Target) and cls.name == name and cls.kind in ("virtual", "physical")
+@pytest.mark.parametrize("peer", PEERS, ids=repr)
+def test_settings_schema(peer: Peer, tmp_path: Path) -> None:
+    cls = driver_for(peer)
     schema = cls.schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     ctx = TargetContext(state_dir=tmp_path)
-    target = cls({}, ctx)
-    jsonschema.validate(target.settings, schema)  # the defaults satisfy the schema
-    assert isinstance(target, BootsFromNbd | TakesImage), capabilities(target)
-    assert target.supports_network("none")
+    jsonschema.validate(cls(peer.settings, ctx).settings, schema)  # the defaults satisfy the schema
     with pytest.raises(TargetError, match="no_such_setting"):
-        cls({"no_such_setting": 1}, ctx)
-    with pytest.raises(TargetError, match="memory_mib"):
-        cls({"memory_mib": "lots"}, ctx)
+        cls({**peer.settings, "no_such_setting": 1}, ctx)
+    name = next(k for k, v in schema["properties"].items() if v.get("type") != "object")
+    with pytest.raises(TargetError, match=name):
+        cls({**peer.settings, name: {"not": "a valid value"}}, ctx)
 
 
-@pytest.mark.parametrize("name", DRIVERS)
-def test_lifecycle_adopt_move_to_local_and_teardown_after_a_crash(
-    name: str, tmp_path: Path, sample_archive: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("peer", PEERS, ids=repr)
+def test_capabilities(peer: Peer, tmp_path: Path) -> None:
+    cls = driver_for(peer)
+    assert cls.name == peer.driver and cls.kind in ("virtual", "physical")
+    assert not inspect.isabstract(cls), "every capability the driver claims is implemented"
+    assert issubclass(cls, BootsFromNbd | TakesImage), "a machine needs a disk: from NBD or an image"
+    target = cls(peer.settings, TargetContext(state_dir=tmp_path))
+    assert target.supports_network("none")
+    if isinstance(target, TakesImage):
+        assert target.image_formats() and set(target.image_formats()) <= set(WRITERS)
+
+
+def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, Export | None]:
+    """The engine's side of the disk, as its export step prepares it (resources in ``elog``)."""
+    arc = Archive.open(str(archive))
+    info = arc.resolve(POINT)
+    if isinstance(target, BootsFromNbd):
+        local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
+        if not local.parent.exists():
+            elog.record("dir", str(local.parent), {})
+            local.parent.mkdir(parents=True)
+        export = start_export(
+            POINT,
+            archive=str(archive),
+            key_file=None,
+            token=guest.token,
+            workdir=guest.workdir,
+            hydrate_to=local,
+            log=elog,
+        )
+        return Disk(size=info.size, nbd_url=export.url, local_path=local), export
+    assert isinstance(target, TakesImage)
+    fmt = target.image_formats()[0]
+    image = guest.workdir / f"disk.{fmt}"
+    elog.record("file", str(image), {})
+    writer(fmt).write(arc.reader(info), image, overwrite=True)
+    check = subprocess.run(
+        ["qemu-img", "check", "-f", WRITERS[fmt].qemu_format, str(image)], capture_output=True, text=True
+    )
+    assert check.returncode == 0 or "does not support checks" in check.stderr, check.stdout + check.stderr
+    return Disk(size=info.size, image_path=image, image_format=fmt), None
+
+
+def wait_for(condition: Callable[[], bool], what: Callable[[], str], timeout: float, poll: Callable[[], None]) -> None:
+    """Poll the driver until ``condition()`` holds; fail with ``what()`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        poll()
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("peer", PEERS, ids=repr)
+def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
+    peer: Peer, tmp_path: Path, sample_archive: Path, request: pytest.FixtureRequest
 ) -> None:
-    if name == "kvm":
-        request.getfixturevalue("libvirtd")
-    else:
-        # A fresh host memo: where /dev/kvm opens but KVM fails (nested), this exercises the
-        # restart under TCG; where KVM works, the guest simply runs under KVM.
-        monkeypatch.setattr(lifeboat.targets.qemu, "kvm_memo", lambda: tmp_path / "kvm-memo")
-    events: list[str] = []
-    ctx = TargetContext(state_dir=tmp_path / "state", log=events.append)
+    peer.start(request, tmp_path)
+    cls = driver_for(peer)
+    ctx = TargetContext(state_dir=tmp_path / "state")
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
     state = State(tmp_path / "state")
     guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("isolated"))
-    guest.workdir.mkdir()
-    target = driver_class(name)(settings_for(name), ctx)
-    assert isinstance(target, Localizes) and isinstance(target, HasConsole)
+    target = cls(peer.settings, ctx)
     target.prepare()
 
     elog = DbResourceLog(state, run_id, "conf", "engine")
-    local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
-    if not local.parent.exists():
-        elog.record("dir", str(local.parent), {})
-        local.parent.mkdir(parents=True)
-    export = start_export(
-        "sample-guest@latest",
-        archive=str(sample_archive),
-        key_file=None,
-        token=guest.token,
-        workdir=guest.workdir,
-        hydrate_to=local,
-        log=elog,
-    )
-    disk = Disk(size=256 * 1024 * 1024, nbd_url=export.url, local_path=local)
+    elog.record("dir", str(guest.workdir), {})
+    guest.workdir.mkdir()
+    disk, export = engine_disk(target, guest, elog, sample_archive)
     decoy = guest.workdir / "not-created-by-the-driver.txt"
     decoy.write_text("keep me")
 
-    tlog = DbResourceLog(state, run_id, "conf", name)
+    def drivers_leftovers() -> list[tuple[str, str]]:
+        engines = {r.ident for r in elog.resources()} | {str(decoy)}
+        return [x for x in peer.leftovers(guest) if x[1] not in engines]
+
+    assert drivers_leftovers() == [] and not peer.is_running(guest)
+    tlog = DbResourceLog(state, run_id, "conf", cls.name)
     target.provision(guest, disk, tlog)
     assert tlog.resources(), "provision records what it will create"
     target.boot(guest, tlog)
-    console = target.console_path(guest, tlog)
-    assert console is not None
-    deadline = time.monotonic() + 240
-    while "LIFEBOAT-GUEST: alive" not in console_text(console):
-        target.poll(guest, tlog)
-        assert time.monotonic() < deadline, console_text(console)[-2000:]
-        time.sleep(0.5)
-    assert target.is_running(guest, tlog)
-    text = console_text(console)
-    assert "LIFEBOAT-GUEST: disk-record 0 sample-guest" in text and "LIFEBOAT-GUEST: disk-write-ok 1" in text
+    poll = lambda: target.poll(guest, tlog)  # noqa: E731
+    if isinstance(target, HasConsole):
+        console = target.console_path(guest, tlog)
+        assert console is not None
+        wait_for(
+            lambda: "LIFEBOAT-GUEST: alive" in console_text(console), lambda: console_text(console)[-2000:], 240, poll
+        )
+        text = console_text(console)
+        assert "LIFEBOAT-GUEST: disk-record 0 sample-guest" in text and "LIFEBOAT-GUEST: disk-write-ok 1" in text
+    assert target.is_running(guest, tlog) and peer.is_running(guest)
 
-    # booting again adopts the running machine
-    target.boot(guest, tlog)
-    if name == "qemu":
-        assert len(machine_pids(name, guest.token)) == 1
-        proc = next(r for r in tlog.resources() if r.kind == "process")
-        if lifeboat.targets.qemu.kvm_usable():
-            assert proc.data["accel"] == "kvm" or (tmp_path / "kvm-memo").exists()
-    else:
-        assert domain_exists(guest.token)
+    machines = [x for x in drivers_leftovers() if x[0] != "file"]
+    target.boot(guest, tlog)  # adopts the running machine
+    assert [x for x in drivers_leftovers() if x[0] != "file"] == machines, "a second machine was started"
 
-    # move onto the hydrated disk, stop the export: the guest keeps running from local storage
-    deadline = time.monotonic() + 120
-    while not export.hydrated():
-        assert time.monotonic() < deadline, "hydration did not complete"
-        time.sleep(0.2)
-    target.move_to_local(guest, disk, tlog)
-    target.move_to_local(guest, disk, tlog)  # idempotent
-    stop_export(elog, guest.token)
-    assert not export.alive()
-    alive_before = console_text(console).count("LIFEBOAT-GUEST: alive")
-    deadline = time.monotonic() + 60
-    while console_text(console).count("LIFEBOAT-GUEST: alive") < alive_before + 2:
-        target.poll(guest, tlog)
-        assert time.monotonic() < deadline, "the guest stopped after leaving the NBD export"
-        time.sleep(0.5)
-    assert read_record(local) == (1, "sample-guest")  # the guest's write is on the local disk
+    if isinstance(target, Localizes):
+        assert export is not None and disk.local_path is not None
+        wait_for(export.hydrated, lambda: "hydration did not complete", 120, poll)
+        target.move_to_local(guest, disk, tlog)
+        target.move_to_local(guest, disk, tlog)  # idempotent
+        stop_export(elog, guest.token)
+        assert not export.alive()
+        if isinstance(target, HasConsole):
+            alive = console_text(console).count("LIFEBOAT-GUEST: alive")
+            wait_for(
+                lambda: console_text(console).count("LIFEBOAT-GUEST: alive") >= alive + 2,
+                lambda: "the guest stopped after leaving the NBD export",
+                60,
+                poll,
+            )
+        assert peer.is_running(guest)
 
     # tear down from a fresh process's point of view: new database handle, new driver instance
     state2 = State(tmp_path / "state")
-    fresh = driver_class(name)(settings_for(name), TargetContext(state_dir=tmp_path / "state"))
-    log2 = DbResourceLog(state2, run_id, "conf", name)
-    recorded = log2.resources()
-    assert {r.kind for r in recorded} >= ({"process", "file"} if name == "qemu" else {"domain", "network", "file"})
+    fresh = driver_for(peer)(peer.settings, TargetContext(state_dir=tmp_path / "state"))
+    log2 = DbResourceLog(state2, run_id, "conf", cls.name)
     fresh.teardown(log2)
     assert log2.resources() == []
     fresh.teardown(log2)  # idempotent
-    assert machine_pids(name, guest.token) == []
-    if name == "kvm":
-        assert not domain_exists(guest.token)
-        assert not network_exists(next(r.ident for r in recorded if r.kind == "network"))
-    for r in recorded:
-        if r.kind == "file":
-            assert not Path(r.ident).exists(), r.ident
+    assert not peer.is_running(guest)
+    assert drivers_leftovers() == []
     assert decoy.read_text() == "keep me"  # not the driver's: untouched
-    for r in reversed(DbResourceLog(state2, run_id, "conf", "engine").resources()):
+
+    # the guest's write is on the disk it ended on
+    if isinstance(target, Localizes):
+        assert disk.local_path is not None and read_record(disk.local_path) == (1, "sample-guest")
+    if isinstance(target, TakesImage):
+        assert disk.image_path is not None and disk.image_format is not None
+        raw = tmp_path / "written.raw"
+        qemu_format = WRITERS[disk.image_format].qemu_format
+        subprocess.run(
+            ["qemu-img", "convert", "-f", qemu_format, "-O", "raw", str(disk.image_path), str(raw)], check=True
+        )
+        assert read_record(raw) == (1, "sample-guest")
+
+    for r in reversed(elog.resources()):
         destroy_generic(r)
-    assert not local.exists()
+        elog.forget(r)
+    assert peer.leftovers(guest) == []
