@@ -1,7 +1,7 @@
 """End-to-end DR rehearsals with the real sample guest: ``lifeboat run`` under the qemu target and
-under libvirt (kvm target), booting from ``lifeboat serve``, checked on the serial console, moved
-onto the hydrated disk, torn down, reported; and ``kill -9`` of the orchestrator mid-run, then the
-same command resuming to a correct finish."""
+under libvirt (kvm target), booting from ``lifeboat serve`` (and, for qemu, from an exported qcow2
+image), checked on the serial console, moved onto the hydrated disk, torn down, reported; and
+``kill -9`` of the orchestrator mid-run, then the same command resuming to a correct finish."""
 
 from __future__ import annotations
 
@@ -90,17 +90,28 @@ def nothing_left(state_dir: Path, run_id: str, names: list[str]) -> None:
         assert not (state_dir / "runs" / run_id / n).exists()
 
 
-def test_rehearsal_under_qemu(sample_archive: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("boot", ["nbd", "image"])
+def test_rehearsal_under_qemu(boot: str, sample_archive: Path, tmp_path: Path) -> None:
+    """``boot: nbd`` boots from ``lifeboat serve`` and moves onto the hydrated disk; ``boot: image``
+    boots from the qcow2 file the engine exported, with no server running at any time."""
+    doc = rehearsal(f"e2e-qemu-{boot}", "qemu", [guest("web01")])
+    doc["target"]["settings"]["boot"] = boot
     rb = tmp_path / "qemu.yaml"
-    rb.write_text(json.dumps(rehearsal("e2e-qemu", "qemu", [guest("web01")])))
+    rb.write_text(json.dumps(doc))
     state = tmp_path / "state"
     done = lifeboat("run", str(rb), "--archive", str(sample_archive), "--state", str(state), "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     report = check_report(out, ["web01"])
-    assert "now running on the local disk" in done.stderr
     nothing_left(state, out["run_id"], ["web01"])
     assert any(e["message"] == "teardown" for e in report["events"])
+    created = State(state).resources(out["run_id"], live=False)
+    servers = [r for r in created if r.owner == "engine" and r.kind == "process"]
+    (machine,) = [r for r in created if r.owner == "qemu" and r.kind == "process"]
+    if boot == "nbd":
+        assert "now running on the local disk" in done.stderr and len(servers) == 1
+    else:
+        assert machine.data["image_format"] == "qcow2" and "nbd_url" not in machine.data and servers == []
 
 
 def test_rehearsal_under_libvirt_two_machines_in_priority_order(
