@@ -1,7 +1,7 @@
 """Runbook commands: ``run``, ``failover``, ``teardown``, ``validate``, ``runs``, ``scheduler``.
 
-Thin: load and validate the runbook (``orchestrator/runbook.py``), hand it to the engine
-(``orchestrator/engine.py``), print. A runbook with mistakes prints one line per mistake
+Thin: load and validate the runbook (``orchestrator/runbook.py``), hand it to the orchestrator's
+facade (``orchestrator/api.py``), print. A runbook with mistakes prints one line per mistake
 (``FILE:LINE:COLUMN: FIELD: message``), runs nothing and exits 2.
 """
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import click
 
+from lifeboat.orchestrator import api
 from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, key_file_option
 from lifeboat.orchestrator.console import log
-from lifeboat.orchestrator.engine import Engine, Outcome, plan
+from lifeboat.orchestrator.engine import Outcome
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
-from lifeboat.orchestrator.state import State, default_state_dir
+from lifeboat.orchestrator.state import default_state_dir
 from lifeboat.plumbing.errors import UsageError
 
 state_option = click.option(
@@ -98,16 +99,15 @@ def _execute(path: str, *, dry_run: bool, as_json: bool, state_dir: str | None, 
             f"{path}: a failover brings production machines up elsewhere; confirm with --yes (or try --dry-run first)"
         )
     if dry_run:
-        doc = plan(rb, archive=archive_location(), key_file=key_file_option())
+        doc = api.plan(rb, archive=archive_location(), key_file=key_file_option())
         if as_json:
             emit_json(doc)
         else:
             print_plan(doc)
         return
-    state = State(state_dir)
-    engine = Engine(rb, state, archive=archive_location(), key_file=key_file_option())
-    _signals(engine.stop)
-    outcome = engine.run()
+    stop = threading.Event()
+    _signals(stop)
+    outcome = api.run(rb, api.open_state(state_dir), archive=archive_location(), key_file=key_file_option(), stop=stop)
     doc = summary(outcome)
     if as_json:
         emit_json(doc)
@@ -195,23 +195,12 @@ def teardown_cmd(runbook: str, yes: bool, state_dir: str | None, as_json: bool) 
     rb = load_or_exit(runbook)
     if rb.kind != "rehearsal" and not yes:
         raise UsageError(f"{runbook}: tearing down a {rb.kind} stops machines that may be serving: add --yes")
-    state = State(state_dir)
-    run = state.latest_run(rb.name)
-    if run is None:
-        raise UsageError(f"runbook {rb.name!r} has no runs in {state.dir}")
-    engine = Engine(rb, state, archive=archive_location(), key_file=key_file_option())
-    engine.run_id = run.id
-    before = len(state.resources(run.id))
-    engine.teardown_run(run.id)
-    status = run.status if run.phase == "done" and rb.teardown != "never" else "torn-down"
-    if run.status == "running":
-        status = "interrupted"
-    state.update_run(run.id, phase="done", status=status if status != "succeeded" else "torn-down")
-    doc = {"runbook": rb.name, "run_id": run.id, "resources_removed": before - len(state.resources(run.id))}
+    done = api.teardown(rb, api.open_state(state_dir), archive=archive_location(), key_file=key_file_option())
+    doc = {"runbook": rb.name, "run_id": done.run.id, "resources_removed": done.resources_removed}
     if as_json:
         emit_json(doc)
     else:
-        log(f"{rb.name}: run {run.id}: removed {doc['resources_removed']} resources")
+        log(f"{rb.name}: run {done.run.id}: removed {doc['resources_removed']} resources")
 
 
 @command(name="validate")
@@ -242,8 +231,7 @@ def validate_cmd(runbooks: tuple[str, ...], as_json: bool) -> None:
 @json_option
 def runs_cmd(runbook: str | None, state_dir: str | None, as_json: bool) -> None:
     """List runs (of one runbook name) with their status."""
-    state = State(state_dir)
-    rows = state.runs(runbook)
+    rows = api.runs(api.open_state(state_dir), runbook)
     if as_json:
         emit_json(
             [
@@ -293,7 +281,7 @@ def scheduler_cmd(paths: tuple[str, ...], once: bool, units_dir: str | None, sta
         for f in write_systemd_units(scheduled, Path(units_dir), state_dir=sdir.resolve(), extra_args=extra):
             click.echo(str(f))
         return
-    sched = Scheduler(roots, State(sdir), extra_args=extra, log=log)
+    sched = Scheduler(roots, api.open_state(sdir), extra_args=extra, log=log)
     if once:
         sys.exit(sched.run_once())
     _signals(sched.stop)

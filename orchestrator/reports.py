@@ -16,14 +16,17 @@ import socket
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lifeboat.orchestrator.engine import RECOVER_STEPS
+from lifeboat.orchestrator.runbook import Runbook, parse_duration
+from lifeboat.orchestrator.state import Run, Step
+from lifeboat.orchestrator.steps import machine_status
 
-if TYPE_CHECKING:
-    from lifeboat.orchestrator.engine import Engine
+# How reports note what they did (the webhook's answer): note(message, level)
+Note = Callable[[str, str], None]
 
 STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "running": "#f9a825", "skipped": "#9e9e9e"}
 
@@ -33,46 +36,33 @@ def iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds") if t else None
 
 
-def machine_status(steps: dict[str, Any], move_to_local: bool) -> str:
-    """succeeded | failed | blocked | incomplete, from a machine's step records."""
-    if "resolve" in steps and steps["resolve"].status == "skipped":
-        return "blocked"
-    if any(
-        s.status == "failed"
-        for name, s in steps.items()
-        if name in RECOVER_STEPS or name.startswith("hook.") and not name.startswith("hook.before_teardown")
-    ):
-        return "failed"
-    needed = [s for s in RECOVER_STEPS if s != "localize" or move_to_local]
-    if all(n in steps and steps[n].status == "done" for n in needed if n != "localize") and (
-        "localize" not in needed or ("localize" in steps and steps["localize"].status == "done")
-    ):
-        return "succeeded"
-    return "incomplete"
+def steps_by_machine(steps: list[Step]) -> dict[str, dict[str, Step]]:
+    """A run's step records by machine, then by step name."""
+    out: dict[str, dict[str, Step]] = {}
+    for st in steps:
+        out.setdefault(st.machine, {})[st.step] = st
+    return out
 
 
-def build_report(engine: Engine) -> dict[str, Any]:
-    """The report document of the engine's current run, from the state database."""
-    state, rb = engine.state, engine.rb
-    run = state.run(engine.run_id)
-    assert run is not None
-    by_machine: dict[str, dict[str, Any]] = {}
-    for st in state.steps(run.id):
-        by_machine.setdefault(st.machine, {})[st.step] = st
+def build_report(
+    rb: Runbook, run: Run, steps: list[Step], events: list[dict[str, Any]], archive: str
+) -> dict[str, Any]:
+    """The report document of a run of ``rb``, from its records (steps, events)."""
+    by_machine = steps_by_machine(steps)
     machines = []
     for m in rb.machines:
-        steps = by_machine.get(m.name, {})
-        status = machine_status(steps, rb.move_to_local)
-        resolve = steps.get("resolve")
+        mine = by_machine.get(m.name, {})
+        status = machine_status(mine, rb.move_to_local)
+        resolve = mine.get("resolve")
         point = resolve.result if resolve and resolve.result else {}
-        health = steps.get("health")
+        health = mine.get("health")
         hres = (health.result or {}) if health else {}
         healthy_at = hres.get("healthy_at") if health and health.status == "done" else None
         rto = round(healthy_at - run.started, 3) if healthy_at else None
         rpo = None
         if point.get("time"):
             rpo = round(run.started - datetime.fromisoformat(point["time"]).timestamp(), 3)
-        errors = [f"{name}: {s.error}" for name, s in steps.items() if s.error]
+        errors = [f"{name}: {s.error}" for name, s in mine.items() if s.error]
         machines.append(
             {
                 "name": m.name,
@@ -99,7 +89,7 @@ def build_report(engine: Engine) -> dict[str, Any]:
                         "attempts": s.attempts,
                         "error": s.error,
                     }
-                    for name, s in sorted(steps.items(), key=lambda kv: kv[1].started or 0)
+                    for name, s in sorted(mine.items(), key=lambda kv: kv[1].started or 0)
                 ],
                 "error": errors[0] if errors else None,
             }
@@ -116,33 +106,33 @@ def build_report(engine: Engine) -> dict[str, Any]:
         "started_unix": run.started,
         "finished_unix": run.finished,
         "resumes": run.resumes,
-        "archive": engine.archive,
+        "archive": archive,
         "network": rb.network_mode,
         "teardown": rb.teardown,
         "host": socket.gethostname(),
         "machines": machines,
         "events": [
-            {**e, "time": iso(e["time"]), "unix": e["time"]} for e in state.events(run.id) if e["level"] != "debug"
+            {**e, "time": iso(e["time"]), "unix": e["time"]} for e in events if e["level"] != "debug"
         ],
     }
 
 
-def report_dir(engine: Engine) -> Path:
-    """Where the run's report files go."""
-    return engine.rb.report_dir or engine.state.dir / "reports" / engine.rb.name
+def report_dir(rb: Runbook, state_dir: Path) -> Path:
+    """Where the report files of ``rb``'s runs go."""
+    return rb.report_dir or state_dir / "reports" / rb.name
 
 
-def write_reports(engine: Engine, report: dict[str, Any]) -> dict[str, str]:
+def write_reports(rb: Runbook, report: dict[str, Any], state_dir: Path, note: Note) -> dict[str, str]:
     """Write the formats the runbook asks for; send the webhook; return {format: path}."""
-    out = report_dir(engine)
+    out = report_dir(rb, state_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{report['runbook']}-{report['run_id']}"
     files: dict[str, str] = {}
-    if "json" in engine.rb.formats:
+    if "json" in rb.formats:
         files["json"] = str(stem.with_suffix(".json"))
-    if "junit" in engine.rb.formats:
+    if "junit" in rb.formats:
         files["junit"] = str(stem.with_suffix(".xml"))
-    if "html" in engine.rb.formats:
+    if "html" in rb.formats:
         files["html"] = str(stem.with_suffix(".html"))
     report = {**report, "files": files}
     for fmt, path in files.items():
@@ -154,8 +144,8 @@ def write_reports(engine: Engine, report: dict[str, Any]) -> dict[str, str]:
         tmp = Path(path + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    if engine.rb.webhook:
-        notify(engine, report)
+    if rb.webhook:
+        notify(rb.webhook, report, note)
     return files
 
 
@@ -346,16 +336,12 @@ network {e(report["network"])}, teardown {e(report["teardown"])}.</p>
 """
 
 
-def notify(engine: Engine, report: dict[str, Any]) -> None:
+def notify(hook: dict[str, Any], report: dict[str, Any], note: Note) -> None:
     """POST a summary to the runbook's webhook, if its ``on`` condition holds; never fails the run."""
-    hook = engine.rb.webhook
-    assert hook is not None
     when = hook.get("when", "always")
     ok = report["status"] == "succeeded"
     if (when == "failure" and ok) or (when == "success" and not ok):
         return
-    from lifeboat.orchestrator.runbook import parse_duration
-
     body = {
         "runbook": report["runbook"],
         "run_id": report["run_id"],
@@ -378,6 +364,6 @@ def notify(engine: Engine, report: dict[str, Any]) -> None:
     )
     try:
         with urllib.request.urlopen(req, timeout=parse_duration(hook.get("timeout", 10))) as resp:
-            engine.event(f"webhook {hook['url']}: HTTP {resp.status}")
+            note(f"webhook {hook['url']}: HTTP {resp.status}", "info")
     except (urllib.error.URLError, OSError) as err:
-        engine.event(f"webhook {hook['url']} failed: {err}", level="warning")
+        note(f"webhook {hook['url']} failed: {err}", "warning")

@@ -30,7 +30,7 @@ from croniter import croniter
 
 from lifeboat.orchestrator.console import SELF_COMMAND
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
-from lifeboat.orchestrator.state import State
+from lifeboat.orchestrator.state import StateStore
 
 DOW = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
 
@@ -99,7 +99,7 @@ class Scheduler:
     def __init__(
         self,
         paths: list[Path],
-        state: State,
+        state: StateStore,
         *,
         extra_args: list[str] | None = None,
         log: Callable[[str], None] = print,

@@ -1,4 +1,8 @@
-"""The engine's persisted state: runs, steps, created resources and events, in SQLite (WAL).
+"""The engine's persisted state: runs, steps, created resources, events and the scheduler's memo.
+
+``StateStore`` is the interface the engine, reports, the scheduler and the facade use;
+``SqliteState`` (SQLite in WAL mode) is today's implementation (a PostgreSQL one can follow: no
+caller sees SQL).
 
 Where: ``--state DIR``, else ``$LIFEBOAT_STATE_DIR``, else ``$XDG_STATE_HOME/lifeboat`` (by
 default ``~/.local/state/lifeboat``): ``state.db`` plus ``runs/RUN-ID/`` (machines' work files)
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lifeboat.targets.base import Resource
 
@@ -125,47 +129,124 @@ class Step:
     error: str | None
 
 
-class State:
-    """The state database of one state directory, shared by the threads of one engine."""
+class StateStore(Protocol):
+    """The operations on persisted state; ``dir`` is the local folder for work files, locks and
+    reports (a database elsewhere still needs one)."""
+
+    dir: Path
+
+    def close(self) -> None:
+        """Release the store."""
+
+    def new_run(self, runbook: str, path: str, digest: str, kind: str) -> Run:
+        """Start a run record (status running, phase recover)."""
+
+    def run(self, run_id: str) -> Run | None:
+        """A run by id."""
+
+    def latest_run(self, runbook: str) -> Run | None:
+        """The newest run of a runbook (by name)."""
+
+    def runs(self, runbook: str | None = None) -> list[Run]:
+        """All runs (of one runbook), oldest first."""
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Set fields of a run (status, phase, finished, resumes, pid, report)."""
+
+    def step(self, run_id: str, machine: str, step: str) -> Step | None:
+        """One step's record."""
+
+    def steps(self, run_id: str) -> list[Step]:
+        """Every step of a run, in the order they started."""
+
+    def start_step(self, run_id: str, machine: str, step: str) -> None:
+        """Mark a step running (again: attempts counts)."""
+
+    def finish_step(
+        self,
+        run_id: str,
+        machine: str,
+        step: str,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Mark a step done, failed or skipped (a result already stored stays if none is given)."""
+
+    def record_resource(
+        self, run_id: str, machine: str, owner: str, kind: str, ident: str, data: dict[str, Any]
+    ) -> Resource:
+        """Insert (or merge data into) a live resource."""
+
+    def update_resource(self, resource: Resource, data: dict[str, Any]) -> None:
+        """Merge data into a resource's record."""
+
+    def forget_resource(self, resource: Resource) -> None:
+        """Mark a resource destroyed."""
+
+    def resources(
+        self, run_id: str, machine: str | None = None, owner: str | None = None, live: bool = True
+    ) -> list[Resource]:
+        """Resources of a run (one machine, one owner), oldest first."""
+
+    def machines_with_resources(self, run_id: str) -> set[str]:
+        """The machines of a run that still have live resources."""
+
+    def event(self, run_id: str, message: str, machine: str = "", step: str = "", level: str = "info") -> float:
+        """Log an event; returns its time."""
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's events (time, machine, step, level, message), oldest first."""
+
+    def last_fire(self, path: str) -> float | None:
+        """When the scheduler last started a scheduled run of this runbook file."""
+
+    def set_last_fire(self, path: str, runbook: str, fire: float, run: str | None = None) -> None:
+        """Record a scheduled start (or the first sighting of a schedule)."""
+
+
+class SqliteState:
+    """The state database of one state directory (``StateStore`` in SQLite), shared by the threads
+    of one engine."""
 
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self.dir = (Path(state_dir) if state_dir else default_state_dir()).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "state.db"
         self._lock = threading.RLock()
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
-            self.db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         """Close the database."""
-        self.db.close()
+        self._db.close()
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction (serialised across this engine's threads)."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self.db
+                yield self._db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            self._db.execute("COMMIT")
 
     def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return list(self.db.execute(sql, args))
+            return list(self._db.execute(sql, args))
 
     # -- runs -------------------------------------------------------------------------------
     def new_run(self, runbook: str, path: str, digest: str, kind: str) -> Run:
         """Start a run record."""
         run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO runs (id, runbook, path, digest, kind, status, phase, started, pid) "
                 "VALUES (?, ?, ?, ?, ?, 'running', 'recover', ?, ?)",
@@ -198,7 +279,7 @@ class State:
         if "report" in fields:
             fields["report"] = json.dumps(fields["report"])
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(f"UPDATE runs SET {cols} WHERE id = ?", (*fields.values(), run_id))
 
     # -- steps ------------------------------------------------------------------------------
@@ -215,7 +296,7 @@ class State:
     def start_step(self, run_id: str, machine: str, step: str) -> None:
         """Mark a step running (again, after a crash: attempts counts)."""
         now = time.time()
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO steps (run_id, machine, step, status, started, attempts) "
                 "VALUES (?, ?, ?, 'running', ?, 1) "
@@ -235,7 +316,7 @@ class State:
     ) -> None:
         """Mark a step done, failed or skipped."""
         now = time.time()
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO steps (run_id, machine, step, status, started, finished, result, error) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, machine, step) DO UPDATE SET "
@@ -249,7 +330,7 @@ class State:
         self, run_id: str, machine: str, owner: str, kind: str, ident: str, data: dict[str, Any]
     ) -> Resource:
         """Insert (or merge data into) a live resource."""
-        with self.tx() as c:
+        with self._tx() as c:
             row = c.execute(
                 "SELECT id, data FROM resources "
                 "WHERE run_id = ? AND machine = ? AND owner = ? AND kind = ? AND ident = ?",
@@ -271,12 +352,12 @@ class State:
     def update_resource(self, resource: Resource, data: dict[str, Any]) -> None:
         """Merge data into a resource's record."""
         resource.data.update(data)
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute("UPDATE resources SET data = ? WHERE id = ?", (json.dumps(resource.data), resource.id))
 
     def forget_resource(self, resource: Resource) -> None:
         """Mark a resource destroyed."""
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute("UPDATE resources SET destroyed = ? WHERE id = ?", (time.time(), resource.id))
 
     def resources(
@@ -296,11 +377,16 @@ class State:
         rows = self._q(sql + " ORDER BY id", tuple(args))
         return [Resource(r["kind"], r["ident"], json.loads(r["data"]), r["owner"], r["id"]) for r in rows]
 
+    def machines_with_resources(self, run_id: str) -> set[str]:
+        """The machines of a run that still have live resources."""
+        rows = self._q("SELECT DISTINCT machine FROM resources WHERE run_id = ? AND destroyed IS NULL", (run_id,))
+        return {r["machine"] for r in rows}
+
     # -- events -----------------------------------------------------------------------------
     def event(self, run_id: str, message: str, machine: str = "", step: str = "", level: str = "info") -> float:
         """Log an event; returns its time."""
         now = time.time()
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO events (run_id, time, machine, step, level, message) VALUES (?, ?, ?, ?, ?, ?)",
                 (run_id, now, machine, step, level, message),
@@ -320,7 +406,7 @@ class State:
 
     def set_last_fire(self, path: str, runbook: str, fire: float, run: str | None = None) -> None:
         """Record a scheduled start (or the first sighting of a schedule)."""
-        with self.tx() as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO schedules (path, runbook, last_fire, last_run) VALUES (?, ?, ?, ?) ON CONFLICT (path) "
                 "DO UPDATE SET runbook = excluded.runbook, last_fire = excluded.last_fire, "
@@ -362,7 +448,7 @@ def _step(r: sqlite3.Row) -> Step:
 class DbResourceLog:
     """A ``targets.base.ResourceLog`` kept in the state database for one (run, machine, owner)."""
 
-    def __init__(self, state: State, run_id: str, machine: str, owner: str) -> None:
+    def __init__(self, state: StateStore, run_id: str, machine: str, owner: str) -> None:
         self.state, self.run_id, self.machine, self.owner = state, run_id, machine, owner
 
     def record(self, kind: str, ident: str, data: dict[str, Any]) -> Resource:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lifeboat.orchestrator.state import State
+from lifeboat.orchestrator.state import SqliteState
 from tests.orchestrator.procdriver import PLUGIN
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat, qemu_processes
 
@@ -75,7 +75,7 @@ def steps_of(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def nothing_left(state_dir: Path, run_id: str) -> None:
-    state = State(state_dir)
+    state = SqliteState(state_dir)
     assert state.resources(run_id) == []
     assert qemu_processes(f"lifeboat-{run_id.rsplit('-', 1)[-1]}-") == []
     assert not (state_dir / "runs" / run_id / "db1").exists()
@@ -248,7 +248,7 @@ def wait_for_step(state_dir: Path, machine_name: str, step: str, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (state_dir / "state.db").exists():
-            state = State(state_dir)
+            state = SqliteState(state_dir)
             for run in state.runs():
                 st = state.step(run.id, machine_name, step)
                 if st is not None:
@@ -276,10 +276,12 @@ def test_sigterm_interrupts_then_the_same_command_resumes(tiny_archive: Path, tm
     assert second["run_id"] == first["run_id"] and second["resumed"] and second["status"] == "succeeded"
     report = json.loads(Path(second["report"]["json"]).read_text())
     assert report["resumes"] == 1
-    messages = [e["message"] for e in State(state_dir).events(second["run_id"])]
+    messages = [e["message"] for e in SqliteState(state_dir).events(second["run_id"])]
     assert "health (again)" in messages and "boot" in messages and "boot (again)" not in messages
     machine_proc = [
-        r for r in State(state_dir).resources(second["run_id"], live=False) if r.kind == "process" and r.owner == "proc"
+        r
+        for r in SqliteState(state_dir).resources(second["run_id"], live=False)
+        if r.kind == "process" and r.owner == "proc"
     ]
     assert [r.data["pid"] for r in machine_proc] == pids  # the same machine, not a second one
     nothing_left(state_dir, second["run_id"])
@@ -297,8 +299,8 @@ def test_changed_runbook_abandons_an_open_rehearsal_but_stops_a_failover(tiny_ar
     code, second, err = run_json(rb, tiny_archive, state_dir)
     assert code == 0, err
     assert second["run_id"] != first["run_id"] and not second["resumed"]
-    runs = {r.id: r for r in State(state_dir).runs("changing")}
-    assert runs[first["run_id"]].status == "abandoned" and State(state_dir).resources(first["run_id"]) == []
+    runs = {r.id: r for r in SqliteState(state_dir).runs("changing")}
+    assert runs[first["run_id"]].status == "abandoned" and SqliteState(state_dir).resources(first["run_id"]) == []
 
     fo = write_runbook(tmp_path / "fo.yaml", runbook("fo-changing", [slow], kind="failover"))
     proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lifeboat.orchestrator.state import State
+from lifeboat.orchestrator.state import SqliteState
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat, qemu_processes
 
 CHECKS = [
@@ -83,7 +83,7 @@ def _unix(iso: str) -> float:
 
 
 def nothing_left(state_dir: Path, run_id: str, names: list[str]) -> None:
-    assert State(state_dir).resources(run_id) == []
+    assert SqliteState(state_dir).resources(run_id) == []
     short = run_id.rsplit("-", 1)[-1]
     for n in names:
         assert qemu_processes(f"lifeboat-{short}-{n}") == []
@@ -162,7 +162,7 @@ def test_kill_9_mid_run_then_resume(sample_archive: Path, tmp_path: Path, kill_a
         assert proc.poll() is None, (tmp_path / "first-run.log").read_text()
         assert time.monotonic() < deadline, f"never reached {kill_at}"
         if (state_dir / "state.db").exists():
-            state = State(state_dir)
+            state = SqliteState(state_dir)
             runs = state.runs("e2e-kill")
             if runs:
                 run_id = runs[0].id
@@ -177,7 +177,7 @@ def test_kill_9_mid_run_then_resume(sample_archive: Path, tmp_path: Path, kill_a
     short = run_id.rsplit("-", 1)[-1]
     before = sorted(qemu_processes(f"lifeboat-{short}-web01"))
     assert len(before) == (2 if kill_at == "health" else 1)  # guest and export (moved to local: guest only)
-    state = State(state_dir)
+    state = SqliteState(state_dir)
     killed = state.run(run_id)
     assert killed is not None and killed.status == "running"
     assert killed.phase == ("recover" if kill_at == "health" else "teardown")

@@ -13,7 +13,7 @@ import pytest
 from croniter import croniter
 
 from lifeboat.orchestrator.scheduler import on_calendar
-from lifeboat.orchestrator.state import State
+from lifeboat.orchestrator.state import SqliteState
 from tests.orchestrator.procdriver import PLUGIN
 from tests.orchestrator.test_engine import machine, runbook, tiny_archive, write_runbook  # noqa: F401
 from tests.targets.realpeers import lifeboat
@@ -33,7 +33,7 @@ def test_scheduler_catches_up_once_and_not_on_first_sight(tiny_archive: Path, tm
     first = lifeboat("scheduler", str(books), "--once", *common, env=ENV)
     assert first.returncode == 0, first.stderr
     assert "schedule '*/30 * * * *' starts now" in first.stderr and "broken.yaml" in first.stderr
-    state = State(state_dir)
+    state = SqliteState(state_dir)
     assert state.runs() == []  # first sight: no run
 
     three_hours_ago = time.time() - 3 * 3600

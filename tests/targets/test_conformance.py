@@ -13,8 +13,8 @@ driver's name:
   (NBD: an export hydrating a local disk; image: the point written by the exporter of the
   driver's first format, judged by ``qemu-img check``), provision records before it creates,
   boot, the guest's console lines (``HasConsole``), boot again adopts, ``Localizes``: move onto
-  the hydrated disk and keep running once the export stops; then a *fresh* driver instance with
-  a fresh ``State`` tears down from the database alone (as after a ``kill -9``): the guest's write
+  the hydrated disk and keep running once the NBD server stops; then a *fresh* driver instance with
+  a fresh ``SqliteState`` tears down from the database alone (as after a ``kill -9``): the guest's write
   is on its disk, nothing the driver created is left, teardown is idempotent, and a file in the
   workdir that the driver did not create is untouched.
 
@@ -42,9 +42,9 @@ import pytest
 from examples.sample_guest import read_record
 from lifeboat.archive import Archive
 from lifeboat.exporters import WRITERS, writer
-from lifeboat.orchestrator.exports import Export, start_export, stop_export
 from lifeboat.orchestrator.health import console_text
-from lifeboat.orchestrator.state import DbResourceLog, State
+from lifeboat.orchestrator.serving import NbdServerProcess, start_server, stop_server
+from lifeboat.orchestrator.state import DbResourceLog, SqliteState
 from lifeboat.targets import driver_class
 from lifeboat.targets.base import (
     BootsFromNbd,
@@ -96,7 +96,7 @@ def test_capabilities(peer: Peer, tmp_path: Path) -> None:
         assert target.image_formats() and set(target.image_formats()) <= set(WRITERS)
 
 
-def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, Export | None]:
+def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, NbdServerProcess | None]:
     """The engine's side of the disk, as its export step prepares it (resources in ``elog``)."""
     arc = Archive.open(str(archive))
     info = arc.resolve(POINT)
@@ -105,7 +105,7 @@ def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) 
         if not local.parent.exists():
             elog.record("dir", str(local.parent), {})
             local.parent.mkdir(parents=True)
-        export = start_export(
+        server = start_server(
             POINT,
             archive=str(archive),
             key_file=None,
@@ -114,7 +114,7 @@ def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) 
             hydrate_to=local,
             log=elog,
         )
-        return Disk(size=info.size, nbd_url=export.url, local_path=local), export
+        return Disk(size=info.size, nbd_url=server.url, local_path=local), server
     assert isinstance(target, TakesImage)
     fmt = target.image_formats()[0]
     image = guest.workdir / f"disk.{fmt}"
@@ -144,7 +144,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     cls = driver_for(peer)
     ctx = TargetContext(state_dir=tmp_path / "state")
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
-    state = State(tmp_path / "state")
+    state = SqliteState(tmp_path / "state")
     guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("isolated"))
     target = cls(peer.settings, ctx)
     target.prepare()
@@ -152,7 +152,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     elog = DbResourceLog(state, run_id, "conf", "engine")
     elog.record("dir", str(guest.workdir), {})
     guest.workdir.mkdir()
-    disk, export = engine_disk(target, guest, elog, sample_archive)
+    disk, server = engine_disk(target, guest, elog, sample_archive)
     decoy = guest.workdir / "not-created-by-the-driver.txt"
     decoy.write_text("keep me")
 
@@ -181,12 +181,12 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     assert [x for x in drivers_leftovers() if x[0] != "file"] == machines, "a second machine was started"
 
     if isinstance(target, Localizes):
-        assert export is not None and disk.local_path is not None
-        wait_for(export.hydrated, lambda: "hydration did not complete", 120, poll)
+        assert server is not None and disk.local_path is not None
+        wait_for(server.hydrated, lambda: "hydration did not complete", 120, poll)
         target.move_to_local(guest, disk, tlog)
         target.move_to_local(guest, disk, tlog)  # idempotent
-        stop_export(elog, guest.token)
-        assert not export.alive()
+        stop_server(elog, guest.token)
+        assert not server.alive()
         if isinstance(target, HasConsole):
             alive = console_text(console).count("LIFEBOAT-GUEST: alive")
             wait_for(
@@ -198,7 +198,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
         assert peer.is_running(guest)
 
     # tear down from a fresh process's point of view: new database handle, new driver instance
-    state2 = State(tmp_path / "state")
+    state2 = SqliteState(tmp_path / "state")
     fresh = driver_for(peer)(peer.settings, TargetContext(state_dir=tmp_path / "state"))
     log2 = DbResourceLog(state2, run_id, "conf", cls.name)
     fresh.teardown(log2)

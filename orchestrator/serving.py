@@ -1,4 +1,7 @@
-"""NBD exports for recoveries: ``lifeboat serve`` run as a child process, behind a small interface.
+"""The NBD server of a recovery: ``lifeboat serve`` run as a child process, behind a small interface.
+
+The child serves one export (the machine's point, copy-on-write, hydrating to a local disk); this
+module starts, adopts, watches and stops that process (``NbdServerProcess``).
 
 The engine depends only on the CLI contract of ``lifeboat serve`` (``shared/CLI.md``): it starts
 ``lifeboat serve MACHINE@POINT --listen 127.0.0.1:0 --writable --hydrate-to PATH``, and reads the
@@ -21,12 +24,12 @@ from pathlib import Path
 
 from lifeboat.nbdserver.hydrate import hydration_progress
 from lifeboat.orchestrator.console import SELF_COMMAND
-from lifeboat.targets.base import Resource, ResourceLog, TargetError, log_tail, process_matches, stop_process
+from lifeboat.targets.base import ResourceLog, TargetError, log_tail, process_matches, stop_process
 
 
 @dataclass
-class Export:
-    """A running export: its URL, the process, and where it hydrates to."""
+class NbdServerProcess:
+    """A running ``lifeboat serve`` child: the URL of its export, its pid, and where it hydrates to."""
 
     url: str
     pid: int
@@ -50,7 +53,7 @@ class Export:
 def serve_command(
     selector: str, *, archive: str | None, key_file: str | None, name: str, hydrate_to: Path, overlay: Path
 ) -> list[str]:
-    """The ``lifeboat serve`` command line for one machine's export."""
+    """The ``lifeboat serve`` command line that serves one machine's point."""
     cmd = [
         *SELF_COMMAND,
         "serve",
@@ -72,7 +75,7 @@ def serve_command(
     return cmd
 
 
-def start_export(
+def start_server(
     selector: str,
     *,
     archive: str | None,
@@ -82,9 +85,9 @@ def start_export(
     hydrate_to: Path,
     log: ResourceLog,
     timeout: float = 120.0,
-) -> Export:
-    """Start (or adopt, after a crash) the export of ``selector``; the process and its files are
-    recorded in ``log`` before they exist."""
+) -> NbdServerProcess:
+    """Start (or adopt, after a crash) the server of ``selector``'s export; the process and its
+    files are recorded in ``log`` before they exist."""
     out, err = workdir / "serve.out", workdir / "serve.log"
     overlay = workdir / "unused-overlay.cow"  # never another run's overlay: writes go to hydrate_to
     res = log.record("process", token, {"token": token, "hydrate_to": str(hydrate_to), "stdout": str(out)})
@@ -92,7 +95,7 @@ def start_export(
     if pid and process_matches(int(pid), token):
         url = _read_url(out)
         if url:
-            return Export(url, int(pid), token, hydrate_to)
+            return NbdServerProcess(url, int(pid), token, hydrate_to)
         stop_process(int(pid), token)
     for path in (out, err, hydrate_to, Path(f"{hydrate_to}.hydrate"), overlay):
         log.record("file", str(path), {})
@@ -108,7 +111,7 @@ def start_export(
     while True:
         url = _read_url(out)
         if url:
-            return Export(url, proc.pid, token, hydrate_to)
+            return NbdServerProcess(url, proc.pid, token, hydrate_to)
         if proc.poll() is not None:
             raise TargetError(f"lifeboat serve exited with status {proc.returncode}: {log_tail(err)}")
         if time.monotonic() > deadline:
@@ -117,28 +120,23 @@ def start_export(
         time.sleep(0.05)
 
 
-def find_export(log: ResourceLog, token: str) -> Export | None:
-    """The running export recorded in ``log``, if its process is still alive."""
+def find_server(log: ResourceLog, token: str) -> NbdServerProcess | None:
+    """The running server recorded in ``log``, if its process is still alive."""
     for res in log.resources():
         if res.kind == "process" and res.ident == token and res.data.get("pid"):
             url = _read_url(Path(res.data["stdout"]))
             if url and process_matches(int(res.data["pid"]), token):
-                return Export(url, int(res.data["pid"]), token, Path(res.data["hydrate_to"]))
+                return NbdServerProcess(url, int(res.data["pid"]), token, Path(res.data["hydrate_to"]))
     return None
 
 
-def stop_export(log: ResourceLog, token: str) -> None:
-    """Stop the export's server (its files stay: the hydrated disk may now be the machine's)."""
+def stop_server(log: ResourceLog, token: str) -> None:
+    """Stop the server (its files stay: the hydrated disk may now be the machine's)."""
     for res in log.resources():
         if res.kind == "process" and res.ident == token:
             if res.data.get("pid"):
                 stop_process(int(res.data["pid"]), token)
             log.forget(res)
-
-
-def export_resource_is_disk(res: Resource, keep: Path | None) -> bool:
-    """Whether a recorded export file is the (kept) local disk or its hydration state."""
-    return keep is not None and res.kind == "file" and res.ident in (str(keep), f"{keep}.hydrate")
 
 
 def _read_url(path: Path) -> str | None:

@@ -1,0 +1,150 @@
+"""The orchestrator's facade: what the CLI, the scheduler and the web pane call.
+
+``run`` (run or resume a runbook), ``plan`` (what a run would do; changes nothing), ``teardown``
+(remove what a runbook's newest run left), ``status`` (a run's report, built from its records),
+``runs`` (the runs of a state store), and ``open_state`` (the state store of a state folder: the
+one place that picks its implementation). Front-ends load and validate the runbook
+(``orchestrator/runbook.py``) and print; everything between is behind these functions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lifeboat.archive import Archive
+from lifeboat.orchestrator.console import log as console_log
+from lifeboat.orchestrator.context import archive_location
+from lifeboat.orchestrator.engine import Engine, Outcome
+from lifeboat.orchestrator.runbook import Runbook
+from lifeboat.orchestrator.state import Run, SqliteState, StateStore
+from lifeboat.orchestrator.steps import RECOVER_STEPS
+from lifeboat.plumbing.errors import LifeboatError, UsageError
+from lifeboat.targets import driver_class
+from lifeboat.targets.base import capabilities
+
+
+def open_state(state_dir: Path | str | None = None) -> StateStore:
+    """The state store of a state folder (``--state``, else ``$LIFEBOAT_STATE_DIR``, else the XDG
+    default): SQLite today."""
+    return SqliteState(state_dir)
+
+
+def run(
+    runbook: Runbook,
+    state: StateStore,
+    *,
+    archive: str | None = None,
+    key_file: str | None = None,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] = console_log,
+) -> Outcome:
+    """Run ``runbook`` (or resume its open run, or report its kept run) to the end; setting
+    ``stop`` ends it after the current steps, resumable."""
+    engine = Engine(runbook, state, archive=archive, key_file=key_file, stop=stop or threading.Event(), log=log)
+    return engine.run()
+
+
+@dataclass
+class TeardownOutcome:
+    """What ``teardown`` removed."""
+
+    run: Run
+    resources_removed: int
+
+
+def teardown(
+    runbook: Runbook,
+    state: StateStore,
+    *,
+    archive: str | None = None,
+    key_file: str | None = None,
+    log: Callable[[str], None] = console_log,
+) -> TeardownOutcome:
+    """Remove everything the newest run of ``runbook`` created and left (kept machines, a crashed
+    run), and close that run."""
+    latest = state.latest_run(runbook.name)
+    if latest is None:
+        raise UsageError(f"runbook {runbook.name!r} has no runs in {state.dir}")
+    engine = Engine(runbook, state, archive=archive, key_file=key_file, stop=threading.Event(), log=log)
+    before = len(state.resources(latest.id))
+    engine.teardown_run(latest.id)
+    status = latest.status if latest.phase == "done" and runbook.teardown != "never" else "torn-down"
+    if latest.status == "running":
+        status = "interrupted"
+    state.update_run(latest.id, phase="done", status=status if status != "succeeded" else "torn-down")
+    after = state.run(latest.id)
+    assert after is not None
+    return TeardownOutcome(after, before - len(state.resources(latest.id)))
+
+
+def status(runbook: Runbook, state: StateStore, run_id: str | None = None) -> dict[str, Any]:
+    """The report document of a run of ``runbook`` (its newest, unless ``run_id``), built from its
+    records now: a running run's report shows its progress."""
+    found = state.run(run_id) if run_id else state.latest_run(runbook.name)
+    if found is None or found.runbook != runbook.name:
+        what = f"run {run_id}" if run_id else "runs"
+        raise UsageError(f"runbook {runbook.name!r} has no {what} in {state.dir}")
+    engine = Engine(runbook, state, archive=None, key_file=None, stop=threading.Event(), log=lambda _msg: None)
+    return engine.report(found)
+
+
+def runs(state: StateStore, runbook: str | None = None) -> list[Run]:
+    """The runs in ``state`` (of one runbook, by name), oldest first."""
+    return state.runs(runbook)
+
+
+def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None = None) -> dict[str, Any]:
+    """What a run would do, resolving points if the archive can be opened; changes nothing (no
+    state store is opened)."""
+    rb = runbook
+    location = archive_location(rb, archive)
+    arc_note = None
+    arc: Archive | None
+    try:
+        arc = Archive.open(location, key_file=key_file or rb.key_file)
+    except LifeboatError as e:
+        arc, arc_note = None, str(e)
+    machines = []
+    for m in rb.machines:
+        entry: dict[str, Any] = {
+            "name": m.name,
+            "point": m.selector,
+            "driver": m.driver,
+            "depends_on": m.depends_on,
+            "source": m.source_kind,
+            "rto_objective": m.rto_objective,
+            "health": [{"name": c.name, "kind": c.kind, **c.spec, "timeout": c.timeout} for c in m.health],
+            "hooks": {w: [h.name for h in hs] for w, hs in m.hooks.items()},
+        }
+        if arc is not None:
+            try:
+                info = arc.resolve(m.selector)
+                entry["resolved"] = {"point": info.point, "time": info.time, "size": info.size}
+            except LifeboatError as e:
+                entry["resolved"] = {"error": str(e)}
+        cls = driver_class(m.driver).variant(m.settings)
+        entry["capabilities"] = capabilities(cls)
+        entry["settings"] = {
+            **{k: v["default"] for k, v in cls.schema().get("properties", {}).items() if "default" in v},
+            **m.settings,
+        }
+        entry["steps"] = [s for s in RECOVER_STEPS if s != "localize" or rb.move_to_local]
+        machines.append(entry)
+    return {
+        "runbook": rb.name,
+        "path": str(rb.path),
+        "kind": rb.kind,
+        "archive": location,
+        "archive_error": arc_note,
+        "network": rb.network_mode,
+        "teardown": rb.teardown,
+        "move_to_local": rb.move_to_local,
+        "waves": rb.waves(),
+        "machines": machines,
+        "hooks": {w: [h.name for h in hs] for w, hs in rb.hooks.items()},
+        "schedule": rb.schedule,
+    }
