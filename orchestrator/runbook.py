@@ -7,7 +7,8 @@ Validation has three layers, all reported together, each problem as one line
 2. ``runbooks/schema.json`` (JSON Schema 2020-12), and each target driver's settings against
    ``targets/schemas/DRIVER.json``;
 3. what a schema cannot say: names that refer to other names, dependency cycles, cron syntax,
-   point selectors, addresses, files that hooks name, policies that contradict the runbook's kind.
+   point selectors, addresses, files that hooks name, policies that contradict the runbook's kind,
+   checks the target cannot carry out; each a small function in ``RULES``.
 
 Positions come from PyYAML's node tree: the document is composed (not just loaded), and each
 error's JSON path is walked down the nodes to the key or value at fault.
@@ -19,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -370,83 +372,149 @@ def _driver(driver: str, settings: dict[str, Any]) -> type[Target] | None:
         return None
 
 
-def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[Problem]:
-    from lifeboat.targets import available_drivers, driver_kind
-    from lifeboat.targets.base import ExecInGuest, HasConsole
+@dataclass
+class RuleContext:
+    """What a validation rule looks at: the schema-valid document, its node tree (for positions)
+    and the folder that hook files are relative to."""
 
-    out: list[Problem] = []
-    p = loc.problem
-    kind = doc["kind"]
-    machines: list[dict[str, Any]] = doc["machines"]
-    groups: list[dict[str, Any]] = doc.get("groups", [])
+    loc: _Located
+    doc: dict[str, Any]
+    base: Path
 
-    names: dict[str, int] = {}
-    for i, m in enumerate(machines):
-        if m["name"] in names:
+    def problem(self, path: list[PathElem], message: str) -> Problem:
+        """A problem located at ``path``."""
+        return self.loc.problem(path, message)
+
+    @property
+    def machines(self) -> list[dict[str, Any]]:
+        """The ``machines`` entries."""
+        return list(self.doc["machines"])
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        """The ``groups`` entries."""
+        return list(self.doc.get("groups", []))
+
+    @property
+    def machine_index(self) -> dict[str, int]:
+        """Each machine name and where it is first listed."""
+        out: dict[str, int] = {}
+        for i, m in enumerate(self.machines):
+            out.setdefault(m["name"], i)
+        return out
+
+    @property
+    def group_index(self) -> dict[str, int]:
+        """Each group name and where it is first defined."""
+        out: dict[str, int] = {}
+        for i, g in enumerate(self.groups):
+            out.setdefault(g["name"], i)
+        return out
+
+    @property
+    def network_mode(self) -> str:
+        """``network.mode``, or the kind's default."""
+        return str(self.doc.get("network", {}).get("mode", "isolated" if self.doc["kind"] == "rehearsal" else "none"))
+
+    def targets(self) -> list[tuple[list[PathElem], dict[str, Any], str]]:
+        """The runbook's target and each machine's own: (path, entry, driver)."""
+        default = self.doc["target"]["driver"]
+        out: list[tuple[list[PathElem], dict[str, Any], str]] = [(["target"], self.doc["target"], default)]
+        for i, m in enumerate(self.machines):
+            if "target" in m:
+                out.append((["machines", i, "target"], m["target"], m["target"].get("driver", default)))
+        return out
+
+
+Rule = Callable[[RuleContext], list[Problem]]
+
+
+def _unique_machine_names(ctx: RuleContext) -> list[Problem]:
+    out, first = [], ctx.machine_index
+    for i, m in enumerate(ctx.machines):
+        if first[m["name"]] != i:
             out.append(
-                p(["machines", i, "name"], f"machine {m['name']!r} is listed twice (also machines[{names[m['name']]}])")
+                ctx.problem(
+                    ["machines", i, "name"],
+                    f"machine {m['name']!r} is listed twice (also machines[{first[m['name']]}])",
+                )
             )
-        names.setdefault(m["name"], i)
-    group_names: dict[str, int] = {}
-    for i, g in enumerate(groups):
-        if g["name"] in group_names:
-            out.append(p(["groups", i, "name"], f"group {g['name']!r} is defined twice"))
-        if g["name"] in names:
-            out.append(p(["groups", i, "name"], f"group {g['name']!r} has the name of a machine: names must differ"))
-        group_names.setdefault(g["name"], i)
-    for i, g in enumerate(groups):
-        for j, dep in enumerate(g.get("depends_on", [])):
-            if dep not in group_names:
-                out.append(p(["groups", i, "depends_on", j], f"unknown group {dep!r}"))
-            elif dep == g["name"]:
-                out.append(p(["groups", i, "depends_on", j], f"group {dep!r} depends on itself"))
-    for i, m in enumerate(machines):
-        if "group" in m and m["group"] not in group_names:
+    return out
+
+
+def _unique_group_names(ctx: RuleContext) -> list[Problem]:
+    out, first, machines = [], ctx.group_index, ctx.machine_index
+    for i, g in enumerate(ctx.groups):
+        if first[g["name"]] != i:
+            out.append(ctx.problem(["groups", i, "name"], f"group {g['name']!r} is defined twice"))
+        if g["name"] in machines:
             out.append(
-                p(
-                    ["machines", i, "group"],
-                    f"unknown group {m['group']!r} (groups: {', '.join(group_names) or 'none'})",
+                ctx.problem(["groups", i, "name"], f"group {g['name']!r} has the name of a machine: names must differ")
+            )
+    return out
+
+
+def _group_dependencies(ctx: RuleContext) -> list[Problem]:
+    out, groups = [], ctx.group_index
+    for i, g in enumerate(ctx.groups):
+        for j, dep in enumerate(g.get("depends_on", [])):
+            if dep not in groups:
+                out.append(ctx.problem(["groups", i, "depends_on", j], f"unknown group {dep!r}"))
+            elif dep == g["name"]:
+                out.append(ctx.problem(["groups", i, "depends_on", j], f"group {dep!r} depends on itself"))
+    return out
+
+
+def _machine_groups_and_dependencies(ctx: RuleContext) -> list[Problem]:
+    out, machines, groups = [], ctx.machine_index, ctx.group_index
+    for i, m in enumerate(ctx.machines):
+        if "group" in m and m["group"] not in groups:
+            out.append(
+                ctx.problem(
+                    ["machines", i, "group"], f"unknown group {m['group']!r} (groups: {', '.join(groups) or 'none'})"
                 )
             )
         for j, dep in enumerate(m.get("depends_on", [])):
             if dep == m["name"]:
-                out.append(p(["machines", i, "depends_on", j], f"machine {dep!r} depends on itself"))
-            elif dep not in names and dep not in group_names:
-                out.append(p(["machines", i, "depends_on", j], f"unknown machine or group {dep!r}"))
+                out.append(ctx.problem(["machines", i, "depends_on", j], f"machine {dep!r} depends on itself"))
+            elif dep not in machines and dep not in groups:
+                out.append(ctx.problem(["machines", i, "depends_on", j], f"unknown machine or group {dep!r}"))
+    return out
 
-    # point selectors
-    for i, m in enumerate(machines):
+
+def _point_selectors(ctx: RuleContext) -> list[Problem]:
+    out = []
+    for i, m in enumerate(ctx.machines):
         if "point" in m:
             try:
-                machine, when = parse_selector(m["point"])
+                _machine, when = parse_selector(m["point"])
                 if when != "latest" and not _POINT_ID.match(when):
                     parse_when(m["point"], when)
             except UsageError as e:
-                out.append(p(["machines", i, "point"], str(e)))
+                out.append(ctx.problem(["machines", i, "point"], str(e)))
+    return out
 
-    # schedule
-    if "schedule" in doc:
-        from croniter import croniter
 
-        if not croniter.is_valid(doc["schedule"]) or len(doc["schedule"].split()) != 5:
-            out.append(
-                p(
-                    ["schedule"],
-                    f"{doc['schedule']!r} is not a cron expression (5 fields: minute hour day month weekday)",
-                )
-            )
+def _schedule_syntax(ctx: RuleContext) -> list[Problem]:
+    if "schedule" not in ctx.doc:
+        return []
+    from croniter import croniter
 
-    # targets and their settings
+    expr = ctx.doc["schedule"]
+    if croniter.is_valid(expr) and len(expr.split()) == 5:
+        return []
+    return [ctx.problem(["schedule"], f"{expr!r} is not a cron expression (5 fields: minute hour day month weekday)")]
+
+
+def _target_drivers(ctx: RuleContext) -> list[Problem]:
+    from lifeboat.targets import available_drivers
+
+    out: list[Problem] = []
     drivers = available_drivers()
-    target_kinds: set[str] = set()
-    targets: list[tuple[list[PathElem], dict[str, Any]]] = [(["target"], doc["target"])]
-    for path, t in targets + [
-        (["machines", i, "target"], m["target"]) for i, m in enumerate(machines) if "target" in m
-    ]:
-        driver = t.get("driver", doc["target"]["driver"])
+    for path, t, driver in ctx.targets():
         if driver not in drivers:
             out.append(
-                p(
+                ctx.problem(
                     path + ["driver"],
                     f"the {driver!r} target driver is not in this version of lifeboat "
                     f"(available: {', '.join(sorted(drivers))})",
@@ -454,65 +522,85 @@ def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[P
             )
         schema = _driver_schema(driver)
         if schema is not None and "settings" in t:
-            out += _schema_problems(loc, schema, t["settings"], path + ["settings"])
-        if driver_kind(driver):
-            target_kinds.add(driver_kind(driver) or "")
+            out += _schema_problems(ctx.loc, schema, t["settings"], path + ["settings"])
+    return out
 
-    # network
-    net = doc.get("network", {})
-    mode = net.get("mode", "isolated" if kind == "rehearsal" else "none")
+
+def _network(ctx: RuleContext) -> list[Problem]:
+    out = []
+    net, mode, kind = ctx.doc.get("network", {}), ctx.network_mode, ctx.doc["kind"]
     if kind == "rehearsal" and mode == "mapped":
-        out.append(p(["network", "mode"], "a rehearsal must not join production networks: use isolated or none"))
+        out.append(
+            ctx.problem(["network", "mode"], "a rehearsal must not join production networks: use isolated or none")
+        )
     if mode == "mapped" and not net.get("mappings"):
-        out.append(p(["network"], "network mode 'mapped' needs mappings (from: SOURCE-NETWORK, to: TARGET-NETWORK)"))
+        out.append(
+            ctx.problem(["network"], "network mode 'mapped' needs mappings (from: SOURCE-NETWORK, to: TARGET-NETWORK)")
+        )
     if mode != "mapped" and net.get("mappings"):
-        out.append(p(["network", "mappings"], f"mappings are only used with mode 'mapped', not {mode!r}"))
+        out.append(ctx.problem(["network", "mappings"], f"mappings are only used with mode 'mapped', not {mode!r}"))
+    return out
 
-    # policies against the kind
-    if kind == "rehearsal" and doc.get("teardown") == "never":
-        out.append(p(["teardown"], "a rehearsal must tear down what it brought up: use always or on-success"))
-    if kind != "rehearsal" and "schedule" in doc:
-        out.append(p(["schedule"], f"only rehearsals run on a schedule, this runbook is a {kind}"))
 
-    # scenario against source and target kinds
-    scenario = doc.get("scenario")
-    if scenario:
-        want_src = "physical" if scenario[0] == "P" else "virtual"
-        want_tgt = "physical" if scenario[2] == "P" else "virtual"
-        for i, m in enumerate(machines):
-            src = (m.get("source") or {}).get("kind")
-            if src is None:
-                out.append(p(["machines", i], f"scenario {scenario} needs source.kind ({want_src}) on every machine"))
-            elif src != want_src:
-                out.append(
-                    p(
-                        ["machines", i, "source", "kind"],
-                        f"scenario {scenario} recovers {want_src} machines, this one is {src}",
-                    )
+def _policies_for_kind(ctx: RuleContext) -> list[Problem]:
+    out, kind = [], ctx.doc["kind"]
+    if kind == "rehearsal" and ctx.doc.get("teardown") == "never":
+        out.append(ctx.problem(["teardown"], "a rehearsal must tear down what it brought up: use always or on-success"))
+    if kind != "rehearsal" and "schedule" in ctx.doc:
+        out.append(ctx.problem(["schedule"], f"only rehearsals run on a schedule, this runbook is a {kind}"))
+    return out
+
+
+def _scenario(ctx: RuleContext) -> list[Problem]:
+    from lifeboat.targets import driver_kind
+
+    scenario = ctx.doc.get("scenario")
+    if not scenario:
+        return []
+    out = []
+    want_src = "physical" if scenario[0] == "P" else "virtual"
+    want_tgt = "physical" if scenario[2] == "P" else "virtual"
+    for i, m in enumerate(ctx.machines):
+        src = (m.get("source") or {}).get("kind")
+        if src is None:
+            out.append(
+                ctx.problem(["machines", i], f"scenario {scenario} needs source.kind ({want_src}) on every machine")
+            )
+        elif src != want_src:
+            out.append(
+                ctx.problem(
+                    ["machines", i, "source", "kind"],
+                    f"scenario {scenario} recovers {want_src} machines, this one is {src}",
                 )
-        for tk in target_kinds:
-            if tk != want_tgt:
-                out.append(
-                    p(
-                        ["target", "driver"],
-                        f"scenario {scenario} needs a {want_tgt} target, "
-                        f"the {doc['target']['driver']!r} driver is {tk}",
-                    )
+            )
+    target_kinds = {driver_kind(driver) or "" for _path, _t, driver in ctx.targets() if driver_kind(driver)}
+    for tk in target_kinds:
+        if tk != want_tgt:
+            out.append(
+                ctx.problem(
+                    ["target", "driver"],
+                    f"scenario {scenario} needs a {want_tgt} target, "
+                    f"the {ctx.doc['target']['driver']!r} driver is {tk}",
                 )
+            )
+    return out
 
-    # re-IP
-    for i, m in enumerate(machines):
+
+def _reip_addresses(ctx: RuleContext) -> list[Problem]:
+    out = []
+    for i, m in enumerate(ctx.machines):
         reip = (m.get("network") or {}).get("reip")
         if not reip:
             continue
+        where: list[PathElem] = ["machines", i, "network", "reip"]
         try:
             iface = ipaddress.ip_interface(reip["address"])
             if "/" not in reip["address"]:
                 raise ValueError("no prefix")
         except ValueError:
             out.append(
-                p(
-                    ["machines", i, "network", "reip", "address"],
+                ctx.problem(
+                    where + ["address"],
                     f"{reip['address']!r} is not an address with a prefix length (like 10.20.0.5/24)",
                 )
             )
@@ -521,54 +609,80 @@ def _semantic_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[P
             try:
                 gw = ipaddress.ip_address(reip["gateway"])
                 if gw not in iface.network:
-                    out.append(
-                        p(["machines", i, "network", "reip", "gateway"], f"gateway {gw} is outside {iface.network}")
-                    )
+                    out.append(ctx.problem(where + ["gateway"], f"gateway {gw} is outside {iface.network}"))
             except ValueError:
-                out.append(
-                    p(["machines", i, "network", "reip", "gateway"], f"{reip['gateway']!r} is not an IP address")
-                )
+                out.append(ctx.problem(where + ["gateway"], f"{reip['gateway']!r} is not an IP address"))
         for j, dns in enumerate(reip.get("dns", [])):
             try:
                 ipaddress.ip_address(dns)
             except ValueError:
-                out.append(p(["machines", i, "network", "reip", "dns", j], f"{dns!r} is not an IP address"))
+                out.append(ctx.problem(where + ["dns", j], f"{dns!r} is not an IP address"))
+    return out
 
-    # hooks: playbooks must exist
-    def hook_lists() -> list[tuple[list[PathElem], list[dict[str, Any]]]]:
-        lists: list[tuple[list[PathElem], list[dict[str, Any]]]] = [
-            (["hooks", when], hs) for when, hs in (doc.get("hooks") or {}).items()
-        ]
-        for i, m in enumerate(machines):
-            lists += [(["machines", i, "hooks", when], hs) for when, hs in (m.get("hooks") or {}).items()]
-        return lists
 
-    for path, hooks in hook_lists():
+def _hook_playbooks_exist(ctx: RuleContext) -> list[Problem]:
+    lists: list[tuple[list[PathElem], list[dict[str, Any]]]] = [
+        (["hooks", when], hs) for when, hs in (ctx.doc.get("hooks") or {}).items()
+    ]
+    for i, m in enumerate(ctx.machines):
+        lists += [(["machines", i, "hooks", when], hs) for when, hs in (m.get("hooks") or {}).items()]
+    out = []
+    for path, hooks in lists:
         for j, h in enumerate(hooks):
             if "ansible" in h:
-                playbook = base / h["ansible"]["playbook"]
+                playbook = ctx.base / h["ansible"]["playbook"]
                 if not playbook.is_file():
-                    out.append(p(path + [j, "ansible", "playbook"], f"playbook {str(playbook)!r} does not exist"))
+                    out.append(
+                        ctx.problem(path + [j, "ansible", "playbook"], f"playbook {str(playbook)!r} does not exist")
+                    )
+    return out
 
-    # health checks the target can carry out
-    for i, m in enumerate(machines):
-        tgt = {**doc["target"], **(m.get("target") or {})}
+
+def _health_checks_fit_target(ctx: RuleContext) -> list[Problem]:
+    from lifeboat.targets.base import ExecInGuest, HasConsole
+
+    out = []
+    for i, m in enumerate(ctx.machines):
+        tgt = {**ctx.doc["target"], **(m.get("target") or {})}
         cls = _driver(tgt["driver"], tgt.get("settings", {}))
         for j, c in enumerate(m.get("health", [])):
-            if "tcp" in c and "host" not in c["tcp"] and mode == "none":
+            where: list[PathElem] = ["machines", i, "health", j]
+            if "tcp" in c and "host" not in c["tcp"] and ctx.network_mode == "none":
                 out.append(
-                    p(
-                        ["machines", i, "health", j, "tcp"],
-                        "a TCP check needs a network: set network.mode, or give the host to connect to",
+                    ctx.problem(
+                        where + ["tcp"], "a TCP check needs a network: set network.mode, or give the host to connect to"
                     )
                 )
-            where: list[PathElem] = ["machines", i, "health", j]
             if cls is not None and "console" in c and not issubclass(cls, HasConsole):
-                out.append(p(where + ["console"], f"the {cls.name} target has no console to watch"))
+                out.append(ctx.problem(where + ["console"], f"the {cls.name} target has no console to watch"))
             in_guest = "command" in c and c["command"].get("in", "guest") == "guest"
             if cls is not None and in_guest and not issubclass(cls, ExecInGuest):
-                out.append(p(where + ["command"], f"the {cls.name} target cannot run commands in the guest"))
+                out.append(ctx.problem(where + ["command"], f"the {cls.name} target cannot run commands in the guest"))
     return out
+
+
+# What a schema cannot say, one rule a function (each sees a schema-valid document).
+RULES: list[Rule] = [
+    _unique_machine_names,
+    _unique_group_names,
+    _group_dependencies,
+    _machine_groups_and_dependencies,
+    _point_selectors,
+    _schedule_syntax,
+    _target_drivers,
+    _network,
+    _policies_for_kind,
+    _scenario,
+    _reip_addresses,
+    _hook_playbooks_exist,
+    _health_checks_fit_target,
+]
+
+
+def _rule_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[Problem]:
+    """The problems every rule of ``RULES`` finds."""
+    ctx = RuleContext(loc, doc, base)
+    return [problem for rule in RULES for problem in rule(ctx)]
 
 
 # --------------------------------------------------------------------------- load
@@ -595,7 +709,7 @@ def load(path: str | Path) -> Runbook:
     problems = _duplicate_keys(loc, node, [])
     problems += _schema_problems(loc, runbook_schema(), data, [])
     if not problems:
-        problems += _semantic_problems(loc, data, path.parent)
+        problems += _rule_problems(loc, data, path.parent)
     if not problems:
         cycle = _find_cycle(data)
         if cycle:
