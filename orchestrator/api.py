@@ -19,6 +19,7 @@ from lifeboat.archive import Archive
 from lifeboat.orchestrator.console import log as console_log
 from lifeboat.orchestrator.context import archive_location
 from lifeboat.orchestrator.engine import Engine, Outcome
+from lifeboat.orchestrator.reports import build_report
 from lifeboat.orchestrator.runbook import Runbook
 from lifeboat.orchestrator.state import Run, SqliteState, StateStore
 from lifeboat.orchestrator.steps import RECOVER_STEPS
@@ -81,15 +82,17 @@ def teardown(
     return TeardownOutcome(after, before - len(state.resources(latest.id)))
 
 
-def status(runbook: Runbook, state: StateStore, run_id: str | None = None) -> dict[str, Any]:
+def status(
+    runbook: Runbook, state: StateStore, run_id: str | None = None, *, archive: str | None = None
+) -> dict[str, Any]:
     """The report document of a run of ``runbook`` (its newest, unless ``run_id``), built from its
     records now: a running run's report shows its progress."""
     found = state.run(run_id) if run_id else state.latest_run(runbook.name)
     if found is None or found.runbook != runbook.name:
         what = f"run {run_id}" if run_id else "runs"
         raise UsageError(f"runbook {runbook.name!r} has no {what} in {state.dir}")
-    engine = Engine(runbook, state, archive=None, key_file=None, stop=threading.Event(), log=lambda _msg: None)
-    return engine.report(found)
+    steps, events = state.steps(found.id), state.events(found.id)
+    return build_report(runbook, found, steps, events, archive_location(runbook, archive))
 
 
 def runs(state: StateStore, runbook: str | None = None) -> list[Run]:

@@ -40,8 +40,9 @@ def test_plan_run_status_runs_teardown(
     again = api.run(rb, state, archive=str(tiny_archive), log=lines.append)
     assert again.already_done and again.run.id == outcome.run.id
 
-    report = api.status(rb, state)
+    report = api.status(rb, state, archive=str(tiny_archive))
     assert report["run_id"] == outcome.run.id and report["status"] == "succeeded"
+    assert report["archive"] == str(tiny_archive)
     assert [s["step"] for s in report["machines"][0]["steps"]][:3] == ["resolve", "prepare", "export"]
     assert [r.id for r in api.runs(state, "fo")] == [outcome.run.id] and api.runs(state, "other") == []
 
