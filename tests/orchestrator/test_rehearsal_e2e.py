@@ -93,7 +93,7 @@ def nothing_left(state_dir: Path, run_id: str, names: list[str]) -> None:
 @pytest.mark.parametrize("boot", ["nbd", "image"])
 def test_rehearsal_under_qemu(boot: str, sample_archive: Path, tmp_path: Path) -> None:
     """``boot: nbd`` boots from ``lifeboat serve`` and moves onto the hydrated disk; ``boot: image``
-    boots from the qcow2 file the engine exported, with no server running at any time."""
+    boots from the qcow2 file an exporter wrote for the engine, with no server running at any time."""
     doc = rehearsal(f"e2e-qemu-{boot}", "qemu", [guest("web01")])
     doc["target"]["settings"]["boot"] = boot
     rb = tmp_path / "qemu.yaml"
@@ -105,7 +105,7 @@ def test_rehearsal_under_qemu(boot: str, sample_archive: Path, tmp_path: Path) -
     report = check_report(out, ["web01"])
     nothing_left(state, out["run_id"], ["web01"])
     assert any(e["message"] == "teardown" for e in report["events"])
-    created = State(state).resources(out["run_id"], live=False)
+    created = SqliteState(state).resources(out["run_id"], live=False)
     servers = [r for r in created if r.owner == "engine" and r.kind == "process"]
     (machine,) = [r for r in created if r.owner == "qemu" and r.kind == "process"]
     if boot == "nbd":
