@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 
 
 class Backend(abc.ABC):
@@ -73,17 +74,23 @@ class Backend(abc.ABC):
 
 
 def open_backend(location: str) -> Backend:
-    """The backend for a location: a URL's scheme picks it, a plain path is a local directory."""
-    from lifeboat.archive.local import LocalBackend
+    """The backend for a location: a URL's scheme picks it, a plain path is a local directory.
+    Implementations are imported by name when chosen: they import this module for ``Backend``."""
     from lifeboat.plumbing.errors import UsageError
 
-    if "://" in location:
-        scheme = location.split("://", 1)[0]
-        if scheme == "file":
-            return LocalBackend(location.split("://", 1)[1])
-        if scheme in ("https", "http"):  # an archive server (lifeboat archive serve)
-            from lifeboat.archive.remote import RemoteBackend
-
-            return RemoteBackend(location)
+    scheme, sep, rest = location.partition("://")
+    if not sep:
+        scheme, rest = "file", location
+    module, _, name = _BY_SCHEME.get(scheme, ":").partition(":")
+    if not module:
         raise UsageError(f"archive location {location!r}: the {scheme}:// backend is not available yet")
-    return LocalBackend(location)
+    cls: Callable[[str], Backend] = getattr(importlib.import_module(module), name)
+    return cls(rest if scheme == "file" else location)
+
+
+# by URL scheme; http(s) is an archive server (lifeboat archive serve)
+_BY_SCHEME = {
+    "file": "lifeboat.archive.local:LocalBackend",
+    "http": "lifeboat.archive.remote:RemoteBackend",
+    "https": "lifeboat.archive.remote:RemoteBackend",
+}
