@@ -15,6 +15,8 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 
+from lifeboat.plumbing.errors import LifeboatError
+
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054
 OPT_REPLY_MAGIC = 0x3E889045565A9
@@ -58,7 +60,7 @@ MAX_REQUEST = 32 * 1024 * 1024  # QEMU's maximum block size
 MAX_STATUS = 1 << 30  # block status asked in 1 GiB steps (the length field is 32 bits)
 
 
-class NbdError(Exception):
+class NbdError(LifeboatError):
     """The NBD server refused something or the connection broke."""
 
 

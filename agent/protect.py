@@ -29,6 +29,7 @@ from typing import Any
 from lifeboat.agent.plan import capture
 from lifeboat.archive import Archive
 from lifeboat.archive.points import now_utc
+from lifeboat.plumbing.errors import UsageError
 
 PEAKS_KEPT = 10000
 
@@ -234,6 +235,8 @@ class Protector:
                     if self.max_captures is not None and self.captures >= self.max_captures:
                         break
                 except Exception as e:  # keep protecting: report, back off, reopen
+                    if isinstance(e, UsageError) and self.captures == 0:
+                        raise  # no such source, a malformed one: waiting will not fix the command line
                     with self.lock:
                         self.failures += 1
                         self.consecutive_failures += 1

@@ -127,9 +127,9 @@ class QmpSource:
         self.timeout = timeout
         self._qmp: Any = None
         try:
-            self._connect()
+            self._connect()  # no QEMU there (yet): an operation that failed, which protect retries
         except CaptureError as e:
-            raise SourceError(f"source {spec}: {e}") from None
+            raise CaptureError(f"source {spec}: {e}") from None
         try:
             self.node, self.driver, self.size = self._resolve_node()
         finally:

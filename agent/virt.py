@@ -64,7 +64,9 @@ class LibvirtSource:
             self.conn = libvirt.open(self.uri)
             self.dom = self.conn.lookupByName(self.domain_name)
         except libvirt.libvirtError as e:
-            raise SourceError(f"source {spec}: {e.get_error_message()}") from None
+            # no such domain: the SOURCE is wrong (exit 2); libvirt unreachable: the operation failed
+            error = SourceError if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else CaptureError
+            raise error(f"source {spec}: {e.get_error_message()}") from None
         self._scratch_given = Path(scratch) if scratch else None
         self.size = self._capacity()
         self.name = f"{SCHEME}:///{self.domain_name}?{urlencode({'disk': self.disk, 'uri': self.uri})}"

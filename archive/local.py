@@ -64,7 +64,7 @@ class LocalBackend(Backend):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where the archive should be: no archive
             raise KeyError(key) from None
         except OSError as e:
             raise StorageError(f"cannot read {self._path(key)}: {e.strerror}") from e

@@ -483,7 +483,10 @@ class ArchiveServer:
                  tls: ssl.SSLContext | None, spool: Path, verbose: bool = False,
                  lock_ttl: float = LOCK_TTL) -> None:
         self.service = ArchiveService(backend, spool, token, lock_ttl)
-        self.httpd = _Server((host, port), self.service, tls, verbose)
+        try:
+            self.httpd = _Server((host, port), self.service, tls, verbose)
+        except OSError as e:
+            raise LifeboatError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
         self.scheme = "https" if tls is not None else "http"
         self._thread: threading.Thread | None = None

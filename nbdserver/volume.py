@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from lifeboat.archive.store import PointReader
 from lifeboat.nbdserver import protocol as P
+from lifeboat.plumbing.errors import LifeboatError
 
 MiB = 1024 * 1024
 MAX_PAYLOAD = 32 * MiB
@@ -27,7 +28,7 @@ Extents = list[tuple[int, int]]  # (length, base:allocation flags)
 ZERO_FLAGS = P.STATE_HOLE | P.STATE_ZERO
 
 
-class VolumeError(Exception):
+class VolumeError(LifeboatError):
     """An I/O request that failed: carries the NBD error number and a message for the client."""
 
     def __init__(self, error: int, message: str) -> None:

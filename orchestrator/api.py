@@ -24,8 +24,8 @@ from lifeboat.orchestrator.runbook import Runbook
 from lifeboat.orchestrator.state import Run, SqliteState, StateStore
 from lifeboat.orchestrator.steps import RECOVER_STEPS
 from lifeboat.plumbing.errors import LifeboatError, UsageError
-from lifeboat.targets import driver_class
-from lifeboat.targets.base import capabilities
+from lifeboat.targets import driver_class, driver_schema
+from lifeboat.targets.base import DriverNotAvailable, capabilities
 
 
 def open_state(state_dir: Path | str | None = None) -> StateStore:
@@ -45,6 +45,7 @@ def run(
 ) -> Outcome:
     """Run ``runbook`` (or resume its open run, or report its kept run) to the end; setting
     ``stop`` ends it after the current steps, resumable."""
+    check_drivers(runbook)
     engine = Engine(runbook, state, archive=archive, key_file=key_file, stop=stop or threading.Event(), log=log)
     return engine.run()
 
@@ -129,10 +130,17 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
                 entry["resolved"] = {"point": info.point, "time": info.time, "size": info.size}
             except LifeboatError as e:
                 entry["resolved"] = {"error": str(e)}
-        cls = driver_class(m.driver).variant(m.settings)
-        entry["capabilities"] = capabilities(cls)
+        entry["driver_error"] = None
+        entry["capabilities"] = []
+        try:
+            cls = driver_class(m.driver).variant(m.settings)
+            entry["capabilities"] = capabilities(cls)
+            schema = cls.schema()
+        except DriverNotAvailable as e:
+            entry["driver_error"] = str(e)
+            schema = driver_schema(m.driver) or {}
         entry["settings"] = {
-            **{k: v["default"] for k, v in cls.schema().get("properties", {}).items() if "default" in v},
+            **{k: v["default"] for k, v in schema.get("properties", {}).items() if "default" in v},
             **m.settings,
         }
         entry["steps"] = [s for s in RECOVER_STEPS if s != "localize" or rb.move_to_local]
@@ -151,3 +159,13 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
         "hooks": {w: [h.name for h in hs] for w, hs in rb.hooks.items()},
         "schedule": rb.schedule,
     }
+
+
+def check_drivers(runbook: Runbook) -> None:
+    """Raise ``DriverNotAvailable`` (exit status 2) if a machine's driver is not in this version of
+    lifeboat: a run then stops before it creates anything, and a dry run says so after its plan."""
+    for m in runbook.machines:
+        try:
+            driver_class(m.driver)
+        except DriverNotAvailable as e:
+            raise DriverNotAvailable(f"runbook {runbook.path}: machine {m.name}: {e}") from None

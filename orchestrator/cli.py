@@ -22,7 +22,7 @@ import click
 
 from lifeboat.archive import Archive
 from lifeboat.orchestrator.console import emit_json, log
-from lifeboat.plumbing.errors import LifeboatError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,17 +44,28 @@ COMMANDS = {
     "scheduler": "lifeboat.orchestrator.cmd_run",
     "serve": "lifeboat.orchestrator.cmd_serve",
 }
+# Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
+# rather than click's "No such command", which reads like a typo.
+PLANNED = ("replicate", "stage", "files", "mount", "web")
 
 
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use (click's "lazily loading subcommands").
 
-    ``lazy_subcommands`` maps a command name to the module whose import registers it in this group.
+    ``lazy_subcommands`` maps a command name to the module whose import registers it in this group;
+    ``planned`` names commands of a later version (not listed; naming one is a ``UsageError``).
     """
 
-    def __init__(self, *args: Any, lazy_subcommands: dict[str, str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lazy_subcommands: dict[str, str] | None = None,
+        planned: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_subcommands = dict(lazy_subcommands or {})
+        self.planned = planned
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Every command name, registered yet or not, sorted as click sorts them."""
@@ -74,6 +85,8 @@ class LazyGroup(click.Group):
     ) -> tuple[str | None, click.Command | None, list[str]]:
         """As click's; an unknown name first loads every command, so the error suggests the closest."""
         if args and args[0] not in self.commands and args[0] not in self.lazy_subcommands:
+            if args[0] in self.planned:
+                raise UsageError(f"'{ctx.command_path} {args[0]}' is not available in this version of lifeboat")
             for name in self.lazy_subcommands:
                 self.get_command(ctx, name)
         return super().resolve_command(ctx, args)
@@ -121,7 +134,12 @@ def key_file_option() -> str | None:
     return click.get_current_context().find_root().ensure_object(dict).get("key_file")
 
 
-@click.group(cls=LazyGroup, lazy_subcommands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands=COMMANDS,
+    planned=PLANNED,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @archive_options
 def cli() -> None:
     """lifeboat: block-level archive and instant recovery of any machine, anywhere."""
@@ -164,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
 __all__ = [
     "COMMANDS",
+    "PLANNED",
     "LazyGroup",
     "archive_location",
     "cli",

@@ -104,6 +104,7 @@ def _execute(path: str, *, dry_run: bool, as_json: bool, state_dir: str | None, 
             emit_json(doc)
         else:
             print_plan(doc)
+        api.check_drivers(rb)  # the plan is shown; the exit status says the run would not start here
         return
     stop = threading.Event()
     _signals(stop)
@@ -149,6 +150,8 @@ def print_plan(plan: dict[str, Any]) -> None:
             point = f"{res['point']} ({res['time']})" if "point" in res else res.get("error", "not resolved")
             click.echo(f"  {name}: {m['point']} -> {point}")
             click.echo(f"    target {m['driver']} {m['settings']}")
+            if m["driver_error"]:
+                click.echo(f"    target not available: {m['driver_error']}")
             if m["depends_on"]:
                 click.echo(f"    after: {', '.join(m['depends_on'])}")
             click.echo(f"    steps: {' -> '.join(m['steps'])}")
@@ -272,6 +275,9 @@ def scheduler_cmd(paths: tuple[str, ...], once: bool, units_dir: str | None, sta
     from lifeboat.orchestrator.scheduler import Scheduler, find_runbooks, write_systemd_units
 
     roots = [Path(p) for p in paths] or [Path(os.environ.get("LIFEBOAT_RUNBOOKS", "/etc/lifeboat/runbooks"))]
+    for root in roots:
+        if not root.exists():
+            raise UsageError(f"scheduler: {root}: no such file or folder")
     extra = []
     if archive_location():
         extra += ["--archive", str(archive_location())]

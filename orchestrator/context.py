@@ -23,11 +23,11 @@ from lifeboat.orchestrator.runbook import Hook, Machine, Runbook
 from lifeboat.orchestrator.state import DbResourceLog, StateStore
 from lifeboat.plumbing.errors import LifeboatError
 from lifeboat.targets import driver_class
-from lifeboat.targets.base import Disk, Guest, HasConsole, NetworkSpec, Target, TargetContext, TargetError
+from lifeboat.targets.base import Disk, Guest, HasConsole, NetworkSpec, Target, TargetContext
 
 
-class StepFailed(Exception):
-    """A step of a machine failed; the message says which and why."""
+class StepFailed(LifeboatError):
+    """A step of a machine failed; the message says which and why (``lifeboat teardown`` shows it)."""
 
 
 class Interrupted(Exception):
@@ -152,7 +152,7 @@ class RunContext:
             result = fn() or {}
         except Interrupted:
             raise
-        except (LifeboatError, TargetError, HookFailed, StepFailed, OSError) as e:
+        except (LifeboatError, OSError) as e:
             self.state.finish_step(self.run_id, machine, step, "failed", error=str(e))
             self.event(f"{step} failed: {e}", machine, step, "error")
             raise StepFailed(f"{machine or self.rb.name}: {step}: {e}") from e

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.orchestrator.runbook import Hook
+from lifeboat.plumbing.errors import LifeboatError
 
 
-class HookFailed(Exception):
+class HookFailed(LifeboatError):
     """A hook exited with failure (or timed out)."""
 
 

@@ -12,7 +12,7 @@ import importlib
 import os
 from typing import Any
 
-from lifeboat.targets.base import Target, TargetError, TargetUnavailable
+from lifeboat.targets.base import DriverNotAvailable, Target, TargetError, TargetUnavailable
 
 BUILTIN = {
     "qemu": "lifeboat.targets.qemu:QemuTarget",
@@ -37,12 +37,12 @@ def available_drivers() -> set[str]:
 
 
 def driver_class(name: str) -> type[Target]:
-    """The driver class registered as ``name``; ``TargetUnavailable`` for planned ones."""
+    """The driver class registered as ``name``; ``DriverNotAvailable`` for planned and unknown ones."""
     refs = {**BUILTIN, **_plugins()}
     if name in PLANNED and name not in refs:
-        raise TargetUnavailable(f"the {name!r} target driver is not implemented in this version of lifeboat")
+        raise DriverNotAvailable(f"the {name!r} target driver is not implemented in this version of lifeboat")
     if name not in refs:
-        raise TargetUnavailable(f"unknown target driver {name!r} (available: {', '.join(sorted(refs))})")
+        raise DriverNotAvailable(f"unknown target driver {name!r} (available: {', '.join(sorted(refs))})")
     module, _, cls = refs[name].partition(":")
     found: type[Target] = getattr(importlib.import_module(module), cls)
     return found
@@ -71,6 +71,7 @@ def driver_schema(name: str) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "DriverNotAvailable",
     "Target",
     "TargetError",
     "TargetUnavailable",

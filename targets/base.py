@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Protocol
 
 import jsonschema
 
-from lifeboat.plumbing.errors import LifeboatError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -50,6 +50,19 @@ class TargetError(LifeboatError):
 
 class TargetUnavailable(TargetError):
     """The driver cannot work on this host (missing binary, daemon down, no permission)."""
+
+
+class DriverNotAvailable(TargetUnavailable, UsageError):
+    """A runbook names a driver this version of lifeboat does not have (planned, or unknown): the
+    request, not the host, is at fault, and nothing was changed (exit status 2)."""
+
+    exit_code = 2
+
+
+class InvalidSettings(TargetError, UsageError):
+    """A driver's settings do not satisfy its schema (exit status 2: the runbook is at fault)."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -201,7 +214,7 @@ class Target(ABC):
         if errors:
             e = errors[0]
             where = ".".join(str(p) for p in e.absolute_path) or "settings"
-            raise TargetError(f"{self.name} settings: {where}: {e.message}")
+            raise InvalidSettings(f"{self.name} settings: {where}: {e.message}")
         self.settings = with_defaults(schema, settings)
         self.context = context
 

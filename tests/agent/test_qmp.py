@@ -197,13 +197,13 @@ def test_disabled_bitmap_and_resized_disk_fall_back(arc: Archive, guest: Guest, 
     verify(arc, info, guest, tmp_path)
 
 
-def test_bad_specs_are_usage_errors(tmp_path: Path) -> None:
+def test_a_bad_spec_is_a_usage_error_and_no_qemu_an_operation_that_failed(tmp_path: Path) -> None:
     env = {**os.environ, "LIFEBOAT_ARCHIVE": str(tmp_path / "a")}
     subprocess.run([*LIFEBOAT, "archive", "init"], env=env, check=True, capture_output=True)
-    for spec, why in [("qmp+unix:///nonexistent/qmp.sock?node=x", "cannot connect"),
-                      ("qmp+unix:///tmp/qmp.sock", "node=")]:
+    for spec, status, why in [("qmp+unix:///nonexistent/qmp.sock?node=x", 1, "cannot connect"),
+                              ("qmp+unix:///tmp/qmp.sock", 2, "node=")]:
         out = subprocess.run([*LIFEBOAT, "backup", "vm", spec], env=env, capture_output=True, text=True)
-        assert out.returncode == 2 and why in out.stderr, out.stderr
+        assert out.returncode == status and why in out.stderr, out.stderr
 
 
 def test_nbd_server_left_by_a_killed_capture_or_held_by_another_tool(arc: Archive, guest: Guest,

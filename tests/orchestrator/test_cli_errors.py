@@ -1,0 +1,250 @@
+"""Every command, given bad input, a missing peer or a planned driver, exits as ``shared/CLI.md``
+says (1: an operation failed; 2: bad usage or input, nothing changed) with a message on stderr
+that names what is wrong, and never with a traceback.
+
+The commands come from the CLI's own command table, so a new command without a case here fails
+``test_every_command_has_a_bad_input_case``. Each case runs ``lifeboat`` in a subprocess, all of
+them at once in a thread pool, so the whole file takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+
+from lifeboat.orchestrator.cli import PLANNED, cli
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from tests.runbooks.cases import BASE
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The command forms of shared/CLI.md (the stable contract), implemented or planned.
+CLI_MD = [
+    ("archive", "init"),
+    ("backup",),
+    ("points",),
+    ("restore",),
+    ("export",),
+    ("serve",),
+    ("verify",),
+    ("prune",),
+    ("run",),
+    ("failover",),
+    ("protect",),
+    ("archive", "serve"),
+    ("replicate",),
+    ("scheduler",),
+    ("stage",),
+    ("files", "fs"),
+    ("files", "ls"),
+    ("files", "get"),
+    ("files", "find"),
+    ("mount",),
+    ("web",),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """``lifeboat COMMAND ARGS`` must exit with ``status`` and say ``says`` on stderr.
+
+    ``{NAME}`` in ``args`` and ``says`` is replaced by the workspace path or address of that name.
+    """
+
+    id: str
+    command: tuple[str, ...]
+    args: tuple[str, ...]
+    status: int
+    says: str
+
+
+def case(id: str, command: str, args: str, status: int, says: str) -> Case:
+    """A case from space-separated words (no argument here holds a space)."""
+    return Case(id, tuple(command.split()), tuple(args.split()), status, says)
+
+
+CASES = [
+    # archive
+    case("init-exists", "archive init", "--archive {arc}", 2, "{arc}"),
+    case("init-encrypt-no-key", "archive init", "--encrypt --archive {tmp}/new1", 2, "--key-file"),
+    case("init-bad-chunk-size", "archive init", "--chunk-size 1000 --archive {tmp}/new2", 2, "chunk"),
+    case("init-bad-option", "archive init", "--chunk-size many --archive {tmp}/new3", 2, "--chunk-size"),
+    case("retention-no-archive", "archive retention", "--keep-last 1 --archive {missing}", 2, "{missing}"),
+    case("retention-negative", "archive retention", "--keep-last -1 --archive {arc}", 2, "--keep-last"),
+    case("archive-serve-bad-listen", "archive serve", "--listen nowhere --insecure-http --archive {arc}", 2,
+         "--listen"),
+    case("archive-serve-no-auth", "archive serve", "--listen 127.0.0.1:0 --insecure-http --archive {arc}", 2,
+         "token"),
+    case("archive-serve-port-busy", "archive serve",
+         "--listen {busy} --token-file {token} --insecure-http --archive {arc}", 1, "{busy}"),
+    # backup
+    case("backup-no-archive", "backup", "web01 {img} --archive {missing}", 2, "{missing}"),
+    case("backup-no-source", "backup", "web01 {tmp}/nothing.img --archive {arc}", 2, "{tmp}/nothing.img"),
+    case("backup-source-is-folder", "backup", "web01 {tmp} --archive {arc}", 2, "{tmp}"),
+    case("backup-bad-qmp-url", "backup", "web01 qmp+unix://{tmp}/x.sock --archive {arc}", 2, "node"),
+    case("backup-qmp-socket-absent", "backup", "web01 qmp+unix://{tmp}/no-qmp.sock?node=drive0 --archive {arc}", 1,
+         "{tmp}/no-qmp.sock"),
+    case("backup-bad-libvirt-url", "backup", "web01 libvirt:///dom --archive {arc}", 2, "disk"),
+    case("backup-server-down", "backup", "web01 {img} --archive {url}", 1, "127.0.0.1"),
+    # points
+    case("points-no-archive", "points", "web01 --archive {missing}", 2, "{missing}"),
+    case("points-archive-is-a-file", "points", "web01 --archive {img}", 2, "{img}"),
+    case("points-server-down", "points", "web01 --archive {url}", 1, "127.0.0.1"),
+    case("points-s3", "points", "web01 --archive s3://bucket/prefix", 2, "s3"),
+    # restore
+    case("restore-bad-selector", "restore", "web01@yesterday {tmp}/r1.img --archive {arc}", 2, "yesterday"),
+    case("restore-unknown-machine", "restore", "db99 {tmp}/r2.img --archive {arc}", 2, "db99"),
+    case("restore-dest-folder-absent", "restore", "web01 {tmp}/no/such/dir/r.img --archive {arc}", 2,
+         "{tmp}/no/such/dir"),
+    case("restore-dest-exists", "restore", "web01 {img} --archive {arc}", 2, "{img}"),
+    case("restore-no-archive", "restore", "web01 {tmp}/r3.img --archive {missing}", 2, "{missing}"),
+    # export
+    case("export-bad-format", "export", "web01 {tmp}/e1.img --format qcow3 --archive {arc}", 2, "qcow3"),
+    case("export-bad-selector", "export", "web01@someday {tmp}/e2.img --format raw --archive {arc}", 2, "someday"),
+    case("export-no-archive", "export", "web01 {tmp}/e3.img --format raw --archive {missing}", 2, "{missing}"),
+    case("export-adapter-on-raw", "export", "web01 {tmp}/e4.img --format raw --adapter-type ide --archive {arc}", 2,
+         "--adapter-type"),
+    case("export-dest-folder-absent", "export", "web01 {tmp}/no/such/e.qcow2 --format qcow2 --archive {arc}", 2,
+         "{tmp}/no/such"),
+    # serve
+    case("serve-bad-listen", "serve", "web01 --listen nowhere --archive {arc}", 2, "--listen"),
+    case("serve-port-busy", "serve", "web01 --listen {busy} --archive {arc}", 1, "{busy}"),
+    case("serve-bad-cache-size", "serve", "web01 --cache-size lots --archive {arc}", 2, "lots"),
+    case("serve-bad-selector", "serve", "web01@someday --archive {arc}", 2, "someday"),
+    case("serve-unknown-machine", "serve", "db99 --archive {arc}", 2, "db99"),
+    case("serve-no-archive", "serve", "web01 --archive {missing}", 2, "{missing}"),
+    case("serve-tls-cert-absent", "serve", "web01 --tls-cert {tmp}/c.pem --tls-key {tmp}/k.pem --archive {arc}", 2,
+         "{tmp}/c.pem"),
+    # verify, prune
+    case("verify-no-archive", "verify", "--archive {missing}", 2, "{missing}"),
+    case("verify-server-down", "verify", "--archive {url}", 1, "127.0.0.1"),
+    case("prune-no-archive", "prune", "--dry-run --archive {missing}", 2, "{missing}"),
+    # protect
+    case("protect-no-source", "protect", "web01 {tmp}/nothing.img --rpo 1 --archive {arc}", 2, "{tmp}/nothing.img"),
+    case("protect-no-rpo", "protect", "web01 {img} --archive {arc}", 2, "--rpo"),
+    case("protect-bad-metrics-listen", "protect", "web01 {img} --rpo 1 --metrics-listen nowhere --archive {arc}", 2,
+         "--metrics-listen"),
+    case("protect-no-archive", "protect", "web01 {img} --rpo 1 --archive {missing}", 2, "{missing}"),
+    # runbooks
+    case("run-malformed", "run", "{bad_rb}", 2, "{bad_rb}"),
+    case("run-absent", "run", "{tmp}/absent.yaml", 2, "{tmp}/absent.yaml"),
+    case("run-planned-driver", "run", "{pxe_rb} --state {state} --archive {arc}", 2, "pxe"),
+    case("run-dry-planned-driver", "run", "--dry-run {pxe_rb} --archive {arc}", 2, "pxe"),
+    case("failover-no-yes", "failover", "{pxe_rb}", 2, "--yes"),
+    case("failover-rehearsal", "failover", "{rehearsal_rb} --yes", 2, "rehearsal"),
+    case("failover-planned-driver", "failover", "{pxe_rb} --yes --state {state} --archive {arc}", 2, "pxe"),
+    case("teardown-no-runs", "teardown", "{rehearsal_rb} --state {state}", 2, "no runs"),
+    case("teardown-malformed", "teardown", "{bad_rb} --state {state}", 2, "{bad_rb}"),
+    case("validate-malformed", "validate", "{bad_rb}", 2, "{bad_rb}"),
+    case("validate-absent", "validate", "{tmp}/absent.yaml", 2, "{tmp}/absent.yaml"),
+    case("runs-state-is-a-file", "runs", "--state {img}", 2, "{img}"),
+    case("scheduler-absent-folder", "scheduler", "{tmp}/no-runbooks --once --state {state}", 2, "{tmp}/no-runbooks"),
+    case("scheduler-units-into-a-file", "scheduler", "{tmp} --systemd-units {img} --state {state}", 2, "{img}"),
+    # commands of a later version
+    *(case("planned-" + name, name, "", 2, "not available in this version") for name in PLANNED),
+    case("planned-files-ls", "files", "ls web01", 2, "not available in this version"),
+    case("unknown-command", "restor", "", 2, "No such command"),
+]
+
+
+def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The path of every runnable command under ``group``, from the CLI's own command table."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        sub = group.get_command(ctx, name)
+        assert sub is not None, name
+        if isinstance(sub, click.Group):
+            yield from leaf_commands(sub, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def covered(command: tuple[str, ...]) -> bool:
+    """Whether a case runs ``command`` (a planned command counts with any subcommand)."""
+    return any(c.command == command or (c.command[0] in PLANNED and c.command[0] == command[0]) for c in CASES)
+
+
+def test_every_command_has_a_bad_input_case() -> None:
+    missing = [" ".join(c) for c in [*leaf_commands(cli), *CLI_MD] if not covered(c)]
+    assert not missing, f"commands without a bad-input case here: {missing}"
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+def free_port_refusing() -> socket.socket:
+    """A bound TCP socket that does not listen: connections to its port are refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An archive holding web01, runbooks good and bad, a busy port and an address where nothing
+    listens; the values ``{NAME}`` stands for in a case."""
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    img = tmp / "disk.img"
+    img.write_bytes(os.urandom(100_000) + bytes(100_000))
+    arc = tmp / "arc"
+    for argv in (["archive", "init", "--chunk-size", "65536"], ["backup", "web01", str(img)]):
+        done = subprocess.run([*LIFEBOAT, *argv, "--archive", str(arc)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    (tmp / "token").write_text("secret-token\n")
+    bad_rb = tmp / "bad.yaml"
+    bad_rb.write_text(BASE.replace("settings: {memory_mib: 256}", "settings: {memory_mib: 256"))
+    rehearsal_rb = tmp / "rehearsal.yaml"
+    rehearsal_rb.write_text(BASE)
+    refusing, busy = free_port_refusing(), socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    with refusing, busy:
+        yield {
+            "tmp": str(tmp),
+            "img": str(img),
+            "arc": str(arc),
+            "missing": str(tmp / "no-archive"),
+            "token": str(tmp / "token"),
+            "bad_rb": str(bad_rb),
+            "rehearsal_rb": str(rehearsal_rb),
+            "pxe_rb": str(REPO / "runbooks" / "v2p.yaml"),
+            "state": str(tmp / "state"),
+            "url": f"https://127.0.0.1:{refusing.getsockname()[1]}",
+            "busy": f"127.0.0.1:{busy.getsockname()[1]}",
+        }
+
+
+@pytest.fixture(scope="module")
+def results(workspace: dict[str, str]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every case run once, in parallel."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIFEBOAT_")}
+    env["LIFEBOAT_STATE_DIR"] = workspace["state"]
+    env["LIFEBOAT_ARCHIVE_RETRY_SECONDS"] = "1"  # an archive server that is down: give up soon
+
+    def one(c: Case) -> subprocess.CompletedProcess[str]:
+        argv = [*LIFEBOAT, *c.command, *(a.format(**workspace) for a in c.args)]
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=workspace["tmp"],
+                                  stdin=subprocess.DEVNULL, timeout=30)
+        except subprocess.TimeoutExpired as e:  # a command that waits instead of refusing: its case fails
+            return subprocess.CompletedProcess(argv, -1, "", f"still running after 30 s: {e.stderr!r}")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        return dict(zip((c.id for c in CASES), pool.map(one, CASES), strict=True))
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_with_a_message_and_no_traceback(
+    c: Case, results: dict[str, subprocess.CompletedProcess[str]], workspace: dict[str, str]
+) -> None:
+    done = results[c.id]
+    shown = f"lifeboat {' '.join(done.args[len(LIFEBOAT):])}\nstatus {done.returncode}\nstderr:\n{done.stderr}"
+    assert "Traceback" not in done.stderr, shown
+    assert done.returncode == c.status, shown
+    assert c.says.format(**workspace) in done.stderr, shown
