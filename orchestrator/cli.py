@@ -1,7 +1,8 @@
 """The ``lifeboat`` command line: the stable contract of ``shared/CLI.md``.
 
 Each command is a thin layer: parse, call the package that owns the work, print. Errors are
-typed (``archive.errors``): their class carries the exit status.
+typed (``plumbing.errors``): their class carries the exit status, and ``main`` is the one
+place that turns them into a message on stderr and that status.
 
 Commands live in ``cmd_*.py`` modules and are imported only when they run (``LazyGroup``):
 ``lifeboat backup`` loads the archive and its source, not rich, jsonschema, the runbook engine or

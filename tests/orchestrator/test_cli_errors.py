@@ -9,7 +9,10 @@ them at once in a thread pool, so the whole file takes a few seconds.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import pkgutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -20,8 +23,10 @@ from pathlib import Path
 import click
 import pytest
 
+import lifeboat
 from lifeboat.orchestrator.cli import PLANNED, cli
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing.errors import LifeboatError
 from tests.runbooks.cases import BASE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,6 +181,27 @@ def test_every_command_has_a_bad_input_case() -> None:
     missing = [" ".join(c) for c in [*leaf_commands(cli), *CLI_MD] if not covered(c)]
     assert not missing, f"commands without a bad-input case here: {missing}"
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+# Exceptions that never reach a user: control flow inside one module.
+INTERNAL = {
+    "lifeboat.nbdserver.server._Hangup": "a client went away; the connection's task ends",
+    "lifeboat.orchestrator.engine.Interrupted": "SIGINT/SIGTERM between steps; Engine.run records it",
+}
+
+
+def test_every_error_class_derives_from_lifeboat_error() -> None:
+    """So ``main`` prints its message with its exit status, never a traceback."""
+    outside = []
+    for info in pkgutil.walk_packages(lifeboat.__path__, "lifeboat."):
+        if info.name == "lifeboat.__main__":  # importing it runs the CLI
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                if not issubclass(obj, LifeboatError) and f"{info.name}.{name}" not in INTERNAL:
+                    outside.append(f"{info.name}.{name}")
+    assert not outside, f"error classes outside lifeboat.plumbing.errors.LifeboatError: {outside}"
 
 
 def free_port_refusing() -> socket.socket:
