@@ -186,7 +186,7 @@ def test_every_command_has_a_bad_input_case() -> None:
 # Exceptions that never reach a user: control flow inside one module.
 INTERNAL = {
     "lifeboat.nbdserver.server._Hangup": "a client went away; the connection's task ends",
-    "lifeboat.orchestrator.engine.Interrupted": "SIGINT/SIGTERM between steps; Engine.run records it",
+    "lifeboat.orchestrator.context.Interrupted": "SIGINT/SIGTERM between steps; Engine.run records it",
 }
 
 
