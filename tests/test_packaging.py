@@ -3,6 +3,7 @@ under it), never the generic ``archive``, ``agent``, … that would clash with o
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,10 @@ def test_install_puts_only_lifeboat_into_site_packages(tmp_path: Path) -> None:
         assert (site / "lifeboat" / folder / "__init__.py").is_file(), folder
         assert not (site / folder).is_symlink(), folder
     python = venv / "bin" / "python"
-    ok = subprocess.run([python, "-c", "import lifeboat.plumbing.errors"], capture_output=True, text=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what was installed
+    ok = subprocess.run(
+        [python, "-c", "import lifeboat.plumbing.errors"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([python, "-c", "import archive"], capture_output=True, text=True, cwd=tmp_path)
+    bad = subprocess.run([python, "-c", "import archive"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode != 0 and "No module named 'archive'" in bad.stderr
