@@ -52,6 +52,14 @@ def logical_volume(path: str) -> tuple[str, str, int] | None:
     return vg, lv, int(float(size))
 
 
+def open_volume(path: str) -> LvmSnapshotSource:
+    """The LVM logical volume at ``path`` as a source; ``UsageError`` if it is none."""
+    lv = logical_volume(path)
+    if lv is None:
+        raise UsageError(f"source {path}: not an LVM logical volume")
+    return LvmSnapshotSource(path, *lv)
+
+
 class LvmSnapshotSource:
     """An LVM logical volume, captured from a snapshot taken at ``prepare``."""
 

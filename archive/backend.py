@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator, Sequence
+
+from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.registry import Registry
 
 
 class Backend(abc.ABC):
@@ -73,24 +75,28 @@ class Backend(abc.ABC):
         """Release cached handles."""
 
 
-def open_backend(location: str) -> Backend:
-    """The backend for a location: a URL's scheme picks it, a plain path is a local directory.
-    Implementations are imported by name when chosen: they import this module for ``Backend``."""
-    from lifeboat.plumbing.errors import UsageError
+# By URL scheme (``plumbing/registry.py``; ``LIFEBOAT_PLUGINS=backends:SCHEME=module:Class`` adds
+# one): each class is built from the whole location. A plain path is a local directory.
+BACKENDS: Registry[Callable[[str], Backend]] = Registry(
+    "backends",
+    "archive backend",
+    {
+        "file": "lifeboat.archive.local:LocalBackend",
+        "http": "lifeboat.archive.remote:RemoteBackend",  # an archive server (lifeboat archive serve)
+        "https": "lifeboat.archive.remote:RemoteBackend",
+    },
+    planned=("s3",),
+    base=Backend,
+)
 
+
+def open_backend(location: str) -> Backend:
+    """The backend for a location: a URL's scheme picks it, a plain path is a local directory."""
     scheme, sep, rest = location.partition("://")
     if not sep:
         scheme, rest = "file", location
-    module, _, name = _BY_SCHEME.get(scheme, ":").partition(":")
-    if not module:
-        raise UsageError(f"archive location {location!r}: the {scheme}:// backend is not available yet")
-    cls: Callable[[str], Backend] = getattr(importlib.import_module(module), name)
+    try:
+        cls = BACKENDS.get(scheme)
+    except UsageError as e:
+        raise UsageError(f"archive location {location!r}: {e}") from None
     return cls(rest if scheme == "file" else location)
-
-
-# by URL scheme; http(s) is an archive server (lifeboat archive serve)
-_BY_SCHEME = {
-    "file": "lifeboat.archive.local:LocalBackend",
-    "http": "lifeboat.archive.remote:RemoteBackend",
-    "https": "lifeboat.archive.remote:RemoteBackend",
-}

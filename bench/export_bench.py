@@ -5,7 +5,7 @@ files from /usr/share and /usr/lib, checked with ``e2fsck -fn``):
 
 - the image is backed up once into a fresh archive (default chunk size) and restored to a raw
   file with ``lifeboat restore`` (``archive.restore``), outside the timing;
-- lifeboat: the point exported straight from the archive (``exporters.writer(FMT).write``:
+- lifeboat: the point exported straight from the archive (``exporters.WRITERS.get(FMT)().write``:
   decompression, zero detection and, for vmdk-stream, deflate on every core);
 - qemu-img: ``qemu-img convert -f raw -O FMT [-o subformat=streamOptimized]`` from that restored
   raw file (its input already materialised: the timing does not include the restore).
@@ -43,7 +43,7 @@ from common import BENCH_DIR, drop_caches, machine_info, realistic_image, run, w
 
 from lifeboat.archive import Archive  # noqa: E402
 from lifeboat.archive.restore import restore  # noqa: E402
-from lifeboat.exporters import WRITERS, writer  # noqa: E402
+from lifeboat.exporters import WRITERS  # noqa: E402
 from lifeboat.exporters.vmdk_stream import VmdkStreamWriter  # noqa: E402
 
 QEMU_OPTS = {"vmdk-stream": ["-o", "subformat=streamOptimized"]}
@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/export_bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported (default 3)")
     p.add_argument("--size-gib", type=float, default=2.5, help="image size (default 2.5)")
-    p.add_argument("--formats", default=",".join(WRITERS), help="comma-separated subset of " + ",".join(WRITERS))
+    choices = ",".join(WRITERS.names())
+    p.add_argument("--formats", default=choices, help="comma-separated subset of " + choices)
     p.add_argument("--cache", choices=("cold", "warm"), default="cold")
     p.add_argument("--zlib", action="store_true", help="also time vmdk-stream with zlib instead of isal")
     p.add_argument("--json-out", type=Path, help="write all figures (every run) as JSON")
@@ -133,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, fmt in variants:
             out_lb = work / f"lifeboat.{fmt}"
             out_q = work / f"qemu.{fmt}"
-            qfmt = WRITERS[fmt].qemu_format
+            qfmt = WRITERS.get(fmt).qemu_format
 
             def lb(fmt: str = fmt, name: str = name, out: Path = out_lb) -> None:
-                w = writer(fmt)
+                w = WRITERS.get(fmt)()
                 if name.endswith("(zlib)"):
                     import zlib
 

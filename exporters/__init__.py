@@ -1,34 +1,31 @@
 """Disk-image formats: writers that stream an archive point out as an image file, and readers
 that present a foreign image as a backup source.
 
-Entry points: ``writer(name)`` (the ``--format`` names in ``WRITERS``) and ``open_image(path)``.
+Entry points: ``WRITERS.get(name)`` (the ``--format`` names; ``plumbing/registry.py``: imported on
+first use, ``LIFEBOAT_PLUGINS=exporters:NAME=module:Class`` adds one) and ``open_image(path)``.
+Readers are not in a registry: an image's reader is chosen by its magic bytes (``images.sniff``),
+never by a name a user gives, so a reader cannot be picked without knowing its magic first.
 Each format's byte layout is documented in its module (raw, qcow2, vmdk, vmdk_stream, vhdx).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from lifeboat.exporters.base import ExportResult, ImageError, ImageTooLarge, ImageWriter, PointSource, UnsupportedImage
 from lifeboat.exporters.images import detect, open_image
-from lifeboat.exporters.qcow2 import Qcow2Writer
-from lifeboat.exporters.raw import RawWriter
-from lifeboat.exporters.vhdx import VhdxWriter
-from lifeboat.exporters.vmdk import VmdkSparseWriter
-from lifeboat.exporters.vmdk_stream import VmdkStreamWriter
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.registry import Registry
 
-WRITERS: dict[str, type[ImageWriter]] = {
-    w.format: w for w in (RawWriter, Qcow2Writer, VmdkSparseWriter, VmdkStreamWriter, VhdxWriter)
-}
-
-
-def writer(name: str, **options: Any) -> ImageWriter:
-    """The writer for ``--format name``."""
-    cls = WRITERS.get(name)
-    if cls is None:
-        raise UsageError(f"--format {name}: unknown format (choose from {', '.join(WRITERS)})")
-    return cls(**options)
+WRITERS: Registry[type[ImageWriter]] = Registry(
+    "exporters",
+    "export format",
+    {
+        "raw": "lifeboat.exporters.raw:RawWriter",
+        "qcow2": "lifeboat.exporters.qcow2:Qcow2Writer",
+        "vmdk": "lifeboat.exporters.vmdk:VmdkSparseWriter",
+        "vmdk-stream": "lifeboat.exporters.vmdk_stream:VmdkStreamWriter",
+        "vhdx": "lifeboat.exporters.vhdx:VhdxWriter",
+    },
+    base=ImageWriter,
+)
 
 
 __all__ = [
@@ -41,5 +38,4 @@ __all__ = [
     "UnsupportedImage",
     "detect",
     "open_image",
-    "writer",
 ]

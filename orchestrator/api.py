@@ -24,8 +24,9 @@ from lifeboat.orchestrator.runbook import Runbook
 from lifeboat.orchestrator.state import Run, SqliteState, StateStore
 from lifeboat.orchestrator.steps import RECOVER_STEPS
 from lifeboat.plumbing.errors import LifeboatError, UsageError
-from lifeboat.targets import driver_class, driver_schema
-from lifeboat.targets.base import DriverNotAvailable, capabilities
+from lifeboat.plumbing.registry import NotAvailable
+from lifeboat.targets import TARGETS, driver_schema
+from lifeboat.targets.base import capabilities
 
 
 def open_state(state_dir: Path | str | None = None) -> StateStore:
@@ -133,10 +134,10 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
         entry["driver_error"] = None
         entry["capabilities"] = []
         try:
-            cls = driver_class(m.driver).variant(m.settings)
+            cls = TARGETS.get(m.driver).variant(m.settings)
             entry["capabilities"] = capabilities(cls)
             schema = cls.schema()
-        except DriverNotAvailable as e:
+        except NotAvailable as e:
             entry["driver_error"] = str(e)
             schema = driver_schema(m.driver) or {}
         entry["settings"] = {
@@ -162,10 +163,10 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
 
 
 def check_drivers(runbook: Runbook) -> None:
-    """Raise ``DriverNotAvailable`` (exit status 2) if a machine's driver is not in this version of
+    """Raise ``NotAvailable`` (exit status 2) if a machine's driver is not in this version of
     lifeboat: a run then stops before it creates anything, and a dry run says so after its plan."""
     for m in runbook.machines:
         try:
-            driver_class(m.driver)
-        except DriverNotAvailable as e:
-            raise DriverNotAvailable(f"runbook {runbook.path}: machine {m.name}: {e}") from None
+            TARGETS.get(m.driver)
+        except NotAvailable as e:
+            raise NotAvailable(f"runbook {runbook.path}: machine {m.name}: {e}") from None

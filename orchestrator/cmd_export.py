@@ -7,10 +7,11 @@ imports. The work is in ``exporters``; this layer parses, reports progress and p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from lifeboat.exporters import WRITERS, writer
+from lifeboat.exporters import WRITERS
 from lifeboat.exporters.vmdk import ADAPTERS, DescriptorFields
 from lifeboat.orchestrator.cli import command, emit_json, json_option, open_archive
 from lifeboat.orchestrator.console import log, progress
@@ -19,19 +20,19 @@ from lifeboat.orchestrator.console import log, progress
 @command(name="export")
 @click.argument("selector", metavar="MACHINE[@WHEN]")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(list(WRITERS)), required=True, help="Image format to write.")
+@click.option("--format", "fmt", type=click.Choice(WRITERS.names()), required=True, help="Image format to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--adapter-type", type=click.Choice(ADAPTERS), default=None,
               help="VMDK ddb.adapterType (default: ide for vmdk, lsilogic for vmdk-stream).")
 @json_option
 def export_cmd(selector: str, out: Path, fmt: str, force: bool, adapter_type: str | None, as_json: bool) -> None:
     """Write a point of MACHINE as a disk image OUT, streamed from the archive."""
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if adapter_type is not None:
         if not fmt.startswith("vmdk"):
             raise click.UsageError("--adapter-type applies to --format vmdk and vmdk-stream only")
         options["fields"] = DescriptorFields(adapter_type=adapter_type)
-    w = writer(fmt, **options)
+    w = WRITERS.get(fmt)(**options)
     arc = open_archive()
     info = arc.resolve(selector)
     w.check_size(info.size)

@@ -22,7 +22,7 @@ from lifeboat.orchestrator.hooks import HookFailed, run_hook
 from lifeboat.orchestrator.runbook import Hook, Machine, Runbook
 from lifeboat.orchestrator.state import DbResourceLog, StateStore
 from lifeboat.plumbing.errors import LifeboatError
-from lifeboat.targets import driver_class
+from lifeboat.targets import TARGETS
 from lifeboat.targets.base import Disk, Guest, HasConsole, NetworkSpec, Target, TargetContext
 
 
@@ -81,7 +81,7 @@ class RunContext:
         key = f"{machine.driver}:{sorted(machine.settings.items())!r}"
         with self._targets_lock:
             if key not in self._targets:
-                cls = driver_class(machine.driver).variant(machine.settings)
+                cls = TARGETS.get(machine.driver).variant(machine.settings)
                 self._targets[key] = cls(machine.settings, self.target_context())
             return self._targets[key]
 

@@ -364,10 +364,10 @@ def _driver_schema(driver: str) -> dict[str, Any] | None:
 def _driver(driver: str, settings: dict[str, Any]) -> type[Target] | None:
     """The driver class that would serve these settings; None when it cannot be loaded here
     (planned, unknown: reported on its own), so capability rules are checked only where known."""
-    from lifeboat.targets import driver_class
+    from lifeboat.targets import TARGETS
 
     try:
-        return driver_class(driver).variant(settings)
+        return TARGETS.get(driver).variant(settings)
     except (LifeboatError, ImportError):
         return None
 
@@ -507,10 +507,10 @@ def _schedule_syntax(ctx: RuleContext) -> list[Problem]:
 
 
 def _target_drivers(ctx: RuleContext) -> list[Problem]:
-    from lifeboat.targets import available_drivers
+    from lifeboat.targets import TARGETS
 
     out: list[Problem] = []
-    drivers = available_drivers()
+    drivers = TARGETS.names() + TARGETS.planned()
     for path, t, driver in ctx.targets():
         if driver not in drivers:
             out.append(

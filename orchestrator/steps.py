@@ -23,7 +23,7 @@ from lifeboat.orchestrator.health import console_text, run_check
 from lifeboat.orchestrator.runbook import Machine
 from lifeboat.orchestrator.serving import find_server, start_server, stop_server
 from lifeboat.orchestrator.state import DbResourceLog, Step
-from lifeboat.targets import driver_class
+from lifeboat.targets import TARGETS
 from lifeboat.targets.base import BootsFromNbd, HasConsole, Localizes, TakesImage, TargetError, destroy_generic
 
 RECOVER_STEPS = ["resolve", "prepare", "export", "provision", "boot", "health", "localize"]
@@ -67,14 +67,14 @@ def export(ctx: MachineContext) -> dict[str, Any]:
         )
         return {"url": server.url, "local_path": str(local), "pid": server.pid}
     if isinstance(target, TakesImage):
-        from lifeboat.exporters import writer
+        from lifeboat.exporters import WRITERS
 
         fmt = target.image_formats()[0]
         image = guest.workdir / f"disk.{fmt}"
         elog.record("file", str(image), {})
         arc = ctx.run.archive_handle()
         info = arc.resolve(selector)
-        writer(fmt).write(arc.reader(info), image, overwrite=True)
+        WRITERS.get(fmt)().write(arc.reader(info), image, overwrite=True)
         return {"image_path": str(image), "image_format": fmt}
     raise TargetError(f"the {target.name} target neither boots from NBD nor takes an image")
 
@@ -215,7 +215,7 @@ def teardown_leftover(run: RunContext, machine: str) -> None:
         if owner == "engine":
             teardown_engine(log)
         else:
-            driver_class(owner)({}, run.target_context()).teardown(log)
+            TARGETS.get(owner)({}, run.target_context()).teardown(log)
 
 
 def machine_status(steps: dict[str, Step], move_to_local: bool) -> str:

@@ -52,13 +52,6 @@ class TargetUnavailable(TargetError):
     """The driver cannot work on this host (missing binary, daemon down, no permission)."""
 
 
-class DriverNotAvailable(TargetUnavailable, UsageError):
-    """A runbook names a driver this version of lifeboat does not have (planned, or unknown): the
-    request, not the host, is at fault, and nothing was changed (exit status 2)."""
-
-    exit_code = 2
-
-
 class InvalidSettings(TargetError, UsageError):
     """A driver's settings do not satisfy its schema (exit status 2: the runbook is at fault)."""
 

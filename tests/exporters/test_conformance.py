@@ -14,7 +14,7 @@ import pytest
 
 from lifeboat.archive import Archive, PointReader
 from lifeboat.archive.errors import DestinationError
-from lifeboat.exporters import WRITERS, ImageWriter, open_image, writer
+from lifeboat.exporters import WRITERS, ImageWriter, open_image
 from tests.exporters.helpers import MiB, backup_bytes, contents, qemu_img, qemu_info
 
 CONTENTS = contents()
@@ -80,9 +80,9 @@ def check_export(w: ImageWriter, reader: PointReader, tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("content", list(CONTENTS))
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", WRITERS.names())
 def test_writer_matrix(fmt: str, content: str, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
-    w = writer(fmt)
+    w = WRITERS.get(fmt)()
     reader = points[(64 * 1024, content)]
     if reader.size < w.min_size:  # VMDK, VHDX: no empty disks
         with pytest.raises(DestinationError, match="at least 1 byte"):
@@ -93,15 +93,15 @@ def test_writer_matrix(fmt: str, content: str, points: dict[tuple[int, str], Poi
 
 
 @pytest.mark.parametrize("chunk_size", [4096, MiB])
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", WRITERS.names())
 def test_chunk_sizes(fmt: str, chunk_size: int, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
     """Chunks smaller than a cluster (4 KiB) and larger ones (1 MiB) give the same image."""
     for content in ("sparse-odd", "odd-1MiB-512"):
         sub = tmp_path / content
         sub.mkdir()
-        check_export(writer(fmt), points[(chunk_size, content)], sub)
+        check_export(WRITERS.get(fmt)(), points[(chunk_size, content)], sub)
 
 
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", WRITERS.names())
 def test_single_worker(fmt: str, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
-    check_export(writer(fmt, workers=1), points[(64 * 1024, "sparse-odd")], tmp_path)
+    check_export(WRITERS.get(fmt)(workers=1), points[(64 * 1024, "sparse-odd")], tmp_path)

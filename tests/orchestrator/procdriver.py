@@ -3,7 +3,7 @@ failures, hooks, resume) without a hypervisor. It exercises the image-upload pat
 interface: the engine restores the point into an image file, the process "boots" by reading that
 image and printing ``LIFEBOAT-GUEST:`` lines to its console file, then stays alive.
 
-Registered with ``LIFEBOAT_TARGET_PLUGINS=proc=tests.orchestrator.procdriver:ProcTarget``.
+Registered with ``LIFEBOAT_PLUGINS=targets:proc=tests.orchestrator.procdriver:ProcTarget``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lifeboat.targets.base import Disk, Guest, HasConsole, ResourceLog, TakesImage, TargetError, process_matches
 
-PLUGIN = "proc=tests.orchestrator.procdriver:ProcTarget"
+PLUGIN = "targets:proc=tests.orchestrator.procdriver:ProcTarget"
 
 GUEST = r"""
 import sys, time

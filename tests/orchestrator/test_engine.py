@@ -23,7 +23,7 @@ from lifeboat.orchestrator.state import SqliteState
 from tests.orchestrator.procdriver import PLUGIN
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat, qemu_processes
 
-ENV = {"LIFEBOAT_TARGET_PLUGINS": PLUGIN}
+ENV = {"LIFEBOAT_PLUGINS": PLUGIN}
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from tests.orchestrator.procdriver import PLUGIN
 from tests.orchestrator.test_engine import machine, runbook, tiny_archive, write_runbook  # noqa: F401
 from tests.targets.realpeers import lifeboat
 
-ENV = {"LIFEBOAT_TARGET_PLUGINS": PLUGIN}
+ENV = {"LIFEBOAT_PLUGINS": PLUGIN}
 
 
 def test_scheduler_catches_up_once_and_not_on_first_sight(tiny_archive: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -41,11 +41,11 @@ import pytest
 
 from examples.sample_guest import read_record
 from lifeboat.archive import Archive
-from lifeboat.exporters import WRITERS, writer
+from lifeboat.exporters import WRITERS
 from lifeboat.orchestrator.health import console_text
 from lifeboat.orchestrator.serving import NbdServerProcess, start_server, stop_server
 from lifeboat.orchestrator.state import DbResourceLog, SqliteState
-from lifeboat.targets import driver_class
+from lifeboat.targets import TARGETS
 from lifeboat.targets.base import (
     BootsFromNbd,
     Disk,
@@ -67,7 +67,7 @@ POINT = "sample-guest@latest"
 
 def driver_for(peer: Peer) -> type[Target]:
     """The class that serves the peer's settings, found the way the engine finds it."""
-    return driver_class(peer.driver).variant(peer.settings)
+    return TARGETS.get(peer.driver).variant(peer.settings)
 
 
 @pytest.mark.parametrize("peer", PEERS, ids=repr)
@@ -93,7 +93,7 @@ def test_capabilities(peer: Peer, tmp_path: Path) -> None:
     target = cls(peer.settings, TargetContext(state_dir=tmp_path))
     assert target.supports_network("none")
     if isinstance(target, TakesImage):
-        assert target.image_formats() and set(target.image_formats()) <= set(WRITERS)
+        assert target.image_formats() and set(target.image_formats()) <= set(WRITERS.names())
 
 
 def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, NbdServerProcess | None]:
@@ -119,9 +119,9 @@ def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) 
     fmt = target.image_formats()[0]
     image = guest.workdir / f"disk.{fmt}"
     elog.record("file", str(image), {})
-    writer(fmt).write(arc.reader(info), image, overwrite=True)
+    WRITERS.get(fmt)().write(arc.reader(info), image, overwrite=True)
     check = subprocess.run(
-        ["qemu-img", "check", "-f", WRITERS[fmt].qemu_format, str(image)], capture_output=True, text=True
+        ["qemu-img", "check", "-f", WRITERS.get(fmt).qemu_format, str(image)], capture_output=True, text=True
     )
     assert check.returncode == 0 or "does not support checks" in check.stderr, check.stdout + check.stderr
     return Disk(size=info.size, image_path=image, image_format=fmt), None
@@ -214,7 +214,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     if isinstance(target, TakesImage):
         assert disk.image_path is not None and disk.image_format is not None
         raw = tmp_path / "written.raw"
-        qemu_format = WRITERS[disk.image_format].qemu_format
+        qemu_format = WRITERS.get(disk.image_format).qemu_format
         subprocess.run(
             ["qemu-img", "convert", "-f", qemu_format, "-O", "raw", str(disk.image_path), str(raw)], check=True
         )
