@@ -17,8 +17,9 @@ import secrets
 import shutil
 import stat
 import subprocess
+from typing import ClassVar
 
-from lifeboat.agent.plan import MODE_FULL, MODE_HASH_SCAN, BackupPlan, CaptureError
+from lifeboat.agent.plan import MODE_FULL, MODE_HASH_SCAN, BackupPlan, CaptureError, Guarantees
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.errors import SourceError
 from lifeboat.archive.files import FileSource
@@ -62,6 +63,8 @@ def open_volume(path: str) -> LvmSnapshotSource:
 
 class LvmSnapshotSource:
     """An LVM logical volume, captured from a snapshot taken at ``prepare``."""
+
+    guarantees: ClassVar[Guarantees] = Guarantees(crash_consistent=True)
 
     def __init__(self, path: str, vg: str, lv: str, size: int) -> None:
         self.path = path

@@ -29,6 +29,22 @@ class CaptureError(LifeboatError):
     """A capture failed while it ran (the guest stopped, the connection broke): no point was stored."""
 
 
+@dataclass(frozen=True)
+class Guarantees:
+    """What a source promises (the table of ``agent/SOURCES.md``): callers and the capture-source
+    suite branch on these, never on a source's name."""
+
+    crash_consistent: bool = False  # a point is the disk at one instant, even while it is written
+    tracks_changes: bool = False  # an incremental reads only what changed; a broken chain reads all, saying why
+
+
+def guarantees(source: Any) -> Guarantees:
+    """What ``source`` guarantees: a source that states nothing (a plain file or device, an image
+    file: they live in ``archive`` and ``exporters``) guarantees neither."""
+    stated: Guarantees = getattr(source, "guarantees", Guarantees())
+    return stated
+
+
 @dataclass
 class BackupPlan:
     """What a capture will read: ``changed`` extents relative to ``base``, or everything."""

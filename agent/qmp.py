@@ -34,11 +34,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from lifeboat.agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError
+from lifeboat.agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, Guarantees
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.errors import SourceError
 from lifeboat.archive.points import now_utc
@@ -118,6 +118,8 @@ def tracking_granularity(size: int) -> int:
 
 class QmpSource:
     """A running QEMU's disk; ``prepare`` freezes a view of it, ``read`` reads that view."""
+
+    guarantees: ClassVar[Guarantees] = Guarantees(crash_consistent=True, tracks_changes=True)
 
     def __init__(self, spec: str, *, timeout: float = 60.0) -> None:
         self.spec = spec

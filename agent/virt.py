@@ -23,12 +23,12 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
-from lifeboat.agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError
+from lifeboat.agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError, Guarantees
 from lifeboat.agent.qmp import bitmap_prefix, point_param
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.errors import SourceError
@@ -53,6 +53,8 @@ def parse_spec(spec: str) -> tuple[str, str, str, str | None]:
 
 class LibvirtSource:
     """One disk of a running libvirt domain; ``prepare`` starts a pull backup, ``read`` reads it."""
+
+    guarantees: ClassVar[Guarantees] = Guarantees(crash_consistent=True, tracks_changes=True)
 
     def __init__(self, spec: str) -> None:
         import libvirt

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from examples import sample_guest as sg
 RECORDS_OFFSET = sg.PARTITION2_OFFSET + 1024 * 1024
 RECORD_SIZE = 4096
 PREFIX = sg.CONSOLE_PREFIX
+LIBVIRT_URI = "qemu:///system"
 
 
 @dataclass
@@ -141,6 +145,72 @@ class Guest:
             return q.cmd(command, **args)
         finally:
             q.close()
+
+
+class Domain:
+    """A persistent domain booting the sample guest from a qcow2 disk, its console tailed."""
+
+    def __init__(self, image: Path) -> None:
+        import libvirt
+
+        self.dir = Path(tempfile.mkdtemp(prefix="lifeboat-agent-libvirt-", dir="/var/tmp"))
+        self.dir.chmod(0o755)  # the domain's QEMU runs as its own user
+        self.disk = make_disk(image, self.dir)
+        self.console_file = self.dir / "console.log"
+        self.name = f"lifeboat-agent-test-{secrets.token_hex(4)}"
+        self.console = Console()
+        self.conn = libvirt.open(LIBVIRT_URI)
+        xml = f"""<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{self.disk}'/>
+<target dev='vda' bus='virtio'/></disk>
+<serial type='file'><source path='{self.console_file}'/></serial></devices></domain>"""
+        self.dom = self.conn.defineXML(xml)
+        self.dom.create()
+        self._stop = threading.Event()
+        threading.Thread(target=self._tail, daemon=True).start()
+        self.wait_records(3, 90)
+
+    @property
+    def spec(self) -> str:
+        return f"libvirt:///{self.name}?disk=vda&uri={LIBVIRT_URI}"
+
+    def _tail(self) -> None:
+        pos = 0
+        pending = ""
+        while not self._stop.wait(0.05):
+            try:
+                with open(self.console_file, "rb") as f:
+                    f.seek(pos)
+                    data = f.read()
+            except OSError:
+                continue
+            pos += len(data)
+            pending += data.decode(errors="replace").replace("\r", "")
+            *done, pending = pending.split("\n")
+            now = time.time()
+            with self.console.cond:
+                for line in done:
+                    if "LIFEBOAT-GUEST: " in line:
+                        self.console.lines.append((now, line.split("LIFEBOAT-GUEST: ", 1)[1].strip()))
+                self.console.cond.notify_all()
+
+    def wait_records(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.console.wrote_max() < n:
+            assert time.monotonic() < deadline, f"guest wrote no record {n}: {self.console.lines[-10:]}"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        import libvirt
+
+        self._stop.set()
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        self.conn.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def make_disk(image: Path, workdir: Path, *, workload_ms: int = 100, fmt: str = "qcow2") -> Path:
