@@ -61,7 +61,8 @@ class Guest:
         self.disk = disk
         self.workdir = workdir
         self.fmt = fmt
-        self.qmp_path = workdir / "qmp.sock"
+        self.qmp_path = workdir / "qmp.sock"  # the agent's monitor
+        self.ctl_path = workdir / "ctl.sock"  # the tests' own, usable while a capture holds the agent's
         self.proc: subprocess.Popen[bytes] | None = None
         self.console = Console()
         self.boots = 0
@@ -75,10 +76,11 @@ class Guest:
         """Boot and wait until the workload of this boot has written its first records."""
         with self.console.cond:
             self.console.lines.append((time.time(), "starting"))
-        if self.qmp_path.exists():
-            self.qmp_path.unlink()
+        for sock in (self.qmp_path, self.ctl_path):
+            sock.unlink(missing_ok=True)
         cmd = sg.qemu_command(str(self.disk), fmt=self.fmt,
-                              extra_args=["-qmp", f"unix:{self.qmp_path},server=on,wait=off"])
+                              extra_args=["-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                                          "-qmp", f"unix:{self.ctl_path},server=on,wait=off"])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.boots += 1
@@ -127,7 +129,7 @@ class Guest:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         if self.proc and self.proc.poll() is None:
-            q = QEMUMonitorProtocol(str(self.qmp_path))
+            q = QEMUMonitorProtocol(str(self.ctl_path))
             q.connect()
             with contextlib.suppress(Exception):  # QEMU closes the socket as it quits
                 q.cmd("quit")
@@ -139,7 +141,7 @@ class Guest:
         """One QMP command on a connection of its own."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        q = QEMUMonitorProtocol(str(self.qmp_path))
+        q = QEMUMonitorProtocol(str(self.ctl_path))
         q.connect()
         try:
             return q.cmd(command, **args)
