@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar, cast
 
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 T = TypeVar("T")
 
@@ -97,8 +97,8 @@ class Registry(Generic[T]):
         module, _, attr = ref.partition(":")
         try:
             found = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"the {name} {self.noun} ({ref}) cannot be loaded: {e}") from None
+        except (ImportError, AttributeError) as e:  # a missing dependency: an operation failed (exit 1)
+            raise LifeboatError(f"the {name} {self.noun} ({ref}) cannot be loaded: {e}") from None
         if self.base is not None and not (isinstance(found, type) and issubclass(found, self.base)):
             raise UsageError(f"the {name} {self.noun} ({ref}) is not a {self.base.__name__}")
         return cast(T, found)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError
 from lifeboat.plumbing.registry import Registry
 from lifeboat.targets.base import Target, TargetError, TargetUnavailable
 
@@ -34,7 +34,7 @@ def driver_kind(name: str) -> str | None:
         return PLANNED_KINDS[name]
     try:
         return TARGETS.get(name).kind
-    except UsageError:
+    except LifeboatError:  # unknown, or cannot be loaded here
         return None
 
 
@@ -47,7 +47,7 @@ def driver_schema(name: str) -> dict[str, Any] | None:
         return load_schema(path) if path.exists() else None
     try:
         return TARGETS.get(name).schema()
-    except UsageError:
+    except LifeboatError:  # unknown, or cannot be loaded here
         return None
 
 

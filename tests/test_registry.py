@@ -14,7 +14,7 @@ from lifeboat.archive.backend import Backend, open_backend
 from lifeboat.exporters.base import ImageWriter
 from lifeboat.orchestrator.plugins import list_plugins, registries
 from lifeboat.orchestrator.sources import open_source, source_kind
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.plumbing.registry import Registry
 from lifeboat.targets import TARGETS, driver_kind, driver_schema
 from lifeboat.targets.base import Target
@@ -94,7 +94,7 @@ def test_environment_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.orchestrator.procdriver import ProcTarget
 
     assert TARGETS.get("proc") is ProcTarget
-    with pytest.raises(UsageError, match=r"the other export format \(pkg.mod:Cls\) cannot be loaded"):
+    with pytest.raises(LifeboatError, match=r"the other export format \(pkg.mod:Cls\) cannot be loaded"):
         registries()["exporters"].get("other")
     monkeypatch.setenv("LIFEBOAT_PLUGINS", "targets:pxe=tests.orchestrator.procdriver:ProcTarget")
     assert TARGETS.get("pxe") is ProcTarget and "pxe" not in TARGETS.planned()  # a plug-in fills a planned name
