@@ -1,6 +1,13 @@
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+LIBVIRT_URI = "qemu:///system"
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +20,30 @@ def sample_guest_image() -> Path:
     from examples.sample_guest import build
 
     return build()
+
+
+def _libvirt_answers() -> bool:
+    return subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """``qemu:///system``, starting virtlogd and libvirtd (as daemons) if they are not running;
+    only the ones started here are stopped, at the end of the session (one fixture for every
+    test that needs libvirt, so no module stops a daemon that a later test uses)."""
+    started: list[Path] = []
+    if not _libvirt_answers():
+        for daemon, pidfile in (("virtlogd", Path("/run/virtlogd.pid")), ("libvirtd", Path("/run/libvirtd.pid"))):
+            if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
+                subprocess.run([daemon, "-d"], check=True, timeout=30)
+                started.append(pidfile)
+        deadline = time.monotonic() + 30
+        while not _libvirt_answers():
+            assert time.monotonic() < deadline, f"libvirtd did not answer on {LIBVIRT_URI}"
+            time.sleep(0.2)
+    yield LIBVIRT_URI
+    for pidfile in reversed(started):
+        try:
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass

@@ -1,5 +1,5 @@
 """Fixtures of the agent tests: a local archive, the sample guest running its workload under QEMU,
-a libvirtd, and stand-in LVM commands.
+and stand-in LVM commands (libvirtd: the session fixture in tests/conftest.py).
 
 No device-mapper exists on this machine, so LVM itself cannot run here. ``fake_lvm`` puts
 stand-in ``lvs``/``lvcreate``/``lvremove`` commands on PATH that keep a real loop device as the
@@ -13,14 +13,13 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lifeboat.archive import Archive
-from tests.agent.guest import LIBVIRT_URI, Guest, make_disk
+from tests.agent.guest import Guest, make_disk
 
 MiB = 1024 * 1024
 
@@ -42,32 +41,6 @@ def guest(sample_guest_image: Path, tmp_path: Path) -> Iterator[Guest]:
         yield g
     finally:
         g.kill()
-
-
-@pytest.fixture(scope="session")
-def libvirtd() -> Iterator[None]:
-    """A libvirtd answering on qemu:///system; started (and later stopped) here if none runs."""
-    import libvirt
-
-    def answers() -> bool:
-        try:
-            libvirt.open(LIBVIRT_URI).close()
-            return True
-        except libvirt.libvirtError:
-            return False
-
-    started: list[subprocess.Popen[bytes]] = []
-    if not answers():
-        for daemon in ("virtlogd", "libvirtd"):
-            started.append(subprocess.Popen([daemon], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 30
-        while not answers():
-            assert time.monotonic() < deadline, "libvirtd did not start"
-            time.sleep(0.2)
-    yield
-    for proc in reversed(started):
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 FAKE_LVM = r'''#!{python}

@@ -1,4 +1,4 @@
-"""libvirt checkpoints + pull-mode backups of a real domain run by a real libvirtd (started here if
+"""libvirt checkpoints + pull-mode backups of a real domain run by a real libvirtd (the session fixture starts it if
 none answers), beyond the capture-source suite (``test_source_conformance.py``): points taken while
 the guest writes restore to states it had, and a resized disk falls back to a full read that says why."""
 
@@ -18,7 +18,7 @@ from tests.agent.guest import Domain, check_point
 
 
 @pytest.fixture
-def domain(libvirtd: None, sample_guest_image: Path) -> Iterator[Domain]:
+def domain(libvirtd: str, sample_guest_image: Path) -> Iterator[Domain]:
     d = Domain(sample_guest_image)
     try:
         yield d

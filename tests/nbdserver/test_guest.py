@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -63,42 +60,14 @@ def test_sample_guest_boots_under_qemu_from_writable_export(guest_archive: Path,
 # --------------------------------------------------------------------------- libvirt
 
 
-def _running(name: str) -> bool:
-    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="session")
-def libvirt_conn() -> Iterator[Any]:
-    """A connection to qemu:///system; libvirtd and virtlogd are started if they are not running
-    (and only those started here are stopped afterwards)."""
+def libvirt_conn(libvirtd: str) -> Iterator[Any]:
+    """A connection to the session's libvirtd."""
     import libvirt
 
-    started: list[int] = []
-    for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
-        if _running(daemon):
-            continue
-        need(daemon)
-        subprocess.run([daemon, "-d"], check=True, timeout=30)
-        deadline = time.monotonic() + 30
-        while not Path(pidfile).exists():
-            assert time.monotonic() < deadline, f"{daemon} did not start"
-            time.sleep(0.1)
-        started.append(int(Path(pidfile).read_text().split()[0]))
-    conn = None
-    deadline = time.monotonic() + 30
-    while conn is None:
-        try:
-            conn = libvirt.open("qemu:///system")
-        except libvirt.libvirtError:
-            assert time.monotonic() < deadline, "qemu:///system does not answer"
-            time.sleep(0.3)
+    conn = libvirt.open(libvirtd)
     yield conn
     conn.close()
-    for pid in reversed(started):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def domain_xml(name: str, host: str, port: int, export: str, console: Path) -> str:

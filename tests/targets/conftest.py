@@ -1,1 +1,1 @@
-from tests.targets.realpeers import libvirtd, sample_archive  # noqa: F401  (shared fixtures)
+from tests.targets.realpeers import sample_archive  # noqa: F401  (shared fixture)

@@ -7,10 +7,7 @@ Fixtures are session-scoped (the sample guest's archive is built once) and share
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,32 +34,6 @@ def lifeboat(
     if check:
         assert done.returncode == 0, f"lifeboat {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
     return done
-
-
-def _libvirt_answers() -> bool:
-    return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def libvirtd() -> Iterator[str]:
-    """``qemu:///system``, starting virtlogd and libvirtd (as daemons) if they are not running;
-    the ones started here are stopped at the end of the session."""
-    started: list[Path] = []
-    if not _libvirt_answers():
-        for daemon, pidfile in (("virtlogd", Path("/run/virtlogd.pid")), ("libvirtd", Path("/run/libvirtd.pid"))):
-            if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
-                subprocess.run([daemon, "-d"], check=True)
-                started.append(pidfile)
-        deadline = time.monotonic() + 30
-        while not _libvirt_answers():
-            assert time.monotonic() < deadline, "libvirtd did not answer on qemu:///system"
-            time.sleep(0.2)
-    yield "qemu:///system"
-    for pidfile in reversed(started):
-        try:
-            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
 
 
 @pytest.fixture(scope="session")
