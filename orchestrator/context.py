@@ -205,15 +205,19 @@ class MachineContext:
 
     def disk(self) -> Disk:
         """The machine's disk as the ``resolve`` and ``export`` steps left it."""
-        point, ex = self.result("resolve"), self.result("export")
-        return Disk(
-            size=int(point["size"]),
-            nbd_url=ex.get("url"),
-            image_path=Path(ex["image_path"]) if ex.get("image_path") else None,
-            image_format=ex.get("image_format"),
-            local_path=Path(ex["local_path"]) if ex.get("local_path") else None,
-        )
+        return disk_of(int(self.result("resolve")["size"]), self.result("export"))
 
     def step(self, step: str, fn: Callable[[MachineContext], dict[str, Any] | None]) -> dict[str, Any]:
         """Run one step function for this machine, recorded."""
         return self.run.record(self.name, step, lambda: fn(self))
+
+
+def disk_of(size: int, export: dict[str, Any]) -> Disk:
+    """The ``Disk`` a driver sees, from the point's size and the ``export`` step's result."""
+    return Disk(
+        size=size,
+        nbd_url=export.get("url"),
+        image_path=Path(export["image_path"]) if export.get("image_path") else None,
+        image_format=export.get("image_format"),
+        local_path=Path(export["local_path"]) if export.get("local_path") else None,
+    )

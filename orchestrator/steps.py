@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lifeboat.orchestrator.context import Interrupted, MachineContext, RunContext, StepFailed
 from lifeboat.orchestrator.health import console_text, run_check
@@ -24,7 +24,20 @@ from lifeboat.orchestrator.runbook import Machine
 from lifeboat.orchestrator.serving import find_server, start_server, stop_server
 from lifeboat.orchestrator.state import DbResourceLog, Step
 from lifeboat.targets import TARGETS
-from lifeboat.targets.base import BootsFromNbd, HasConsole, Localizes, TakesImage, TargetError, destroy_generic
+from lifeboat.targets.base import (
+    BootsFromNbd,
+    Guest,
+    HasConsole,
+    Localizes,
+    ResourceLog,
+    TakesImage,
+    Target,
+    TargetError,
+    destroy_generic,
+)
+
+if TYPE_CHECKING:
+    from lifeboat.archive import Archive
 
 RECOVER_STEPS = ["resolve", "prepare", "export", "provision", "boot", "health", "localize"]
 
@@ -49,8 +62,30 @@ def prepare(ctx: MachineContext) -> dict[str, Any]:
 def export(ctx: MachineContext) -> dict[str, Any]:
     """Give the target the point's disk: serve it over NBD, or write it as an image file."""
     point = ctx.result("resolve")
-    selector = f"{point['machine']}@{point['point']}"
-    target, guest, elog = ctx.target, ctx.guest, ctx.engine_log
+    return give_disk(
+        ctx.target,
+        ctx.guest,
+        ctx.engine_log,
+        f"{point['machine']}@{point['point']}",
+        archive=ctx.run.archive,
+        key_file=ctx.run.key_file,
+        open_archive=ctx.run.archive_handle,
+    )
+
+
+def give_disk(
+    target: Target,
+    guest: Guest,
+    elog: ResourceLog,
+    selector: str,
+    *,
+    archive: str,
+    key_file: str | None,
+    open_archive: Callable[[], Archive],
+) -> dict[str, Any]:
+    """The point's disk as ``target`` takes it, its resources recorded in ``elog``: an NBD export
+    hydrating a local disk (``BootsFromNbd``), or an image file in the driver's first format
+    (``TakesImage``). The driver suite calls this too, so it tests what the engine does."""
     if isinstance(target, BootsFromNbd):
         local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
         if not local.parent.exists():
@@ -58,8 +93,8 @@ def export(ctx: MachineContext) -> dict[str, Any]:
             local.parent.mkdir(parents=True, mode=0o755)
         server = start_server(
             selector,
-            archive=ctx.run.archive,
-            key_file=ctx.run.key_file,
+            archive=archive,
+            key_file=key_file,
             token=guest.token,
             workdir=guest.workdir,
             hydrate_to=local,
@@ -72,9 +107,8 @@ def export(ctx: MachineContext) -> dict[str, Any]:
         fmt = target.image_formats()[0]
         image = guest.workdir / f"disk.{fmt}"
         elog.record("file", str(image), {})
-        arc = ctx.run.archive_handle()
-        info = arc.resolve(selector)
-        WRITERS.get(fmt)().write(arc.reader(info), image, overwrite=True)
+        arc = open_archive()
+        WRITERS.get(fmt)().write(arc.reader(arc.resolve(selector)), image, overwrite=True)
         return {"image_path": str(image), "image_format": fmt}
     raise TargetError(f"the {target.name} target neither boots from NBD nor takes an image")
 

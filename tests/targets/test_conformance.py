@@ -42,9 +42,11 @@ import pytest
 from examples.sample_guest import read_record
 from lifeboat.archive import Archive
 from lifeboat.exporters import WRITERS
+from lifeboat.orchestrator.context import disk_of
 from lifeboat.orchestrator.health import console_text
-from lifeboat.orchestrator.serving import NbdServerProcess, start_server, stop_server
+from lifeboat.orchestrator.serving import NbdServerProcess, find_server, stop_server
 from lifeboat.orchestrator.state import DbResourceLog, SqliteState
+from lifeboat.orchestrator.steps import give_disk
 from lifeboat.targets import TARGETS
 from lifeboat.targets.base import (
     BootsFromNbd,
@@ -97,34 +99,18 @@ def test_capabilities(peer: Peer, tmp_path: Path) -> None:
 
 
 def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, NbdServerProcess | None]:
-    """The engine's side of the disk, as its export step prepares it (resources in ``elog``)."""
+    """The engine's side of the disk, prepared by the engine's own code (resources in ``elog``);
+    an image is judged by ``qemu-img check``."""
     arc = Archive.open(str(archive))
-    info = arc.resolve(POINT)
-    if isinstance(target, BootsFromNbd):
-        local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
-        if not local.parent.exists():
-            elog.record("dir", str(local.parent), {})
-            local.parent.mkdir(parents=True)
-        server = start_server(
-            POINT,
-            archive=str(archive),
-            key_file=None,
-            token=guest.token,
-            workdir=guest.workdir,
-            hydrate_to=local,
-            log=elog,
-        )
-        return Disk(size=info.size, nbd_url=server.url, local_path=local), server
-    assert isinstance(target, TakesImage)
-    fmt = target.image_formats()[0]
-    image = guest.workdir / f"disk.{fmt}"
-    elog.record("file", str(image), {})
-    WRITERS.get(fmt)().write(arc.reader(info), image, overwrite=True)
-    check = subprocess.run(
-        ["qemu-img", "check", "-f", WRITERS.get(fmt).qemu_format, str(image)], capture_output=True, text=True
+    result = give_disk(
+        target, guest, elog, POINT, archive=str(archive), key_file=None, open_archive=lambda: arc
     )
-    assert check.returncode == 0 or "does not support checks" in check.stderr, check.stdout + check.stderr
-    return Disk(size=info.size, image_path=image, image_format=fmt), None
+    disk = disk_of(arc.resolve(POINT).size, result)
+    if disk.image_path is not None:
+        fmt = WRITERS.get(str(disk.image_format)).qemu_format
+        check = subprocess.run(["qemu-img", "check", "-f", fmt, str(disk.image_path)], capture_output=True, text=True)
+        assert check.returncode == 0 or "does not support checks" in check.stderr, check.stdout + check.stderr
+    return disk, find_server(elog, guest.token) if disk.nbd_url else None
 
 
 def wait_for(condition: Callable[[], bool], what: Callable[[], str], timeout: float, poll: Callable[[], None]) -> None:
