@@ -368,7 +368,7 @@ def _driver(driver: str, settings: dict[str, Any]) -> type[Target] | None:
 
     try:
         return TARGETS.get(driver).variant(settings)
-    except (LifeboatError, ImportError):
+    except LifeboatError:
         return None
 
 
