@@ -62,15 +62,6 @@ class FileSource:
             raise SourceError(f"source {self.path}: file shrank while being read (offset {offset})")
         return data
 
-    def readinto(self, offset: int, buf: bytearray) -> None:
-        """Fill ``buf`` from ``offset`` (no new allocation: the backup reuses one buffer a thread)."""
-        try:
-            n = os.preadv(self.fd, [buf], offset)
-        except OSError as e:
-            raise SourceError(f"source {self.path}: read error at offset {offset} ({e.strerror})") from None
-        if n != len(buf):
-            raise SourceError(f"source {self.path}: file shrank while being read (offset {offset})")
-
     def read_view(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` as a read-only view into this thread's buffer, valid until
         the same thread calls ``read_view`` again (no allocation, no page-cache copy where

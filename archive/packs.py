@@ -123,7 +123,6 @@ class PackWriter:
         self._pos = len(PACK_MAGIC)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pack-writer")
         self._stores: deque[Future[None]] = deque()
-        self.packs_written = 0
         self.bytes_written = 0
 
     def has(self, chunk_id: bytes) -> bool:
@@ -153,7 +152,6 @@ class PackWriter:
         while len(self._stores) >= self.in_flight:
             self._stores.popleft().result()
         self._parts.append(encode_pack_index(self._entries, self._pos))
-        self.packs_written += 1
         self.bytes_written += sum(len(p) for p in self._parts)
         self._stores.append(self._pool.submit(self._store, new_pack_key(), self._parts, self._entries))
         self._parts, self._entries, self._pos = [PACK_MAGIC], [], len(PACK_MAGIC)

@@ -132,11 +132,6 @@ class CowVolume(Volume):
     def can_fast_zero(self) -> bool:
         return True
 
-    @property
-    def written_clusters(self) -> int:
-        """How many clusters live in the overlay."""
-        return self.bitmap.count
-
     # -- reads -------------------------------------------------------------------------------
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         return offset // self.cluster, (offset + length - 1) // self.cluster

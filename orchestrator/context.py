@@ -74,7 +74,7 @@ class RunContext:
 
     def target_context(self) -> TargetContext:
         """What a driver instance gets from the engine (its messages become debug events)."""
-        return TargetContext(state_dir=self.state.dir, log=lambda msg: self.event(msg, level="debug"))
+        return TargetContext(log=lambda msg: self.event(msg, level="debug"))
 
     def target(self, machine: Machine) -> Target:
         """The driver instance for a machine (one per driver and settings)."""

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from lifeboat.targets.base import Target
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "runbooks" / "schema.json"
-RUNBOOK_VERSION = 1
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
 _POINT_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -132,7 +131,6 @@ class Runbook:
     report_dir: Path | None
     formats: list[str]
     webhook: dict[str, Any] | None
-    group_priority: dict[str, int] = field(default_factory=dict)
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``."""
@@ -855,5 +853,4 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
         report_dir=(base / report["dir"]).resolve() if "dir" in report else None,
         formats=report.get("formats", ["json", "junit", "html"]),
         webhook=report.get("webhook"),
-        group_priority={g["name"]: g.get("priority", 0) for g in doc.get("groups", [])},
     )

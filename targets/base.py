@@ -162,7 +162,6 @@ class Disk:
 class TargetContext:
     """Things of the engine that a driver may use."""
 
-    state_dir: Path  # for host-level memos (e.g. "KVM does not work here")
     log: Callable[[str], None] = lambda message: None
 
 

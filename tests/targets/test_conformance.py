@@ -77,7 +77,7 @@ def test_settings_schema(peer: Peer, tmp_path: Path) -> None:
     cls = driver_for(peer)
     schema = cls.schema()
     jsonschema.Draft202012Validator.check_schema(schema)
-    ctx = TargetContext(state_dir=tmp_path)
+    ctx = TargetContext()
     jsonschema.validate(cls(peer.settings, ctx).settings, schema)  # the defaults satisfy the schema
     with pytest.raises(TargetError, match="no_such_setting"):
         cls({**peer.settings, "no_such_setting": 1}, ctx)
@@ -92,7 +92,7 @@ def test_capabilities(peer: Peer, tmp_path: Path) -> None:
     assert cls.name == peer.driver and cls.kind in ("virtual", "physical")
     assert not inspect.isabstract(cls), "every capability the driver claims is implemented"
     assert issubclass(cls, BootsFromNbd | TakesImage), "a machine needs a disk: from NBD or an image"
-    target = cls(peer.settings, TargetContext(state_dir=tmp_path))
+    target = cls(peer.settings, TargetContext())
     assert target.supports_network("none")
     if isinstance(target, TakesImage):
         assert target.image_formats() and set(target.image_formats()) <= set(WRITERS.names())
@@ -128,7 +128,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
 ) -> None:
     peer.start(request, tmp_path)
     cls = driver_for(peer)
-    ctx = TargetContext(state_dir=tmp_path / "state")
+    ctx = TargetContext()
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
     state = SqliteState(tmp_path / "state")
     guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("isolated"))
@@ -185,7 +185,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
 
     # tear down from a fresh process's point of view: new database handle, new driver instance
     state2 = SqliteState(tmp_path / "state")
-    fresh = driver_for(peer)(peer.settings, TargetContext(state_dir=tmp_path / "state"))
+    fresh = driver_for(peer)(peer.settings, TargetContext())
     log2 = DbResourceLog(state2, run_id, "conf", cls.name)
     fresh.teardown(log2)
     assert log2.resources() == []

@@ -45,7 +45,7 @@ def test_guest_agent_runs_a_command(qga: Path) -> None:
 
 
 def test_command_check_in_guest_through_the_qemu_driver(qga: Path, tmp_path: Path) -> None:
-    target = QemuTarget({}, TargetContext(state_dir=tmp_path))
+    target = QemuTarget({}, TargetContext())
     guest = Guest("g", f"20260101T000000-{secrets.token_hex(3)}", tmp_path)
     sockets = socket_dir(guest)  # where the driver expects the agent channel QEMU would create
     sockets.mkdir(parents=True)
@@ -63,7 +63,7 @@ def test_command_check_in_guest_through_the_qemu_driver(qga: Path, tmp_path: Pat
 
 
 def test_tcp_check_against_a_local_listener(tmp_path: Path) -> None:
-    target = QemuTarget({}, TargetContext(state_dir=tmp_path))
+    target = QemuTarget({}, TargetContext())
     guest = Guest("g", "20260101T000000-abcdef", tmp_path)
     log = MemoryLog("qemu")
     with socket.socket() as server:
@@ -90,7 +90,7 @@ def test_tcp_check_against_a_local_listener(tmp_path: Path) -> None:
 
 
 def test_host_command_gets_lifeboat_variables(tmp_path: Path) -> None:
-    target = QemuTarget({}, TargetContext(state_dir=tmp_path))
+    target = QemuTarget({}, TargetContext())
     guest = Guest("g", "20260101T000000-abcdef", tmp_path)
     check = Check("env", "command", {"run": 'test "$LIFEBOAT_MACHINE" = web01', "in": "host"}, 5)
     r = run_check(check, target, guest, MemoryLog("qemu"), {"LIFEBOAT_MACHINE": "web01"}, lambda: False, lambda: None)
