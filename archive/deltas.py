@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lifeboat.archive.formats import ZERO_ID, ChunkTable, Patch
+from lifeboat.archive.formats import ZERO_ID, ChunkTable, Patch, slot_length
 
 MAX_REFS = 4  # stored chunks one slot may be read from (its base chunk and patch chunks)
 # Patch chunks close at this size (or the chunk size, if smaller): a few MiB of changes then make
@@ -30,11 +30,6 @@ class Job:
 
     slot: int = -1
     runs: tuple[Run, ...] = ()
-
-
-def slot_length(size: int, cs: int, slot: int) -> int:
-    """Length of slot ``slot`` of a disk of ``size`` bytes (the last one may be short)."""
-    return min(cs, size - slot * cs)
 
 
 def _runs_by_slot(changed: Iterable[tuple[int, int]], size: int, cs: int) -> dict[int, list[tuple[int, int]]]:

@@ -70,6 +70,12 @@ def parse_pack_index(name: str, body: bytes, count: int, crc: int, index_offset:
     return entries
 
 
+def slot_length(size: int, cs: int, slot: int) -> int:
+    """Length of slot ``slot`` of a disk of ``size`` bytes cut into ``cs``-byte slots: the last one
+    may be short. Every reader and writer of slots asks here, so none gets the tail wrong."""
+    return min(cs, size - slot * cs)
+
+
 @dataclass(frozen=True)
 class Patch:
     """Bytes ``offset .. offset+length`` of slot ``slot`` are bytes ``chunk_offset ..`` of another
@@ -160,7 +166,7 @@ def parse_point(name: str, data: bytes) -> tuple[dict[str, Any], ChunkTable]:
     table = ChunkTable([body[i:i + ID_LEN] for i in range(0, count * ID_LEN, ID_LEN)])
     for at in range(count * ID_LEN, len(body), PATCH_ENTRY.size):
         slot, off, length, coff, cid, clen = PATCH_ENTRY.unpack_from(body, at)
-        slot_len = min(cs, size - slot * cs) if slot < count else 0
+        slot_len = slot_length(size, cs, slot) if slot < count else 0
         prev = table.patches.get(slot)
         source_ok = (coff, clen) == (0, 0) if cid == ZERO_ID else coff + length <= clen
         in_order = not prev or prev[-1].offset + prev[-1].length <= off

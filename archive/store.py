@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from lifeboat.archive.backend import Backend, open_backend
 from lifeboat.archive.chunks import Codec, Keys
-from lifeboat.archive.deltas import Job, job_reads, lay_patches, plan_jobs, slot_length
+from lifeboat.archive.deltas import Job, job_reads, lay_patches, plan_jobs
 from lifeboat.archive.errors import (
     ArchiveExists,
     ArchiveNotFound,
@@ -37,6 +37,7 @@ from lifeboat.archive.formats import (
     encode_point,
     parse_point,
     parse_point_header,
+    slot_length,
 )
 from lifeboat.archive.packs import ChunkIndex, PackWriter
 from lifeboat.archive.points import (
@@ -476,7 +477,7 @@ class PointReader:
 
     def chunk_length(self, i: int) -> int:
         """Length of slot ``i`` (the last one may be short)."""
-        return min(self.chunk_size, self.size - i * self.chunk_size)
+        return slot_length(self.size, self.chunk_size, i)
 
     def is_zero(self, i: int) -> bool:
         """Whether slot ``i`` is all zeros (stored as nothing)."""

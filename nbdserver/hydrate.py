@@ -40,6 +40,7 @@ from typing import Any
 
 from lifeboat.archive.durable import create_durably, fsync_dir, pwrite_all
 from lifeboat.archive.errors import FormatError, StorageError
+from lifeboat.archive.formats import slot_length
 from lifeboat.nbdserver import protocol as P
 from lifeboat.nbdserver.overlay import clip, merge
 from lifeboat.nbdserver.storage import (
@@ -287,8 +288,7 @@ class HydrateVolume(Volume):
         fut.set_result(ok)
 
     def _range(self, i: int) -> tuple[int, int]:
-        start = i * self.chunk
-        return start, min(self.chunk, self.size - start)
+        return i * self.chunk, slot_length(self.size, self.chunk, i)
 
     def _zero_target(self, offset: int, length: int, keep_allocated: bool = False) -> None:
         if self.regular:

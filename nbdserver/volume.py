@@ -18,6 +18,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from lifeboat.archive.formats import slot_length
 from lifeboat.archive.store import PointReader
 from lifeboat.nbdserver import protocol as P
 from lifeboat.plumbing.errors import LifeboatError
@@ -128,7 +129,7 @@ class PointChunks:
 
     def chunk_length(self, i: int) -> int:
         """Length of chunk ``i`` (the last one may be short)."""
-        return min(self.chunk_size, self.size - i * self.chunk_size)
+        return slot_length(self.size, self.chunk_size, i)
 
     def is_zero(self, i: int) -> bool:
         """Whether chunk ``i`` is all zeros (stored as nothing)."""
