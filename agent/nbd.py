@@ -15,49 +15,14 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 
+from lifeboat.plumbing import nbd as P
 from lifeboat.plumbing.errors import LifeboatError
-
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-
-OPT_ABORT = 2
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_BIT = 1 << 31
-INFO_EXPORT = 0
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_BLOCK_STATUS = 7
-
-REPLY_FLAG_DONE = 1
-REPLY_NONE = 0
-REPLY_OFFSET_DATA = 1
-REPLY_OFFSET_HOLE = 2
-REPLY_BLOCK_STATUS = 5
-REPLY_ERROR = 32769
-REPLY_ERROR_OFFSET = 32770
-
-STATE_HOLE = 1
-STATE_ZERO = 2
-STATE_DIRTY = 1
 
 MAX_REQUEST = 32 * 1024 * 1024  # QEMU's maximum block size
 MAX_STATUS = 1 << 30  # block status asked in 1 GiB steps (the length field is 32 bits)
+# a reply is read in two steps: its magic first, which says which of these follows
+_SIMPLE_REST = struct.Struct(">IQ")  # error, cookie: P.SIMPLE_REPLY after its magic
+_STRUCTURED_REST = struct.Struct(">HHQI")  # flags, type, cookie, length: P.STRUCTURED_REPLY after its magic
 
 
 class NbdError(LifeboatError):
@@ -102,89 +67,91 @@ class NbdConnection:
 
     # -- handshake ---------------------------------------------------------------------------
     def _handshake(self, export: str, contexts: tuple[str, ...]) -> None:
-        head = _recv_exact(self.sock, 18)
-        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+        magic, opt, flags = P.SERVER_GREETING.unpack(_recv_exact(self.sock, P.SERVER_GREETING.size))
+        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
             raise NbdError("not an NBD newstyle server")
-        (flags,) = struct.unpack(">H", head[16:18])
-        if not flags & FLAG_FIXED_NEWSTYLE:
+        if not flags & P.FLAG_FIXED_NEWSTYLE:
             raise NbdError("the NBD server does not speak fixed newstyle")
-        self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
-        self._option(OPT_STRUCTURED_REPLY, b"")
-        self._expect_ack(OPT_STRUCTURED_REPLY)
+        no_zeroes = P.FLAG_C_NO_ZEROES if flags & P.FLAG_NO_ZEROES else 0
+        self.sock.sendall(P.CLIENT_FLAGS.pack(P.FLAG_C_FIXED_NEWSTYLE | no_zeroes))
+        self._option(P.OPT_STRUCTURED_REPLY, b"")
+        self._expect_ack(P.OPT_STRUCTURED_REPLY)
         name = export.encode()
         if contexts:
-            body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
+            body = P.U32.pack(len(name)) + name + P.U32.pack(len(contexts))
             for c in contexts:
-                body += struct.pack(">I", len(c.encode())) + c.encode()
-            self._option(OPT_SET_META_CONTEXT, body)
+                body += P.U32.pack(len(c.encode())) + c.encode()
+            self._option(P.OPT_SET_META_CONTEXT, body)
             while True:
-                rtype, data = self._reply(OPT_SET_META_CONTEXT)
-                if rtype == REP_ACK:
+                rtype, data = self._reply(P.OPT_SET_META_CONTEXT)
+                if rtype == P.REP_ACK:
                     break
-                if rtype == REP_META_CONTEXT:
-                    (cid,) = struct.unpack(">I", data[:4])
+                if rtype == P.REP_META_CONTEXT:
+                    (cid,) = P.U32.unpack_from(data)
                     self.contexts[data[4:].decode()] = cid
             missing = [c for c in contexts if c not in self.contexts]
             if missing:
                 raise NbdError(f"the NBD export {export!r} does not offer {', '.join(missing)}")
-        self._option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        self._option(P.OPT_GO, P.U32.pack(len(name)) + name + P.U16.pack(0))
         self.size = -1
         while True:
-            rtype, data = self._reply(OPT_GO)
-            if rtype == REP_ACK:
+            rtype, data = self._reply(P.OPT_GO)
+            if rtype == P.REP_ACK:
                 break
-            if rtype == REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
-                self.size, self.flags = struct.unpack(">QH", data[2:12])
+            if rtype == P.REP_INFO and len(data) >= P.INFO_EXPORT_PAYLOAD.size:
+                info, size, flags = P.INFO_EXPORT_PAYLOAD.unpack_from(data)
+                if info == P.INFO_EXPORT:
+                    self.size, self.flags = size, flags
         if self.size < 0:
             raise NbdError(f"the NBD server sent no size for export {export!r}")
 
     def _option(self, opt: int, data: bytes) -> None:
-        self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        self.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, opt, len(data)) + data)
 
     def _reply(self, opt: int) -> tuple[int, bytes]:
-        magic, ropt, rtype, length = struct.unpack(">QIII", _recv_exact(self.sock, 20))
+        magic, ropt, rtype, length = P.OPTION_REPLY.unpack(_recv_exact(self.sock, P.OPTION_REPLY.size))
         data = _recv_exact(self.sock, length) if length else b""
-        if magic != OPT_REPLY_MAGIC or ropt != opt:
+        if magic != P.REPLY_MAGIC or ropt != opt:
             raise NbdError("malformed NBD option reply")
-        if rtype & REP_ERR_BIT:
+        if rtype & P.REP_ERR_BIT:
             raise NbdError(f"the NBD server refused option {opt}: {data.decode(errors='replace') or hex(rtype)}")
         return rtype, data
 
     def _expect_ack(self, opt: int) -> None:
         rtype, _ = self._reply(opt)
-        if rtype != REP_ACK:
+        if rtype != P.REP_ACK:
             raise NbdError(f"unexpected reply {rtype} to option {opt}")
 
     # -- transmission --------------------------------------------------------------------------
     def _request(self, cmd: int, offset: int, length: int) -> int:
         self._cookie += 1
-        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._cookie, offset, length))
+        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, cmd, self._cookie, offset, length))
         return self._cookie
 
     def _chunks(self, cookie: int) -> Iterator[tuple[int, bytes]]:
         """The (type, payload) of each structured reply chunk to a request, until DONE."""
         while True:
             head = _recv_exact(self.sock, 4)
-            (magic,) = struct.unpack(">I", head)
-            if magic == SIMPLE_REPLY_MAGIC:
-                error, handle = struct.unpack(">IQ", _recv_exact(self.sock, 12))
+            (magic,) = P.U32.unpack(head)
+            if magic == P.SIMPLE_REPLY_MAGIC:
+                error, handle = _SIMPLE_REST.unpack(_recv_exact(self.sock, _SIMPLE_REST.size))
                 if handle != cookie:
                     raise NbdError("NBD reply to an unknown request")
                 if error:
                     raise NbdError(f"NBD request failed with error {error}")
                 return
-            if magic != STRUCTURED_REPLY_MAGIC:
+            if magic != P.STRUCTURED_REPLY_MAGIC:
                 raise NbdError(f"bad NBD reply magic {magic:#x}")
-            flags, rtype, handle, length = struct.unpack(">HHQI", _recv_exact(self.sock, 16))
+            flags, rtype, handle, length = _STRUCTURED_REST.unpack(_recv_exact(self.sock, _STRUCTURED_REST.size))
             if handle != cookie:
                 raise NbdError("NBD reply to an unknown request")
             payload = _recv_exact(self.sock, length) if length else b""
-            if rtype in (REPLY_ERROR, REPLY_ERROR_OFFSET):
-                error, mlen = struct.unpack(">IH", payload[:6])
+            if rtype in (P.REPLY_TYPE_ERROR, P.REPLY_TYPE_ERROR_OFFSET):
+                error, mlen = P.ERROR_HEADER.unpack_from(payload)
                 msg = payload[6:6 + mlen].decode(errors="replace")
                 raise NbdError(f"NBD request failed with error {error}: {msg}")
             yield rtype, payload
-            if flags & REPLY_FLAG_DONE:
+            if flags & P.REPLY_FLAG_DONE:
                 return
 
     def read(self, offset: int, length: int) -> bytes:
@@ -193,14 +160,14 @@ class NbdConnection:
         pos = 0
         while pos < length:
             n = min(MAX_REQUEST, length - pos)
-            cookie = self._request(CMD_READ, offset + pos, n)
+            cookie = self._request(P.CMD_READ, offset + pos, n)
             for rtype, payload in self._chunks(cookie):
-                if rtype == REPLY_OFFSET_DATA:
-                    (at,) = struct.unpack(">Q", payload[:8])
+                if rtype == P.REPLY_TYPE_OFFSET_DATA:
+                    (at,) = P.OFFSET_HEADER.unpack_from(payload)
                     rel = at - offset
                     out[rel:rel + len(payload) - 8] = payload[8:]
-                elif rtype == REPLY_OFFSET_HOLE:
-                    at, hole = struct.unpack(">QI", payload[:12])
+                elif rtype == P.REPLY_TYPE_OFFSET_HOLE:
+                    at, hole = P.HOLE_PAYLOAD.unpack_from(payload)
                     rel = at - offset
                     out[rel:rel + hole] = bytes(hole)
             pos += n
@@ -221,40 +188,40 @@ class NbdConnection:
                 except StopIteration:
                     more = False
                     break
-                pending[self._request(CMD_READ, off, n)] = (off, bytearray(n))
+                pending[self._request(P.CMD_READ, off, n)] = (off, bytearray(n))
             if not pending:
                 return
-            (magic,) = struct.unpack(">I", _recv_exact(self.sock, 4))
-            if magic == SIMPLE_REPLY_MAGIC:
-                error, handle = struct.unpack(">IQ", _recv_exact(self.sock, 12))
+            (magic,) = P.U32.unpack(_recv_exact(self.sock, 4))
+            if magic == P.SIMPLE_REPLY_MAGIC:
+                error, handle = _SIMPLE_REST.unpack(_recv_exact(self.sock, _SIMPLE_REST.size))
                 if error or handle not in pending:
                     raise NbdError(f"NBD read failed with error {error}")
                 off, buf = pending.pop(handle)
                 _recv_into(self.sock, memoryview(buf))
                 yield off, buf
                 continue
-            if magic != STRUCTURED_REPLY_MAGIC:
+            if magic != P.STRUCTURED_REPLY_MAGIC:
                 raise NbdError(f"bad NBD reply magic {magic:#x}")
-            flags, rtype, handle, length = struct.unpack(">HHQI", _recv_exact(self.sock, 16))
+            flags, rtype, handle, length = _STRUCTURED_REST.unpack(_recv_exact(self.sock, _STRUCTURED_REST.size))
             if handle not in pending:
                 raise NbdError("NBD reply to an unknown request")
             off, buf = pending[handle]
-            if rtype == REPLY_OFFSET_DATA and length < 8:
+            if rtype == P.REPLY_TYPE_OFFSET_DATA and length < 8:
                 raise NbdError("NBD data reply shorter than its offset")
             # data goes straight into the request's buffer: only its 8-byte offset is read here
-            payload = _recv_exact(self.sock, 8 if rtype == REPLY_OFFSET_DATA else length) if length else b""
-            if rtype in (REPLY_ERROR, REPLY_ERROR_OFFSET):
-                error, mlen = struct.unpack(">IH", payload[:6])
+            payload = _recv_exact(self.sock, 8 if rtype == P.REPLY_TYPE_OFFSET_DATA else length) if length else b""
+            if rtype in (P.REPLY_TYPE_ERROR, P.REPLY_TYPE_ERROR_OFFSET):
+                error, mlen = P.ERROR_HEADER.unpack_from(payload)
                 raise NbdError(f"NBD read failed with error {error}: {payload[6:6 + mlen].decode(errors='replace')}")
-            if rtype == REPLY_OFFSET_DATA:
-                (at,) = struct.unpack(">Q", payload)
+            if rtype == P.REPLY_TYPE_OFFSET_DATA:
+                (at,) = P.OFFSET_HEADER.unpack(payload)
                 if not off <= at <= at + length - 8 <= off + len(buf):
                     raise NbdError(f"NBD reply data at {at} lies outside the request at {off}")
                 _recv_into(self.sock, memoryview(buf)[at - off:at - off + length - 8])
-            elif rtype == REPLY_OFFSET_HOLE:
-                at, hole = struct.unpack(">QI", payload[:12])
+            elif rtype == P.REPLY_TYPE_OFFSET_HOLE:
+                at, hole = P.HOLE_PAYLOAD.unpack_from(payload)
                 buf[at - off:at - off + hole] = bytes(hole)
-            if flags & REPLY_FLAG_DONE:
+            if flags & P.REPLY_FLAG_DONE:
                 del pending[handle]
                 yield off, buf
 
@@ -264,7 +231,7 @@ class NbdConnection:
         pos = 0
         while pos < len(data):
             piece = view[pos:pos + MAX_REQUEST]
-            cookie = self._request(CMD_WRITE, offset + pos, len(piece))
+            cookie = self._request(P.CMD_WRITE, offset + pos, len(piece))
             self.sock.sendall(piece)
             for _ in self._chunks(cookie):
                 pass
@@ -272,7 +239,7 @@ class NbdConnection:
 
     def flush(self) -> None:
         """Make every write durable."""
-        for _ in self._chunks(self._request(CMD_FLUSH, 0, 0)):
+        for _ in self._chunks(self._request(P.CMD_FLUSH, 0, 0)):
             pass
 
     def block_status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
@@ -281,14 +248,14 @@ class NbdConnection:
         pos, end = offset, offset + length
         while pos < end:
             n = min(MAX_STATUS, end - pos)
-            cookie = self._request(CMD_BLOCK_STATUS, pos, n)
+            cookie = self._request(P.CMD_BLOCK_STATUS, pos, n)
             advanced = pos
             for rtype, payload in self._chunks(cookie):
-                if rtype != REPLY_BLOCK_STATUS or struct.unpack(">I", payload[:4])[0] != cid:
+                if rtype != P.REPLY_TYPE_BLOCK_STATUS or P.U32.unpack_from(payload)[0] != cid:
                     continue
                 at = pos
                 for i in range(4, len(payload), 8):
-                    elen, eflags = struct.unpack(">II", payload[i:i + 8])
+                    elen, eflags = P.EXTENT.unpack_from(payload, i)
                     elen = min(elen, end - at)
                     if elen <= 0:
                         break
@@ -302,7 +269,7 @@ class NbdConnection:
     def close(self) -> None:
         """Say goodbye and close."""
         try:
-            self._request(CMD_DISC, 0, 0)
+            self._request(P.CMD_DISC, 0, 0)
         except OSError:
             pass
         self.sock.close()

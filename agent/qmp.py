@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
+from lifeboat.agent.nbd import FrozenView, NbdConnection, NbdError, merge_extents
 from lifeboat.agent.plan import MODE_BITMAP, MODE_FULL, BackupPlan, CaptureError, Guarantees
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.errors import SourceError
 from lifeboat.archive.points import now_utc
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.nbd import STATE_DIRTY
 
 SCHEME = "qmp+unix"
 TMP_PREFIX = "lifeboat-"

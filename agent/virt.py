@@ -27,13 +27,14 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
-from lifeboat.agent.nbd import STATE_DIRTY, FrozenView, NbdConnection, NbdError, merge_extents
+from lifeboat.agent.nbd import FrozenView, NbdConnection, NbdError, merge_extents
 from lifeboat.agent.plan import MODE_CHECKPOINT, MODE_FULL, BackupPlan, CaptureError, Guarantees
 from lifeboat.agent.qmp import bitmap_prefix, point_param
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.errors import SourceError
 from lifeboat.archive.points import now_utc
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.nbd import STATE_DIRTY
 
 SCHEME = "libvirt"
 DEFAULT_URI = "qemu:///system"

@@ -41,7 +41,6 @@ from typing import Any
 from lifeboat.archive.durable import create_durably, fsync_dir, pwrite_all
 from lifeboat.archive.errors import FormatError, StorageError
 from lifeboat.archive.formats import slot_length
-from lifeboat.nbdserver import protocol as P
 from lifeboat.nbdserver.overlay import clip, merge
 from lifeboat.nbdserver.storage import (
     PAGE,
@@ -54,6 +53,7 @@ from lifeboat.nbdserver.storage import (
     write_zeros,
 )
 from lifeboat.nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
+from lifeboat.plumbing import nbd as P
 from lifeboat.plumbing.errors import UsageError
 
 MAGIC = b"LBHYD001"

@@ -39,9 +39,9 @@ from typing import Any
 
 from lifeboat.archive.durable import create_durably, pwrite_all
 from lifeboat.archive.errors import FormatError, StorageError
-from lifeboat.nbdserver import protocol as P
 from lifeboat.nbdserver.storage import PAGE, Bitmap, ceil_div, data_runs, lock_file, punch_hole, round_up
 from lifeboat.nbdserver.volume import ZERO_FLAGS, Extents, Volume, VolumeError
+from lifeboat.plumbing import nbd as P
 from lifeboat.plumbing.errors import UsageError
 
 MAGIC = b"LBCOW001"

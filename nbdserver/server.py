@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from lifeboat.nbdserver import protocol as P
 from lifeboat.nbdserver.volume import Volume, VolumeError
+from lifeboat.plumbing import nbd as P
 
 HANDSHAKE_TIMEOUT = 60.0
 MAX_OPTION_LENGTH = 64 * 1024

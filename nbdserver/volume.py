@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from lifeboat.archive.formats import slot_length
 from lifeboat.archive.store import PointReader
-from lifeboat.nbdserver import protocol as P
+from lifeboat.plumbing import nbd as P
 from lifeboat.plumbing.errors import LifeboatError
 
 MiB = 1024 * 1024

@@ -18,17 +18,9 @@ from lifeboat.orchestrator.cli import archive_location, command, emit_json, json
 from lifeboat.orchestrator.cmd_archive import archive_group
 from lifeboat.orchestrator.console import log
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.listen import parse_listen
 
 DEFAULT_SERVE = "127.0.0.1:10810"
-
-
-def parse_listen(value: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear usage error otherwise."""
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"{what} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9100")
-    return host, int(port)
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from urllib.parse import quote
 
 import click
 
@@ -18,6 +17,8 @@ from lifeboat.nbdserver import Export, open_volume, serve_until_signal, tls_cont
 from lifeboat.orchestrator.cli import command, open_archive
 from lifeboat.orchestrator.console import log, progress
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.listen import parse_listen
+from lifeboat.plumbing.nbd import NbdUrl
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
@@ -29,26 +30,6 @@ def parse_size(text: str, what: str) -> int:
     if not m:
         raise UsageError(f"{what} {text!r}: not a size (use e.g. 512M or 2G)")
     return int(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower())
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT``; port 0 picks a free port."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
-    if not m:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT (e.g. 127.0.0.1:10809)")
-    host = m.group(1) if m.group(1) is not None else m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise UsageError(f"--listen {text!r}: port {port} is out of range")
-    if host in ("", "0"):
-        host = "0.0.0.0"
-    return host, port
-
-
-def nbd_url(host: str, port: int, export: str) -> str:
-    """``nbd://HOST:PORT/EXPORT`` (IPv6 hosts in brackets, the name percent-encoded)."""
-    h = f"[{host}]" if ":" in host else host
-    return f"nbd://{h}:{port}/{quote(export, safe='')}"
 
 
 def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
@@ -88,7 +69,7 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
               overlay: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
               cache_size: str, archive_rate: str | None) -> None:
     """Serve a recovery point over NBD until SIGINT/SIGTERM; prints nbd://HOST:PORT/EXPORT once listening."""
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, "--listen")
     tls = _tls(tls_cert, tls_key, tls_ca)
     cache_bytes = parse_size(cache_size, "--cache-size")
     arc = open_archive()
@@ -124,7 +105,7 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
 
         def listening(bound_host: str, bound_port: int) -> None:
             shown_host = bound_host if host in ("0.0.0.0", "::") else host
-            sys.stdout.write(nbd_url(shown_host, bound_port, name) + "\n")
+            sys.stdout.write(f"{NbdUrl(shown_host, bound_port, name)}\n")
             sys.stdout.flush()
             mode = "writable" if volume.can_write() else "read-only"
             log(f"serving {info.machine}@{info.point} ({info.time}) as {mode} export {name!r}"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lifeboat.nbdserver.hydrate import hydration_progress
 from lifeboat.orchestrator.console import SELF_COMMAND
+from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.targets.base import ResourceLog, TargetError, log_tail, process_matches, stop_process
 
 
@@ -140,11 +141,13 @@ def stop_server(log: ResourceLog, token: str) -> None:
 
 
 def _read_url(path: Path) -> str | None:
+    """The URL ``lifeboat serve`` printed into ``path``; only a whole line counts, since the file
+    may be read while the server writes it."""
     try:
         text = path.read_text()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("nbd://"):
-            return line.strip()
+    for line in text.splitlines(keepends=True):
+        if line.startswith("nbd://") and line.endswith("\n"):
+            return str(NbdUrl.parse(line))
     return None

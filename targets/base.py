@@ -393,13 +393,6 @@ def stop_process(pid: int, token: str, grace: float = 10.0) -> None:
     raise TargetError(f"process {pid} ({token}) did not stop")
 
 
-def nbd_address(url: str) -> tuple[str, str, str]:
-    """(host, port, export) of ``nbd://HOST:PORT/EXPORT``; an IPv6 host loses its brackets."""
-    host_port, _, export = url[len("nbd://") :].partition("/")
-    host, _, port = host_port.rpartition(":")
-    return host.strip("[]"), port, export
-
-
 def log_tail(path: Path, lines: int = 5) -> str:
     """The last ``lines`` lines of a log file on one line, for an error message."""
     try:

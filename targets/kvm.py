@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.targets.base import (
     Disk,
     ExecInGuest,
@@ -35,7 +36,6 @@ from lifeboat.targets.base import (
     TargetError,
     TargetUnavailable,
     destroy_generic,
-    nbd_address,
 )
 from lifeboat.targets.qemu import kvm_memo, note_kvm_unusable
 
@@ -72,7 +72,7 @@ def domain_xml(
     agent: bool,
 ) -> str:
     """The domain definition, booting from ``nbd_url``."""
-    host, port, export = nbd_address(nbd_url)
+    url = NbdUrl.parse(nbd_url)
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
@@ -87,8 +87,8 @@ def domain_xml(
     dev = ET.SubElement(dom, "devices")
     disk = ET.SubElement(dev, "disk", type="network", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="raw")
-    src = ET.SubElement(disk, "source", protocol="nbd", name=export)
-    ET.SubElement(src, "host", name=host, port=port)
+    src = ET.SubElement(disk, "source", protocol="nbd", name=url.export)
+    ET.SubElement(src, "host", name=url.host, port=str(url.port))
     ET.SubElement(disk, "target", dev=DISK_DEV if disk_bus == "virtio" else "sda", bus=disk_bus)
     serial = ET.SubElement(dev, "serial", type="file")
     ET.SubElement(serial, "source", path=str(console))

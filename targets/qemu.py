@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.targets.base import (
     Disk,
     ExecInGuest,
@@ -45,7 +46,6 @@ from lifeboat.targets.base import (
     TargetUnavailable,
     destroy_generic,
     log_tail,
-    nbd_address,
     process_matches,
     stop_process,
 )
@@ -363,14 +363,14 @@ class QemuTarget(QemuDriver, Localizes):
         return {"nbd_url": disk.nbd_url}
 
     def _boot_disk(self, data: dict[str, Any]) -> dict[str, Any]:
-        host, port, export = nbd_address(data["nbd_url"])
+        url = NbdUrl.parse(data["nbd_url"])
         return {
             "driver": "raw",
             "node-name": DISK_NODE,
             "file": {
                 "driver": "nbd",
-                "server": {"type": "inet", "host": host, "port": port},
-                "export": export,
+                "server": {"type": "inet", "host": url.host, "port": str(url.port)},
+                "export": url.export,
             },
         }
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from lifeboat.archive import Archive
 from lifeboat.archive.files import FileSource
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing.nbd import NbdUrl
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -116,15 +116,15 @@ class Served:
 
     @property
     def host(self) -> str:
-        return urlparse(self.url).hostname or ""
+        return NbdUrl.parse(self.url).host
 
     @property
     def port(self) -> int:
-        return urlparse(self.url).port or 0
+        return NbdUrl.parse(self.url).port
 
     @property
     def export(self) -> str:
-        return urlparse(self.url).path.lstrip("/")
+        return NbdUrl.parse(self.url).export
 
     @property
     def stderr(self) -> str:

@@ -1,6 +1,6 @@
 """A minimal NBD client over a raw socket, to test what real clients never send.
 
-It speaks exactly the bytes of ``doc/proto.md`` (through ``nbdserver.protocol``'s layouts) and
+It speaks exactly the bytes of ``doc/proto.md`` (through ``plumbing.nbd``'s layouts) and
 checks the server's framing strictly, so a malformed reply fails the test.
 """
 
@@ -10,7 +10,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-from lifeboat.nbdserver import protocol as P
+from lifeboat.plumbing import nbd as P
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lifeboat.orchestrator.cmd_serve import nbd_url, parse_listen, parse_size
+from lifeboat.orchestrator.cmd_serve import parse_size
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
 from tests.nbdserver.conftest import REPO, Served, run
@@ -52,14 +52,7 @@ def test_port_in_use_fails_with_status_1(shared_archive: Path) -> None:
     assert "cannot listen" in proc.stderr
 
 
-def test_parsers() -> None:
-    assert parse_listen("127.0.0.1:10809") == ("127.0.0.1", 10809)
-    assert parse_listen("0:0") == ("0.0.0.0", 0)
-    assert parse_listen(":10809") == ("0.0.0.0", 10809)
-    assert parse_listen("[::1]:5000") == ("::1", 5000)
-    with pytest.raises(UsageError):
-        parse_listen("localhost")
-    assert nbd_url("::1", 5, "a b/c") == "nbd://[::1]:5/a%20b%2Fc"
+def test_parse_size() -> None:
     assert parse_size("1G", "x") == 1 << 30 and parse_size("512M", "x") == 512 << 20
     assert parse_size("50MB", "x") == 50 << 20 and parse_size("4096", "x") == 4096
     with pytest.raises(UsageError):

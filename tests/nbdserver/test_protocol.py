@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lifeboat.nbdserver import protocol as P
+from lifeboat.plumbing import nbd as P
 from tests.nbdserver.conftest import Served, archive_digest, run
 from tests.nbdserver.rawclient import RawClient, assemble
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lifeboat.nbdserver import protocol as P
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from lifeboat.plumbing import nbd as P
 from tests.nbdserver.conftest import Served, run
 from tests.nbdserver.rawclient import RawClient, assemble
 

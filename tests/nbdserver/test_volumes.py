@@ -13,11 +13,11 @@ import pytest
 from lifeboat.archive import Archive
 from lifeboat.archive.files import FileSource
 from lifeboat.archive.throttle import ThrottledBackend
-from lifeboat.nbdserver import protocol as P
 from lifeboat.nbdserver.hydrate import HydrateVolume
 from lifeboat.nbdserver.overlay import CowVolume
 from lifeboat.nbdserver.service import identity
 from lifeboat.nbdserver.volume import PointVolume, Volume, VolumeError
+from lifeboat.plumbing import nbd as P
 
 SIZE = 3 * 1024 * 1024 + 12345
 

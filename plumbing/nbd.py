@@ -1,13 +1,19 @@
-"""Magic numbers, flags and byte layouts of the NBD protocol, in one place.
+"""The NBD protocol's wire format and URLs, in one place: magic numbers, flags, byte layouts, and
+``nbd://HOST:PORT/EXPORT`` built and parsed.
 
-Names and values follow NetworkBlockDevice ``doc/proto.md`` (the ``NBD_`` prefix dropped). All
-integers on the wire are big-endian. Nothing here does I/O, so the server and the tests' raw
+Names and values follow NetworkBlockDevice ``doc/proto.md`` (the ``NBD_`` prefix dropped); URLs
+follow its ``doc/uri.md``. All integers on the wire are big-endian. Nothing here does I/O, so the
+server (``nbdserver``), the capture client (``agent.nbd``), the target drivers and the tests' raw
 client share these definitions.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from lifeboat.plumbing.errors import UsageError
 
 # -- handshake ----------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -35,16 +41,16 @@ REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
 REP_META_CONTEXT = 4
-_ERR = 1 << 31
-REP_ERR_UNSUP = _ERR + 1
-REP_ERR_POLICY = _ERR + 2
-REP_ERR_INVALID = _ERR + 3
-REP_ERR_PLATFORM = _ERR + 4
-REP_ERR_TLS_REQD = _ERR + 5
-REP_ERR_UNKNOWN = _ERR + 6
-REP_ERR_SHUTDOWN = _ERR + 7
-REP_ERR_BLOCK_SIZE_REQD = _ERR + 8
-REP_ERR_TOO_BIG = _ERR + 9
+REP_ERR_BIT = 1 << 31  # set in every error reply
+REP_ERR_UNSUP = REP_ERR_BIT + 1
+REP_ERR_POLICY = REP_ERR_BIT + 2
+REP_ERR_INVALID = REP_ERR_BIT + 3
+REP_ERR_PLATFORM = REP_ERR_BIT + 4
+REP_ERR_TLS_REQD = REP_ERR_BIT + 5
+REP_ERR_UNKNOWN = REP_ERR_BIT + 6
+REP_ERR_SHUTDOWN = REP_ERR_BIT + 7
+REP_ERR_BLOCK_SIZE_REQD = REP_ERR_BIT + 8
+REP_ERR_TOO_BIG = REP_ERR_BIT + 9
 
 INFO_EXPORT = 0
 INFO_NAME = 1
@@ -95,6 +101,7 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
 
 STATE_HOLE = 1 << 0  # base:allocation
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME (QEMU's docs/interop/nbd.txt)
 
 EPERM = 1
 EIO = 5
@@ -106,6 +113,7 @@ ENOTSUP = 95
 ESHUTDOWN = 108
 
 META_BASE_ALLOCATION = "base:allocation"
+DEFAULT_PORT = 10809  # IANA's port for NBD, and the port of a URL that names none
 MAX_STRING = 4096  # longest name, description or message the spec allows
 
 # -- layouts -------------------------------------------------------------------------------
@@ -174,3 +182,44 @@ def structured_error(cookie: int, error: int, message: str) -> bytes:
     msg = error_message(message)
     payload = ERROR_HEADER.pack(error, len(msg)) + msg
     return structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len(payload)) + payload
+
+
+# -- URLs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NbdUrl:
+    """Where an export is served: ``nbd://HOST:PORT/EXPORT``, or ``nbds://`` when the client must
+    use TLS. ``lifeboat serve`` prints one, and the target drivers boot from what they parse, so
+    both sides agree on IPv6 brackets and on the export name's percent-encoding."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    export: str = ""
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> NbdUrl:
+        """The URL's parts; an IPv6 host loses its brackets, the export name its percent-encoding.
+        Query parameters (``?tls-certificates=...`` of libnbd) are a client's business: ignored."""
+        scheme, sep, rest = text.strip().partition("://")
+        if not sep or scheme not in ("nbd", "nbds"):
+            raise UsageError(f"{text!r}: not an NBD URL (expected nbd://HOST:PORT/EXPORT)")
+        netloc, _, path = rest.partition("/")
+        path = path.partition("?")[0].partition("#")[0]
+        if netloc.startswith("["):
+            host, close, port = netloc[1:].partition("]")
+            if not close or (port and not port.startswith(":")):
+                raise UsageError(f"{text!r}: an IPv6 host goes in brackets, e.g. nbd://[::1]:10809/EXPORT")
+            port = port[1:]
+        else:
+            host, _, port = netloc.partition(":")
+            if ":" in port:
+                raise UsageError(f"{text!r}: an IPv6 host goes in brackets, e.g. nbd://[::1]:10809/EXPORT")
+        if not host:
+            raise UsageError(f"{text!r}: the NBD URL names no host")
+        if port and not (port.isdigit() and 0 < int(port) <= 65535):
+            raise UsageError(f"{text!r}: {port!r} is not a TCP port")
+        return cls(host, int(port) if port else DEFAULT_PORT, unquote(path), scheme == "nbds")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'nbds' if self.tls else 'nbd'}://{host}:{self.port}/{quote(self.export, safe='')}"
