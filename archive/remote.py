@@ -35,6 +35,7 @@ from urllib.parse import quote, urlsplit
 from lifeboat.archive.backend import Backend
 from lifeboat.archive.errors import Locked, StorageError
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.tls import client_context
 
 PIECE = 8 * 1024 * 1024
 TAIL_BATCH = 2000
@@ -351,10 +352,8 @@ def _token() -> str | None:
 
 
 def _client_tls() -> ssl.SSLContext:
-    ca = os.environ.get("LIFEBOAT_ARCHIVE_CA")
-    ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
-    cert, key = os.environ.get("LIFEBOAT_ARCHIVE_CERT"), os.environ.get("LIFEBOAT_ARCHIVE_KEY")
-    if cert:
-        ctx.load_cert_chain(cert, key)
-    return ctx
+    """The agent's TLS: the server checked against $LIFEBOAT_ARCHIVE_CA, and the client certificate
+    of $LIFEBOAT_ARCHIVE_CERT/KEY presented to a server that requires one."""
+    env = os.environ.get
+    return client_context(env("LIFEBOAT_ARCHIVE_CA"), env("LIFEBOAT_ARCHIVE_CERT"), env("LIFEBOAT_ARCHIVE_KEY"))
 

@@ -465,17 +465,6 @@ class _Server(ThreadingHTTPServer):
         """A client that vanished mid-request is normal (it will resume): no traceback."""
 
 
-def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
-    """Server TLS: our certificate, and client certificates checked against ``client_ca`` if given."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if client_ca:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(client_ca)
-    return ctx
-
-
 class ArchiveServer:
     """An HTTP(S) server for one archive: ``start()`` in a thread or ``serve_forever()``."""
 

@@ -39,7 +39,7 @@ makes every completed write durable and visible to all, which is what NBD_FLAG_C
 promises.
 """
 
-from lifeboat.nbdserver.server import Export, NBDServer, tls_context
+from lifeboat.nbdserver.server import Export, NBDServer
 from lifeboat.nbdserver.service import default_overlay, open_volume, serve_until_signal
 from lifeboat.nbdserver.volume import Volume, VolumeError
 
@@ -51,5 +51,4 @@ __all__ = [
     "default_overlay",
     "open_volume",
     "serve_until_signal",
-    "tls_context",
 ]

@@ -53,17 +53,6 @@ def _default_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
-    """A server TLS context; with ``ca``, clients must present a certificate it signed."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if ca:
-        ctx.load_verify_locations(cafile=ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 class _Hangup(Exception):
     """The handshake ends without a transmission phase (client left, or must be dropped)."""
 

@@ -19,6 +19,7 @@ from lifeboat.orchestrator.cmd_archive import archive_group
 from lifeboat.orchestrator.console import log
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.listen import parse_listen
+from lifeboat.plumbing.tls import server_context
 
 DEFAULT_SERVE = "127.0.0.1:10810"
 
@@ -116,7 +117,7 @@ def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client
     Prints one line, the URL, on stdout once it listens.
     """
     from lifeboat.archive.backend import open_backend
-    from lifeboat.archive.server import ArchiveServer, default_spool, tls_context
+    from lifeboat.archive.server import ArchiveServer, default_spool
 
     host, port = parse_listen(listen, "--listen")
     location = resolve_location(archive_location())
@@ -140,7 +141,7 @@ def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client
     backend = open_backend(location)
     if not backend.exists(CONFIG_KEY):
         log(f"archive serve: {location} holds no archive yet (an agent may create it with 'archive init')")
-    tls = tls_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
+    tls = server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
     server = ArchiveServer(backend, host, port, token=token, tls=tls, spool=spool or default_spool(location),
                            verbose=verbose)
     if not _is_loopback(host):

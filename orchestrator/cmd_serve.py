@@ -13,12 +13,13 @@ from pathlib import Path
 import click
 
 from lifeboat.archive.throttle import ThrottledBackend
-from lifeboat.nbdserver import Export, open_volume, serve_until_signal, tls_context
+from lifeboat.nbdserver import Export, open_volume, serve_until_signal
 from lifeboat.orchestrator.cli import command, open_archive
 from lifeboat.orchestrator.console import log, progress
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.listen import parse_listen
 from lifeboat.plumbing.nbd import NbdUrl
+from lifeboat.plumbing.tls import server_context
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
@@ -42,10 +43,7 @@ def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | 
     for opt, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
         if path and not Path(path).is_file():
             raise UsageError(f"{opt} {path}: no such file")
-    try:
-        return tls_context(cert, key, ca)
-    except (ssl.SSLError, OSError) as e:
-        raise UsageError(f"TLS certificate, key or CA cannot be loaded: {e}") from None
+    return server_context(cert, key, ca)
 
 
 @command(name="serve")

@@ -24,10 +24,11 @@ from lifeboat.archive.backend import open_backend
 from lifeboat.archive.errors import StorageError
 from lifeboat.archive.files import FileSource
 from lifeboat.archive.remote import RemoteBackend
-from lifeboat.archive.server import ArchiveServer, tls_context
+from lifeboat.archive.server import ArchiveServer
 from lifeboat.archive.verify import verify
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.tls import server_context
 
 MiB = 1024 * 1024
 
@@ -198,7 +199,7 @@ def test_only_missing_chunks_are_sent(server: ArchiveServer, tmp_path: Path) -> 
 def test_https_token_and_client_certificates(tmp_path: Path, pki: dict[str, str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     Archive.init(str(tmp_path / "served"))
-    tls = tls_context(pki["cert"], pki["key"], pki["ca"])
+    tls = server_context(pki["cert"], pki["key"], pki["ca"])
     srv = ArchiveServer(open_backend(str(tmp_path / "served")), "127.0.0.1", 0, token=None, tls=tls,
                         spool=tmp_path / "spool").start()
     try:
