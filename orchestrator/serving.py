@@ -25,7 +25,8 @@ from pathlib import Path
 from lifeboat.nbdserver.hydrate import hydration_progress
 from lifeboat.orchestrator.console import SELF_COMMAND
 from lifeboat.plumbing.nbd import NbdUrl
-from lifeboat.targets.base import ResourceLog, TargetError, log_tail, process_matches, stop_process
+from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
+from lifeboat.targets.base import ResourceLog, TargetError
 
 
 @dataclass

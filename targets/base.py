@@ -26,10 +26,7 @@ data alone.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 import jsonschema
 
 from lifeboat.plumbing.errors import LifeboatError, UsageError
+from lifeboat.plumbing.proc import stop_process
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -351,55 +349,7 @@ def capabilities(driver: Target | type[Target]) -> list[str]:
     return [name for name, cap in CAPABILITIES.items() if issubclass(cls, cap)]
 
 
-# --------------------------------------------------------------------------- processes and files
-
-
-def process_matches(pid: int, token: str) -> bool:
-    """Whether ``pid`` is alive and its command line holds ``token`` (so a reused pid is not ours)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # a zombie is dead
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return False
-    return token.encode() in cmdline
-
-
-def stop_process(pid: int, token: str, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; only if the process is still ours."""
-    if not process_matches(pid, token):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)  # reap if it is our child
-                if done == pid:
-                    return
-            except ChildProcessError:
-                pass
-            if not process_matches(pid, token):
-                return
-            time.sleep(0.05)
-    raise TargetError(f"process {pid} ({token}) did not stop")
-
-
-def log_tail(path: Path, lines: int = 5) -> str:
-    """The last ``lines`` lines of a log file on one line, for an error message."""
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+# --------------------------------------------------------------------------- files and processes
 
 
 def destroy_generic(resource: Resource) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.nbd import NbdUrl
+from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
 from lifeboat.targets.base import (
     Disk,
     ExecInGuest,
@@ -45,9 +46,6 @@ from lifeboat.targets.base import (
     TargetError,
     TargetUnavailable,
     destroy_generic,
-    log_tail,
-    process_matches,
-    stop_process,
 )
 
 DISK_NODE = "disk0"

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lifeboat.targets.base import Disk, Guest, HasConsole, ResourceLog, TakesImage, TargetError, process_matches
+from lifeboat.plumbing.proc import process_matches
+from lifeboat.targets.base import Disk, Guest, HasConsole, ResourceLog, TakesImage, TargetError
 
 PLUGIN = "targets:proc=tests.orchestrator.procdriver:ProcTarget"
 

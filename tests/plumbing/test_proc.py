@@ -1,0 +1,68 @@
+"""Process helpers against real child processes: recognised by pid and token, stopped politely
+or not, zombies counted as dead; and the log tail quoted in error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
+
+SLEEPER = "import signal, sys, time\nif sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+          "print('ready', flush=True)\ntime.sleep(600)"
+
+
+def start(token: str, mode: str = "polite") -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, mode, token], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_a_process_is_ours_by_pid_and_token() -> None:
+    proc = start("lifeboat-token-1")
+    try:
+        assert process_matches(proc.pid, "lifeboat-token-1")
+        assert not process_matches(proc.pid, "lifeboat-token-2")  # a reused pid is not ours
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not process_matches(proc.pid, "lifeboat-token-1")
+
+
+def test_stop_process_terms_then_kills() -> None:
+    polite, stubborn = start("lifeboat-polite"), start("lifeboat-stubborn", "stubborn")
+    stop_process(polite.pid, "lifeboat-polite")
+    stop_process(stubborn.pid, "lifeboat-stubborn", grace=0.5)
+    assert not process_matches(polite.pid, "lifeboat-polite")
+    assert not process_matches(stubborn.pid, "lifeboat-stubborn")
+
+
+def test_stop_process_leaves_a_stranger_alone() -> None:
+    proc = start("lifeboat-someone-else")
+    try:
+        stop_process(proc.pid, "lifeboat-not-this-one")
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_zombie_is_dead_and_reaped() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass", "lifeboat-zombie"])
+    pid = proc.pid
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":  # exited, not reaped
+        time.sleep(0.01)
+    assert not process_matches(pid, "lifeboat-zombie")
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "qemu.log"
+    assert log_tail(log) == "(no log)"
+    log.write_text("\n")
+    assert log_tail(log) == "(empty log)"
+    log.write_text("".join(f"line {i}\n" for i in range(10)))
+    assert log_tail(log) == "line 5 | line 6 | line 7 | line 8 | line 9"
+    assert log_tail(log, lines=2) == "line 8 | line 9"
