@@ -56,6 +56,7 @@ def test_a_zombie_is_dead_and_reaped() -> None:
         time.sleep(0.01)
     assert not process_matches(pid, "lifeboat-zombie")
     assert not Path(f"/proc/{pid}").exists()
+    assert proc.wait(timeout=30) == 0  # Popen learns it is gone (reaped elsewhere reads as 0)
 
 
 def test_log_tail(tmp_path: Path) -> None:
