@@ -3,9 +3,11 @@ or not, zombies counted as dead; and the log tail quoted in error messages."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
@@ -14,39 +16,40 @@ SLEEPER = "import signal, sys, time\nif sys.argv[1] == 'stubborn': signal.signal
           "print('ready', flush=True)\ntime.sleep(600)"
 
 
-def start(token: str, mode: str = "polite") -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def child(token: str, mode: str = "polite") -> Iterator[int]:
+    """A sleeping child with ``token`` on its command line; killed and reaped at the end if still there."""
     proc = subprocess.Popen([sys.executable, "-c", SLEEPER, mode, token], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    return proc
+    assert proc.stdout is not None
+    with proc.stdout:
+        assert proc.stdout.readline() == "ready\n"
+        try:
+            yield proc.pid
+        finally:
+            if process_matches(proc.pid, token):
+                proc.kill()
+            proc.wait(timeout=30)  # reaped elsewhere reads as status 0
 
 
 def test_a_process_is_ours_by_pid_and_token() -> None:
-    proc = start("lifeboat-token-1")
-    try:
-        assert process_matches(proc.pid, "lifeboat-token-1")
-        assert not process_matches(proc.pid, "lifeboat-token-2")  # a reused pid is not ours
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not process_matches(proc.pid, "lifeboat-token-1")
+    with child("lifeboat-token-1") as pid:
+        assert process_matches(pid, "lifeboat-token-1")
+        assert not process_matches(pid, "lifeboat-token-2")  # a reused pid is not ours
+    assert not process_matches(pid, "lifeboat-token-1")
 
 
 def test_stop_process_terms_then_kills() -> None:
-    polite, stubborn = start("lifeboat-polite"), start("lifeboat-stubborn", "stubborn")
-    stop_process(polite.pid, "lifeboat-polite")
-    stop_process(stubborn.pid, "lifeboat-stubborn", grace=0.5)
-    assert not process_matches(polite.pid, "lifeboat-polite")
-    assert not process_matches(stubborn.pid, "lifeboat-stubborn")
+    with child("lifeboat-polite") as polite, child("lifeboat-stubborn", "stubborn") as stubborn:
+        stop_process(polite, "lifeboat-polite")
+        stop_process(stubborn, "lifeboat-stubborn", grace=0.5)
+        assert not process_matches(polite, "lifeboat-polite")
+        assert not process_matches(stubborn, "lifeboat-stubborn")
 
 
 def test_stop_process_leaves_a_stranger_alone() -> None:
-    proc = start("lifeboat-someone-else")
-    try:
-        stop_process(proc.pid, "lifeboat-not-this-one")
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
+    with child("lifeboat-someone-else") as pid:
+        stop_process(pid, "lifeboat-not-this-one")
+        assert process_matches(pid, "lifeboat-someone-else")
 
 
 def test_a_zombie_is_dead_and_reaped() -> None:
