@@ -44,6 +44,7 @@ from lifeboat.archive.errors import SourceError
 from lifeboat.archive.points import now_utc
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.nbd import STATE_DIRTY
+from lifeboat.plumbing.qmp import QmpClient, QmpCommandError, QmpError
 
 SCHEME = "qmp+unix"
 TMP_PREFIX = "lifeboat-"
@@ -128,7 +129,7 @@ class QmpSource:
         self.node_arg = params["node"]
         self.scratch_dir = Path(params.get("scratch") or os.path.dirname(self.socket_path) or tempfile.gettempdir())
         self.timeout = timeout
-        self._qmp: Any = None
+        self._qmp: QmpClient | None = None
         try:
             self._connect()  # no QEMU there (yet): an operation that failed, which protect retries
         except CaptureError as e:
@@ -146,37 +147,29 @@ class QmpSource:
         self._exported = False
 
     # -- QMP helpers ---------------------------------------------------------------------------
-    def _connect(self) -> Any:
+    def _connect(self) -> QmpClient:
         """A QMP connection, held only during a capture: QEMU's monitor takes one client at a time."""
         if self._qmp is None:
-            from qemu.qmp.legacy import QEMUMonitorProtocol
-
-            qmp = QEMUMonitorProtocol(self.socket_path)
             try:
-                qmp.connect()
-            except Exception as e:  # qemu.qmp raises ConnectError wrapping OSError
-                raise CaptureError(f"cannot connect to QMP at {self.socket_path} ({e})") from None
-            qmp.settimeout(self.timeout)
-            self._qmp = qmp
+                self._qmp = QmpClient(self.socket_path, timeout=self.timeout)
+            except QmpError as e:
+                raise CaptureError(str(e)) from None
         return self._qmp
 
     def _disconnect(self) -> None:
         qmp, self._qmp = self._qmp, None
         if qmp is not None:
-            with contextlib.suppress(Exception):
-                qmp.close()
+            qmp.close()
 
     def cmd(self, command: str, /, **args: Any) -> Any:
         """Run a QMP command; a failure or a lost connection is a ``CaptureError``."""
         qmp = self._connect()
         try:
             return qmp.cmd(command, **args)
-        except Exception as e:
-            from qemu.qmp import ExecuteError
-
-            if not isinstance(e, ExecuteError):
+        except QmpError as e:
+            if not isinstance(e, QmpCommandError):
                 self._disconnect()  # the connection is broken: reconnect next time
-            raise CaptureError(f"QEMU at {self.socket_path}: {command} failed: {e or type(e).__name__}") from None
+            raise CaptureError(str(e)) from None
 
     def _resolve_node(self) -> tuple[str, str, int]:
         nodes = self.cmd("query-named-block-nodes", flat=True)

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from examples import sample_guest as sg  # noqa: E402
 from lifeboat.agent.nbd import NbdConnection  # noqa: E402
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT  # noqa: E402
+from lifeboat.plumbing.qmp import QmpClient  # noqa: E402
 
 BLOCK = 4096  # the change is 1 % of 4 KiB blocks: written as such, as a guest's file system would
 MiB = 1024 * 1024
@@ -148,14 +149,8 @@ class StorageDaemon:
         return f"qmp+unix://{self.qmp_path}?node=disk0"
 
     def qmp(self, command: str, **args: Any) -> Any:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        q = QEMUMonitorProtocol(str(self.qmp_path))
-        q.connect()
-        try:
+        with QmpClient(str(self.qmp_path)) as q:
             return q.cmd(command, **args)
-        finally:
-            q.close()
 
     def apply(self, changed: Path, extents: list[tuple[int, int]]) -> None:
         """Write the changed image's bytes of ``extents`` through QEMU (so its bitmaps see them)."""

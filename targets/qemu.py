@@ -25,12 +25,14 @@ import socket
 import subprocess
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
+from lifeboat.plumbing.qmp import QmpClient, QmpError
 from lifeboat.targets.base import (
     Disk,
     ExecInGuest,
@@ -94,47 +96,16 @@ def free_port() -> int:
         return port
 
 
-class Qmp:
-    """A short QMP session over the machine's Unix socket (one client at a time, so each call
-    opens and closes its own: a resumed orchestrator simply connects again)."""
-
-    def __init__(self, path: str, timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        self.path = path
-        self.mon = QEMUMonitorProtocol(path)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.mon.connect()
-                break
-            except Exception as e:  # qemu.qmp raises ConnectError wrapping OSError
-                if time.monotonic() > deadline or (alive is not None and not alive()):
-                    raise TargetError(f"QMP socket {path}: {e}") from None
-                time.sleep(0.1)
-        self.mon.settimeout(timeout)
-
-    def cmd(self, name: str, **args: Any) -> Any:
-        """Run a QMP command; QMP errors become ``TargetError``."""
-        from qemu.qmp import ExecuteError
-
-        try:
-            return self.mon.cmd(name, **args)
-        except ExecuteError as e:
-            raise TargetError(f"QMP {name}: {e}") from None
-
-    def close(self) -> None:
-        """Disconnect."""
-        try:
-            self.mon.close()
-        except Exception:
-            pass
-
-    def __enter__(self) -> Qmp:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+@contextmanager
+def qmp_session(path: Path, timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> Iterator[QmpClient]:
+    """A short QMP session over the machine's Unix socket (one client at a time, so each use opens
+    and closes its own: a resumed orchestrator simply connects again). Connecting is retried for
+    ``timeout`` seconds while ``alive()``; QMP errors become ``TargetError``."""
+    try:
+        with QmpClient(str(path), timeout=timeout, wait=timeout, alive=alive) as qmp:
+            yield qmp
+    except QmpError as e:
+        raise TargetError(str(e)) from None
 
 
 class QemuDriver(HasConsole, ExecInGuest):
@@ -286,8 +257,8 @@ class QemuDriver(HasConsole, ExecInGuest):
             )
         log.update(res, {"pid": proc.pid, "command": cmd})
         try:
-            with Qmp(
-                str(f["qmp.sock"]), timeout=float(self.settings["start_timeout"]), alive=lambda: proc.poll() is None
+            with qmp_session(
+                f["qmp.sock"], timeout=float(self.settings["start_timeout"]), alive=lambda: proc.poll() is None
             ) as qmp:
                 qmp.cmd("query-status")
         except TargetError:
@@ -304,7 +275,7 @@ class QemuDriver(HasConsole, ExecInGuest):
         return self._status(guest) in ("running", "prelaunch", "inmigrate", "finish-migrate", "paused")
 
     def _status(self, guest: Guest) -> str:
-        with Qmp(str(self._files(guest)["qmp.sock"])) as qmp:
+        with qmp_session(self._files(guest)["qmp.sock"]) as qmp:
             status: str = qmp.cmd("query-status")["status"]
             return status
 
@@ -381,7 +352,7 @@ class QemuTarget(QemuDriver, Localizes):
         if disk.local_path is None:
             raise TargetError(f"{guest.name}: no local disk to move onto")
         res = self._process(guest, log)
-        with Qmp(str(self._files(guest)["qmp.sock"]), timeout=30) as qmp:
+        with qmp_session(self._files(guest)["qmp.sock"], timeout=30) as qmp:
             if self._on_node(qmp) == LOCAL_NODE:
                 return  # moved before a crash
             nodes = {n["node-name"] for n in qmp.cmd("query-named-block-nodes")}
@@ -426,7 +397,7 @@ class QemuTarget(QemuDriver, Localizes):
         log.update(res, {"local_disk": str(disk.local_path)})
         self.context.log(f"{guest.name}: now running on the local disk {disk.local_path}")
 
-    def _on_node(self, qmp: Qmp) -> str | None:
+    def _on_node(self, qmp: QmpClient) -> str | None:
         for dev in qmp.cmd("query-block"):
             qdev = dev.get("qdev", "")
             if qdev.endswith("/bootdisk") or "/bootdisk/" in qdev:

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from examples import sample_guest as sg
+from lifeboat.plumbing.qmp import QmpClient, QmpError
 
 RECORDS_OFFSET = sg.PARTITION2_OFFSET + 1024 * 1024
 RECORD_SIZE = 4096
@@ -126,27 +127,16 @@ class Guest:
 
     def quit(self) -> None:
         """Clean QEMU exit through QMP (persistent bitmaps are saved)."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         if self.proc and self.proc.poll() is None:
-            q = QEMUMonitorProtocol(str(self.ctl_path))
-            q.connect()
-            with contextlib.suppress(Exception):  # QEMU closes the socket as it quits
+            # QEMU closes the socket as it quits: the command's reply may never come
+            with QmpClient(str(self.ctl_path)) as q, contextlib.suppress(QmpError):
                 q.cmd("quit")
-            with contextlib.suppress(Exception):
-                q.close()
             self.proc.wait(timeout=30)
 
     def qmp(self, command: str, **args: object) -> object:
         """One QMP command on a connection of its own."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        q = QEMUMonitorProtocol(str(self.ctl_path))
-        q.connect()
-        try:
+        with QmpClient(str(self.ctl_path)) as q:
             return q.cmd(command, **args)
-        finally:
-            q.close()
 
 
 class Domain:
