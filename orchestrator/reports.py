@@ -13,9 +13,6 @@ from __future__ import annotations
 import html
 import json
 import socket
-import urllib.error
-import urllib.request
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,6 +148,8 @@ def write_reports(rb: Runbook, report: dict[str, Any], state_dir: Path, note: No
 
 def junit_xml(report: dict[str, Any]) -> str:
     """JUnit XML: per machine a "recovered" case, one per health check, and the RTO objective."""
+    import xml.etree.ElementTree as ET  # here: lifeboat --help loads this module
+
     suites = ET.Element("testsuites", name="lifeboat")
     suite = ET.SubElement(
         suites,
@@ -338,6 +337,9 @@ network {e(report["network"])}, teardown {e(report["teardown"])}.</p>
 
 def notify(hook: dict[str, Any], report: dict[str, Any], note: Note) -> None:
     """POST a summary to the runbook's webhook, if its ``on`` condition holds; never fails the run."""
+    import urllib.error  # here: lifeboat --help loads this module
+    import urllib.request
+
     when = hook.get("when", "always")
     ok = report["status"] == "succeeded"
     if (when == "failure" and ok) or (when == "success" and not ok):
