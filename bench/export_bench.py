@@ -5,7 +5,7 @@ files from /usr/share and /usr/lib, checked with ``e2fsck -fn``):
 
 - the image is backed up once into a fresh archive (default chunk size) and restored to a raw
   file with ``lifeboat restore`` (``archive.restore``), outside the timing;
-- lifeboat: the point exported straight from the archive (``exporters.WRITERS.get(FMT)().write``:
+- lifeboat: the point exported straight from the archive (``exporters.EXPORTERS.get(FMT)().write``:
   decompression, zero detection and, for vmdk-stream, deflate on every core);
 - qemu-img: ``qemu-img convert -f raw -O FMT [-o subformat=streamOptimized]`` from that restored
   raw file (its input already materialised: the timing does not include the restore).
@@ -43,8 +43,8 @@ from common import BENCH_DIR, drop_caches, machine_info, realistic_image, run, w
 
 from lifeboat.archive import Archive  # noqa: E402
 from lifeboat.archive.restore import restore  # noqa: E402
-from lifeboat.exporters import WRITERS  # noqa: E402
-from lifeboat.exporters.vmdk_stream import VmdkStreamWriter  # noqa: E402
+from lifeboat.exporters import EXPORTERS  # noqa: E402
+from lifeboat.exporters.vmdk_stream import VmdkStreamExporter  # noqa: E402
 
 QEMU_OPTS = {"vmdk-stream": ["-o", "subformat=streamOptimized"]}
 
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/export_bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported (default 3)")
     p.add_argument("--size-gib", type=float, default=2.5, help="image size (default 2.5)")
-    choices = ",".join(WRITERS.names())
+    choices = ",".join(EXPORTERS.names())
     p.add_argument("--formats", default=choices, help="comma-separated subset of " + choices)
     p.add_argument("--cache", choices=("cold", "warm"), default="cold")
     p.add_argument("--zlib", action="store_true", help="also time vmdk-stream with zlib instead of isal")
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
-        if f not in WRITERS:
+        if f not in EXPORTERS:
             p.error(f"--formats: unknown format {f}")
 
     image = realistic_image(args.size_gib)
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants: list[tuple[str, str]] = [(f, f) for f in formats]
     if args.zlib and "vmdk-stream" in formats:
         variants.append(("vmdk-stream (zlib)", "vmdk-stream"))
-    stream_backend = VmdkStreamWriter().deflate_name
+    stream_backend = VmdkStreamExporter().deflate_name
     results: dict[str, dict[str, list[float]]] = {
         name: {"lifeboat": [], "qemu-img": [], "lifeboat_cpu": [], "qemu-img_cpu": []} for name, _ in variants
     }
@@ -134,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, fmt in variants:
             out_lb = work / f"lifeboat.{fmt}"
             out_q = work / f"qemu.{fmt}"
-            qfmt = WRITERS.get(fmt).qemu_format
+            qfmt = EXPORTERS.get(fmt).qemu_format
 
             def lb(fmt: str = fmt, name: str = name, out: Path = out_lb) -> None:
-                w = WRITERS.get(fmt)()
+                w = EXPORTERS.get(fmt)()
                 if name.endswith("(zlib)"):
                     import zlib
 
-                    assert isinstance(w, VmdkStreamWriter)
+                    assert isinstance(w, VmdkStreamExporter)
                     w.deflate_name, w.deflate = "zlib", lambda d: zlib.compress(d, 1)
                 out.unlink(missing_ok=True)
                 w.write(reader, out)

@@ -1,11 +1,11 @@
-"""What every image writer shares: the writer interface, atomic output, and the parallel pipeline.
+"""What every exporter shares: the exporter interface, atomic output, and the parallel pipeline.
 
 Why here: each format module should only know its own byte layout. Reading the point, skipping
 zero runs, spreading decompression and compression over the cores, reporting progress, and
 making sure an interrupted export never leaves a file that looks finished (write to a temporary
 name in the destination directory, fsync, then rename) are the same for every format.
 
-Writers read a *point source*: ``archive.PointReader`` or anything with the same small
+Exporters read a *point source*: ``archive.PointReader`` or anything with the same small
 interface (``PointSource`` below), so that size-limit tests can feed a huge sparse stand-in.
 """
 
@@ -47,7 +47,7 @@ def default_workers() -> int:
 
 
 class PointSource(Protocol):
-    """What a writer reads: the read side of ``archive.PointReader``."""
+    """What an exporter reads: the read side of ``archive.PointReader``."""
 
     size: int
     chunk_size: int
@@ -99,7 +99,7 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-class ImageWriter(ABC):
+class Exporter(ABC):
     """Writes one point as one image file of one format.
 
     Call order: construct (options only, no I/O) -> ``check_size(size)`` (optional, raises

@@ -1,6 +1,6 @@
-"""qcow2 version 3: the writer (export) and the reader (import).
+"""qcow2 version 3: the exporter and the reader (import).
 
-Why its own module: qcow2 is KVM/OpenStack's native format; the writer streams a point into
+Why its own module: qcow2 is KVM/OpenStack's native format; the exporter streams a point into
 one without an intermediate raw file, the reader lets ``lifeboat backup`` import one.
 
 Layout written (qemu ``docs/interop/qcow2.txt``; all integers big-endian; cluster 64 KiB)::
@@ -38,7 +38,7 @@ from typing import ClassVar
 from lifeboat.archive.durable import pwrite_all
 from lifeboat.exporters.base import (
     SECTOR,
-    ImageWriter,
+    Exporter,
     MiB,
     PointSource,
     Progress,
@@ -74,7 +74,7 @@ INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
 
 
-class Qcow2Writer(ImageWriter):
+class Qcow2Exporter(Exporter):
     """qcow2 v3, 64 KiB clusters, 16-bit refcounts, uncompressed data clusters."""
 
     format: ClassVar[str] = "qcow2"
@@ -277,4 +277,4 @@ class Qcow2Image(ImageSource):
         return out
 
 
-__all__ = ["Qcow2Image", "Qcow2Writer", "round_up"]
+__all__ = ["Qcow2Image", "Qcow2Exporter", "round_up"]

@@ -1,6 +1,6 @@
 """Raw images: the point's bytes as they are, written sparse.
 
-Why a writer at all: a raw export must not materialise the zeros the archive does not store.
+Why an exporter at all: a raw export must not materialise the zeros the archive does not store.
 The file is sized with ``ftruncate`` first and only the non-zero 4 KiB blocks are written, so
 zero chunks, and zero runs inside chunks, stay holes (like ``qemu-img convert -S 4k``). The
 virtual size is the point's size to the byte (no rounding). Import of raw files is
@@ -13,12 +13,12 @@ import os
 from typing import ClassVar
 
 from lifeboat.archive.durable import pwrite_all
-from lifeboat.exporters.base import ImageWriter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs
+from lifeboat.exporters.base import Exporter, KiB, MiB, PointSource, Progress, UnitPipeline, nonzero_runs
 
 HOLE_GRANULARITY = 4 * KiB
 
 
-class RawWriter(ImageWriter):
+class RawExporter(Exporter):
     """Sparse raw image: holes wherever the point is zero."""
 
     format: ClassVar[str] = "raw"

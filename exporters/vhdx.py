@@ -1,4 +1,4 @@
-"""VHDX (dynamic): the writer and the reader.
+"""VHDX (dynamic): the exporter and the reader.
 
 Why: Hyper-V and Azure Stack HCI take VHDX; Windows mounts it natively, which also makes it a
 convenient single-file-recovery format.
@@ -42,8 +42,8 @@ from typing import ClassVar
 from lifeboat.archive.durable import pwrite_all
 from lifeboat.exporters.base import (
     SECTOR,
+    Exporter,
     GiB,
-    ImageWriter,
     KiB,
     MiB,
     PointSource,
@@ -187,7 +187,7 @@ def bat_entries(size: int, block_size: int, logical_sector: int) -> int:
     return blocks + (blocks - 1) // chunk_ratio(block_size, logical_sector) if blocks else 0
 
 
-class VhdxWriter(ImageWriter):
+class VhdxExporter(Exporter):
     """VHDX dynamic, 512-byte logical sectors, empty log."""
 
     format: ClassVar[str] = "vhdx"
@@ -392,4 +392,4 @@ class VhdxImage(ImageSource):
         raise self.fail(f"BAT entry of block {index} has the reserved state {state}")
 
 
-__all__ = ["SECTOR", "VhdxImage", "VhdxWriter", "crc32c"]
+__all__ = ["SECTOR", "VhdxImage", "VhdxExporter", "crc32c"]

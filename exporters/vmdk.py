@@ -1,4 +1,4 @@
-"""VMDK hosted sparse extents: the monolithicSparse writer, the shared header and descriptor,
+"""VMDK hosted sparse extents: the monolithicSparse exporter, the shared header and descriptor,
 and the reader for every VMDK lifeboat imports.
 
 Why: VMware Workstation/Fusion and ESXi (through ``vmkfstools -i``) take monolithicSparse;
@@ -47,9 +47,9 @@ from typing import ClassVar
 from lifeboat.archive.durable import pwrite_all
 from lifeboat.exporters.base import (
     SECTOR,
+    Exporter,
     ImageError,
     ImageTooLarge,
-    ImageWriter,
     MiB,
     PointSource,
     Progress,
@@ -162,7 +162,7 @@ def pack_header(
     )  # fmt: skip
 
 
-class VmdkSparseWriter(ImageWriter):
+class VmdkSparseExporter(Exporter):
     """VMDK monolithicSparse with a redundant grain directory."""
 
     format: ClassVar[str] = "vmdk"

@@ -1,9 +1,9 @@
 """VMDK streamOptimized: the compressed, append-only VMDK that ESXi OVF/OVA import, vCenter
 content libraries and AWS/Azure VM import take.
 
-Why a separate writer: the file is written strictly front to back (it can go to a pipe or an
+Why a separate exporter: the file is written strictly front to back (it can go to a pipe or an
 upload), every grain is deflated, and deflate is the slow part — ``qemu-img convert`` does it on
-one core, this writer on every core (worker threads; ``isal`` when installed, else ``zlib``; both
+one core, this exporter on every core (worker threads; ``isal`` when installed, else ``zlib``; both
 release the GIL), which is where its speed comes from.
 
 Layout written (VMware "Virtual Disk Format 1.1", section "Stream-Optimized Compressed Sparse
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from lifeboat.archive.durable import pwrite_all
-from lifeboat.exporters.base import SECTOR, ImageTooLarge, ImageWriter, MiB, PointSource, Progress, UnitPipeline
+from lifeboat.exporters.base import SECTOR, Exporter, ImageTooLarge, MiB, PointSource, Progress, UnitPipeline
 from lifeboat.exporters.vmdk import (
     COMPRESS_DEFLATE,
     FLAG_COMPRESSED,
@@ -80,7 +80,7 @@ def marker(value: int, kind: int) -> bytes:
     return m + bytes(SECTOR - len(m))
 
 
-class VmdkStreamWriter(ImageWriter):
+class VmdkStreamExporter(Exporter):
     """VMDK streamOptimized (version 3, deflate grains, markers, footer, end-of-stream)."""
 
     format: ClassVar[str] = "vmdk-stream"

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from lifeboat.exporters import WRITERS
+from lifeboat.exporters import EXPORTERS
 from lifeboat.exporters.vmdk import ADAPTERS, DescriptorFields
 from lifeboat.orchestrator.cli import command, emit_json, json_option, open_archive
 from lifeboat.orchestrator.console import log, progress
@@ -20,7 +20,7 @@ from lifeboat.orchestrator.console import log, progress
 @command(name="export")
 @click.argument("selector", metavar="MACHINE[@WHEN]")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(WRITERS.names()), required=True, help="Image format to write.")
+@click.option("--format", "fmt", type=click.Choice(EXPORTERS.names()), required=True, help="Image format to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--adapter-type", type=click.Choice(ADAPTERS), default=None,
               help="VMDK ddb.adapterType (default: ide for vmdk, lsilogic for vmdk-stream).")
@@ -32,7 +32,7 @@ def export_cmd(selector: str, out: Path, fmt: str, force: bool, adapter_type: st
         if not fmt.startswith("vmdk"):
             raise click.UsageError("--adapter-type applies to --format vmdk and vmdk-stream only")
         options["fields"] = DescriptorFields(adapter_type=adapter_type)
-    w = WRITERS.get(fmt)(**options)
+    w = EXPORTERS.get(fmt)(**options)
     arc = open_archive()
     info = arc.resolve(selector)
     w.check_size(info.size)

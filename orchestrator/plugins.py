@@ -1,7 +1,7 @@
 """Every plug-in registry of lifeboat, by kind: what can be used and what is planned.
 
 Why here: the registries are declared in their own packages (``targets.TARGETS``,
-``exporters.WRITERS``, ``archive.backend.BACKENDS``, ``orchestrator.sources.SOURCES``); only the
+``exporters.EXPORTERS``, ``archive.backend.BACKENDS``, ``orchestrator.sources.SOURCES``); only the
 orchestrator may import all of them. Listing imports no plug-in.
 """
 
@@ -15,11 +15,11 @@ from lifeboat.plumbing.registry import Registry
 def registries() -> dict[str, Registry[Any]]:
     """Each registry by its kind (the ``KIND`` of ``LIFEBOAT_PLUGINS=KIND:NAME=module:attr``)."""
     from lifeboat.archive.backend import BACKENDS
-    from lifeboat.exporters import WRITERS
+    from lifeboat.exporters import EXPORTERS
     from lifeboat.orchestrator.sources import SOURCES
     from lifeboat.targets import TARGETS
 
-    found: list[Registry[Any]] = [TARGETS, WRITERS, BACKENDS, SOURCES]
+    found: list[Registry[Any]] = [TARGETS, EXPORTERS, BACKENDS, SOURCES]
     return {r.kind: r for r in found}
 
 

@@ -102,13 +102,13 @@ def give_disk(
         )
         return {"url": server.url, "local_path": str(local), "pid": server.pid}
     if isinstance(target, TakesImage):
-        from lifeboat.exporters import WRITERS
+        from lifeboat.exporters import EXPORTERS
 
         fmt = target.image_formats()[0]
         image = guest.workdir / f"disk.{fmt}"
         elog.record("file", str(image), {})
         arc = open_archive()
-        WRITERS.get(fmt)().write(arc.reader(arc.resolve(selector)), image, overwrite=True)
+        EXPORTERS.get(fmt)().write(arc.reader(arc.resolve(selector)), image, overwrite=True)
         return {"image_path": str(image), "image_format": fmt}
     raise TargetError(f"the {target.name} target neither boots from NBD nor takes an image")
 

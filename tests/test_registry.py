@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lifeboat.archive.backend import Backend, open_backend
-from lifeboat.exporters.base import ImageWriter
+from lifeboat.exporters.base import Exporter
 from lifeboat.orchestrator.plugins import list_plugins, registries
 from lifeboat.orchestrator.sources import open_source, source_kind
 from lifeboat.plumbing.errors import LifeboatError, UsageError
@@ -41,7 +41,7 @@ def test_every_registered_name_imports_and_has_its_kinds_type(kind: str, name: s
     if kind == "targets":
         assert issubclass(found, Target) and found.name == name
     elif kind == "exporters":
-        assert issubclass(found, ImageWriter) and found.format == name
+        assert issubclass(found, Exporter) and found.format == name
     elif kind == "backends":
         assert issubclass(found, Backend)
     else:
@@ -105,8 +105,8 @@ def test_environment_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_add_checks_the_type_on_get() -> None:
     r: Registry[type[Target]] = Registry("things", "thing", {}, base=Target)
-    r.add("writer", "lifeboat.exporters.raw:RawWriter")
-    with pytest.raises(UsageError, match=r"the writer thing \(lifeboat.exporters.raw:RawWriter\) is not a Target"):
+    r.add("writer", "lifeboat.exporters.raw:RawExporter")
+    with pytest.raises(UsageError, match=r"the writer thing \(lifeboat.exporters.raw:RawExporter\) is not a Target"):
         r.get("writer")
     with pytest.raises(UsageError, match="is not MODULE:ATTR"):
         r.add("bad", "no-colon")

@@ -1,2 +1,2 @@
-"""Tests of the exporters: the writer conformance matrix, size limits, imports, reader fuzzing,
+"""Tests of the exporters: the exporter conformance matrix, size limits, imports, reader fuzzing,
 the export command, and booting exported images."""

@@ -76,7 +76,7 @@ def backup_bytes(arc: Archive, machine: str, data: bytes) -> PointReader:
 
 
 def contents(seed: int = 1) -> dict[str, bytes]:
-    """The matrix of point contents every writer must handle."""
+    """The matrix of point contents every exporter must handle."""
     rnd = random.Random(seed)
 
     def rand(n: int) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 
 from examples import sample_guest as sg
 from lifeboat.archive import Archive, PointReader
-from lifeboat.exporters import WRITERS, open_image
+from lifeboat.exporters import EXPORTERS, open_image
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,10 @@ def guest_point(sample_guest_image: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vmdk-stream", "vhdx"])
 def test_exported_guest_boots(fmt: str, guest_point: PointReader, tmp_path: Path) -> None:
     image = tmp_path / f"guest.{fmt}"
-    WRITERS.get(fmt)().write(guest_point, image)
+    EXPORTERS.get(fmt)().write(guest_point, image)
     # qemu writes a streamOptimized VMDK only front to back: boot it with a throwaway overlay
     extra = ["-snapshot"] if fmt == "vmdk-stream" else []
-    result = sg.boot(str(image), fmt=WRITERS.get(fmt).qemu_format, extra_args=extra)
+    result = sg.boot(str(image), fmt=EXPORTERS.get(fmt).qemu_format, extra_args=extra)
     assert result.matched, f"console:\n{result.console[-3000:]}\nstderr:\n{result.stderr}"
     assert "LIFEBOAT-GUEST: booted" in result.lines
     if not extra:  # the guest's write went into the exported image itself

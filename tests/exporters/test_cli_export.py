@@ -12,7 +12,7 @@ import pytest
 from lifeboat.archive import Archive
 from lifeboat.archive.formats import ZERO_ID, ChunkTable
 from lifeboat.archive.points import PointInfo, new_point_id, now_utc
-from lifeboat.exporters import WRITERS
+from lifeboat.exporters import EXPORTERS
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.archive.helpers import BytesSource
 from tests.exporters.helpers import MiB, qemu_img
@@ -33,7 +33,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "arc"
 
 
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_export_each_format(fmt: str, archive: Path, tmp_path: Path) -> None:
     out = tmp_path / f"web01.{fmt}"
     r = run("export", "web01@latest", str(out), "--format", fmt, "--json", archive=archive)
@@ -42,7 +42,7 @@ def test_export_each_format(fmt: str, archive: Path, tmp_path: Path) -> None:
     assert doc["machine"] == "web01" and doc["format"] == fmt and doc["out"] == str(out)
     assert doc["file_size"] == out.stat().st_size
     ref = archive.parent / "web01.raw"
-    qfmt = WRITERS.get(fmt).qemu_format
+    qfmt = EXPORTERS.get(fmt).qemu_format
     assert "identical" in qemu_img("compare", "-f", qfmt, "-F", "raw", str(out), str(ref)).stdout
 
 
@@ -111,11 +111,11 @@ def patched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "arc"
 
 
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_export_of_a_patched_point(fmt: str, patched: Path, tmp_path: Path) -> None:
     out = tmp_path / f"db01.{fmt}"
     r = run("export", "db01", str(out), "--format", fmt, archive=patched)
     assert r.returncode == 0, r.stderr
     ref = patched.parent / "db01.raw"
-    qfmt = WRITERS.get(fmt).qemu_format
+    qfmt = EXPORTERS.get(fmt).qemu_format
     assert "identical" in qemu_img("compare", "-f", qfmt, "-F", "raw", str(out), str(ref)).stdout

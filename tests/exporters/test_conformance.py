@@ -1,4 +1,4 @@
-"""Every writer over one matrix of point contents, judged by qemu-img.
+"""Every exporter over one matrix of point contents, judged by qemu-img.
 
 For each format and content: ``qemu-img check`` finds no errors (raw has no checks),
 ``qemu-img compare`` finds the image identical to the point's bytes, ``qemu-img info`` shows the
@@ -14,7 +14,7 @@ import pytest
 
 from lifeboat.archive import Archive, PointReader
 from lifeboat.archive.errors import DestinationError
-from lifeboat.exporters import WRITERS, ImageWriter, open_image
+from lifeboat.exporters import EXPORTERS, Exporter, open_image
 from tests.exporters.helpers import MiB, backup_bytes, contents, qemu_img, qemu_info
 
 CONTENTS = contents()
@@ -33,7 +33,7 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], Po
     return out
 
 
-def expected_details(w: ImageWriter, info: dict[str, object]) -> None:
+def expected_details(w: Exporter, info: dict[str, object]) -> None:
     spec = info.get("format-specific")
     if w.format == "qcow2":
         assert isinstance(spec, dict)
@@ -52,7 +52,7 @@ def expected_details(w: ImageWriter, info: dict[str, object]) -> None:
         assert info["cluster-size"] in (8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB)
 
 
-def check_export(w: ImageWriter, reader: PointReader, tmp: Path) -> None:
+def check_export(w: Exporter, reader: PointReader, tmp: Path) -> None:
     ref = tmp / "ref.raw"
     data = reader.read(0, reader.size)
     ref.write_bytes(data)
@@ -80,9 +80,9 @@ def check_export(w: ImageWriter, reader: PointReader, tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("content", list(CONTENTS))
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_writer_matrix(fmt: str, content: str, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
-    w = WRITERS.get(fmt)()
+    w = EXPORTERS.get(fmt)()
     reader = points[(64 * 1024, content)]
     if reader.size < w.min_size:  # VMDK, VHDX: no empty disks
         with pytest.raises(DestinationError, match="at least 1 byte"):
@@ -93,15 +93,15 @@ def test_writer_matrix(fmt: str, content: str, points: dict[tuple[int, str], Poi
 
 
 @pytest.mark.parametrize("chunk_size", [4096, MiB])
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_chunk_sizes(fmt: str, chunk_size: int, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
     """Chunks smaller than a cluster (4 KiB) and larger ones (1 MiB) give the same image."""
     for content in ("sparse-odd", "odd-1MiB-512"):
         sub = tmp_path / content
         sub.mkdir()
-        check_export(WRITERS.get(fmt)(), points[(chunk_size, content)], sub)
+        check_export(EXPORTERS.get(fmt)(), points[(chunk_size, content)], sub)
 
 
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_single_worker(fmt: str, points: dict[tuple[int, str], PointReader], tmp_path: Path) -> None:
-    check_export(WRITERS.get(fmt)(workers=1), points[(64 * 1024, "sparse-odd")], tmp_path)
+    check_export(EXPORTERS.get(fmt)(workers=1), points[(64 * 1024, "sparse-odd")], tmp_path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lifeboat.exporters import WRITERS, open_image
+from lifeboat.exporters import EXPORTERS, open_image
 from lifeboat.exporters.qcow2 import Qcow2Image
 from lifeboat.exporters.vhdx import HEADER1, HEADER2, HEADER_SIZE, REGION1, REGION2, REGION_SIZE, with_checksum
 from lifeboat.exporters.vmdk import VmdkSparseImage
@@ -38,7 +38,7 @@ def make_images(root: Path) -> dict[str, Path]:
     images: dict[str, Path] = {}
     for fmt in ("qcow2", "vmdk", "vmdk-stream", "vhdx"):
         path = root / f"lifeboat.{fmt}"
-        WRITERS.get(fmt)().write(point, path)
+        EXPORTERS.get(fmt)().write(point, path)
         images[fmt] = path
     raw = root / "src.raw"
     raw.write_bytes(point.read(0, point.size))

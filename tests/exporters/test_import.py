@@ -70,14 +70,14 @@ def test_import_qemu_image(variant: str, reference: Path, tmp_path: Path) -> Non
 
 def test_import_lifeboat_export_roundtrip(reference: Path, tmp_path: Path) -> None:
     """lifeboat's own exports import back to the same point content, in every format."""
-    from lifeboat.exporters import WRITERS
+    from lifeboat.exporters import EXPORTERS
 
     arc = Archive.init(str(tmp_path / "arc"), chunk_size=64 * 1024)
     with open_image(reference) as src:
         reader = arc.reader(arc.backup("orig", src))
-    for fmt in WRITERS.names():
+    for fmt in EXPORTERS.names():
         out = tmp_path / f"export.{fmt}"
-        WRITERS.get(fmt)().write(reader, out)
+        EXPORTERS.get(fmt)().write(reader, out)
         with open_image(out) as src:
             back = arc.reader(arc.backup(f"back-{fmt}", src))
         assert back.ids == reader.ids  # same chunks: deduplicated, nothing new stored

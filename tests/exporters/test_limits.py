@@ -1,7 +1,7 @@
 """Size limits: the largest point each format can hold is written and judged by qemu; one sector
 more is refused with a clear error before any file is created.
 
-Backing up terabytes of zeros would read every byte, so these tests feed the writers a sparse
+Backing up terabytes of zeros would read every byte, so these tests feed the exporters a sparse
 stand-in for a point (``SparsePoint``, the reader interface with a few data islands).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lifeboat.exporters import WRITERS, ImageTooLarge, open_image
+from lifeboat.exporters import EXPORTERS, ImageTooLarge, open_image
 from lifeboat.exporters.base import PiB, TiB
 from tests.exporters.helpers import MiB, SparsePoint, qemu_img, qemu_info
 
@@ -28,9 +28,9 @@ def qemu_io_read(path: Path, fmt: str, offset: int, length: int, pattern: int) -
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("fmt", WRITERS.names())
+@pytest.mark.parametrize("fmt", EXPORTERS.names())
 def test_largest_size(fmt: str, tmp_path: Path) -> None:
-    w = WRITERS.get(fmt)()
+    w = EXPORTERS.get(fmt)()
     size = LIMITS[fmt]
     assert fmt == "raw" or w.max_size == size
     last = size - MiB
@@ -53,9 +53,9 @@ def test_largest_size(fmt: str, tmp_path: Path) -> None:
         assert src.read(size // 2, 4096) == bytes(4096)
 
 
-@pytest.mark.parametrize("fmt", [f for f in WRITERS.names() if f != "raw"])
+@pytest.mark.parametrize("fmt", [f for f in EXPORTERS.names() if f != "raw"])
 def test_one_sector_too_many(fmt: str, tmp_path: Path) -> None:
-    w = WRITERS.get(fmt)()
+    w = EXPORTERS.get(fmt)()
     point = SparsePoint(w.max_size + 1, {0: 1})
     with pytest.raises(ImageTooLarge, match=f"--format {fmt}: the point is .* more than the .* image can hold"):
         w.write(point, tmp_path / "too-big")

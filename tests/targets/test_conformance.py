@@ -41,7 +41,7 @@ import pytest
 
 from examples.sample_guest import read_record
 from lifeboat.archive import Archive
-from lifeboat.exporters import WRITERS
+from lifeboat.exporters import EXPORTERS
 from lifeboat.orchestrator.context import disk_of
 from lifeboat.orchestrator.health import console_text
 from lifeboat.orchestrator.serving import NbdServerProcess, find_server, stop_server
@@ -95,7 +95,7 @@ def test_capabilities(peer: Peer, tmp_path: Path) -> None:
     target = cls(peer.settings, TargetContext())
     assert target.supports_network("none")
     if isinstance(target, TakesImage):
-        assert target.image_formats() and set(target.image_formats()) <= set(WRITERS.names())
+        assert target.image_formats() and set(target.image_formats()) <= set(EXPORTERS.names())
 
 
 def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) -> tuple[Disk, NbdServerProcess | None]:
@@ -107,7 +107,7 @@ def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) 
     )
     disk = disk_of(arc.resolve(POINT).size, result)
     if disk.image_path is not None:
-        fmt = WRITERS.get(str(disk.image_format)).qemu_format
+        fmt = EXPORTERS.get(str(disk.image_format)).qemu_format
         check = subprocess.run(["qemu-img", "check", "-f", fmt, str(disk.image_path)], capture_output=True, text=True)
         assert check.returncode == 0 or "does not support checks" in check.stderr, check.stdout + check.stderr
     return disk, find_server(elog, guest.token) if disk.nbd_url else None
@@ -200,7 +200,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     if isinstance(target, TakesImage):
         assert disk.image_path is not None and disk.image_format is not None
         raw = tmp_path / "written.raw"
-        qemu_format = WRITERS.get(disk.image_format).qemu_format
+        qemu_format = EXPORTERS.get(disk.image_format).qemu_format
         subprocess.run(
             ["qemu-img", "convert", "-f", qemu_format, "-O", "raw", str(disk.image_path), str(raw)], check=True
         )
