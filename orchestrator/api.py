@@ -162,11 +162,21 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
     }
 
 
-def check_drivers(runbook: Runbook) -> None:
-    """Raise ``NotAvailable`` (exit status 2) if a machine's driver is not in this version of
-    lifeboat: a run then stops before it creates anything, and a dry run says so after its plan."""
+def unavailable_drivers(runbook: Runbook) -> list[str]:
+    """One line per machine whose driver is not in this version of lifeboat (planned, or a
+    plug-in that is not installed): the runbook is valid, but cannot run here."""
+    out = []
     for m in runbook.machines:
         try:
             TARGETS.get(m.driver)
         except NotAvailable as e:
-            raise NotAvailable(f"runbook {runbook.path}: machine {m.name}: {e}") from None
+            out.append(f"runbook {runbook.path}: machine {m.name}: {e}")
+    return out
+
+
+def check_drivers(runbook: Runbook) -> None:
+    """Raise ``NotAvailable`` (exit status 2) if a machine's driver is not in this version of
+    lifeboat: a run then stops before it creates anything, and a dry run says so after its plan."""
+    missing = unavailable_drivers(runbook)
+    if missing:
+        raise NotAvailable("; ".join(missing))

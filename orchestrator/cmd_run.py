@@ -210,18 +210,22 @@ def teardown_cmd(runbook: str, yes: bool, state_dir: str | None, as_json: bool) 
 @click.argument("runbooks", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @json_option
 def validate_cmd(runbooks: tuple[str, ...], as_json: bool) -> None:
-    """Check runbooks; print each mistake as FILE:LINE:COLUMN: FIELD: message; exit 2 if any."""
+    """Check runbooks; print each mistake as FILE:LINE:COLUMN: FIELD: message; exit 2 if any.
+    A valid runbook naming a driver this version lacks gets a warning: it cannot run here."""
     problems: list[str] = []
+    warnings: list[str] = []
     for path in runbooks:
         try:
-            load(path)
+            warnings += api.unavailable_drivers(load(path))
         except InvalidRunbook as e:
             problems += [str(p) for p in e.problems]
     if as_json:
-        emit_json({"valid": not problems, "problems": problems})
+        emit_json({"valid": not problems, "problems": problems, "warnings": warnings})
     else:
         for p in problems:
             log(p)
+        for w in warnings:
+            log(f"warning: {w}: it validates, but cannot run here")
         if not problems:
             log(f"{len(runbooks)} runbook{'s' if len(runbooks) != 1 else ''} valid")
     if problems:
