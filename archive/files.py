@@ -132,6 +132,22 @@ class FileSource:
         self.close()
 
 
+_KINDS = {
+    stat.S_IFREG: "regular file",
+    stat.S_IFBLK: "block device",
+    stat.S_IFCHR: "character device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symbolic link",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words: messages that refuse a destination say what is there."""
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
 def open_direct(path: str | os.PathLike[str], mode: int = os.O_RDONLY) -> int | None:
     """A descriptor of ``path`` opened with ``O_DIRECT``, or None where that is not possible
     (no ``O_DIRECT`` on this platform, EINVAL from tmpfs and some file systems, ...): the caller

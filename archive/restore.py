@@ -1,5 +1,9 @@
 """Restore: write a whole point to a sparse file or a block device, decoding on every core.
 
+A block device is written in place; any other existing destination that is not a regular file
+(a character device, FIFO, socket, directory) is refused even with ``--force``: replacing
+``/dev/something`` with a regular file would silently break the machine.
+
 A file is written under a temporary name and renamed when complete, so an interrupted restore
 never leaves a file that looks finished. Whole chunks are written with ``O_DIRECT`` where the
 file system allows it: copying gigabytes through the page cache cost as much CPU as decoding
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from lifeboat.archive.durable import pwrite_all
 from lifeboat.archive.errors import DestinationError, StorageError
-from lifeboat.archive.files import DIRECT_ALIGN, open_direct
+from lifeboat.archive.files import DIRECT_ALIGN, file_kind, open_direct
 from lifeboat.archive.store import AHEAD, IO_THREADS, PointReader, Progress, ordered_map
 
 
@@ -29,11 +33,19 @@ def restore(reader: PointReader, dest: str | os.PathLike[str], *, force: bool = 
             progress: Progress | None = None) -> None:
     """Write every byte of the point to ``dest`` (a new file, or an existing block device)."""
     path = Path(dest)
-    device = path.exists() and stat.S_ISBLK(path.stat().st_mode)
-    if path.exists() and not device and not force:
+    try:
+        mode: int | None = os.stat(path).st_mode  # follows links: /dev/disk/by-id/... names a device
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise DestinationError(f"destination {path}: cannot inspect it ({e.strerror})") from None
+    device = mode is not None and stat.S_ISBLK(mode)
+    if mode is not None and not device and not stat.S_ISREG(mode):
+        # never replaced, not even with --force: a character device, FIFO or socket is not a disk
+        raise DestinationError(f"destination {path} is a {file_kind(mode)}; restore writes a regular file "
+                               "or a block device, nothing else")
+    if mode is not None and not device and not force:
         raise DestinationError(f"destination {path} exists (use --force to replace it)")
-    if path.is_dir():
-        raise DestinationError(f"destination {path} is a directory")
     if not device and not path.parent.is_dir():
         raise DestinationError(f"destination {path}: folder {path.parent} does not exist")
     target = path if device else path.with_name(f".{path.name}.lifeboat-{secrets.token_hex(4)}")

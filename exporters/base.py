@@ -26,6 +26,7 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 from lifeboat.archive.durable import fsync_dir
 from lifeboat.archive.errors import DestinationError, SourceError
+from lifeboat.archive.files import file_kind
 
 SECTOR = 512
 KiB = 1024
@@ -168,11 +169,17 @@ class Exporter(ABC):
 @contextmanager
 def atomic_output(path: Path, *, overwrite: bool) -> Iterator[int]:
     """An fd on a new temporary file beside ``path``; renamed to ``path`` only on success."""
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise DestinationError(f"{path} already exists (use --force to replace it)")
-        if not stat.S_ISREG(path.lstat().st_mode):
-            raise DestinationError(f"{path} exists and is not a regular file; not replacing it")
+    try:
+        mode: int | None = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot inspect it ({e.strerror})") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        # never replaced, --force or not: no format streams, so a device, FIFO or link is no place for an image
+        raise DestinationError(f"{path} is a {file_kind(mode)}; an export writes a new regular file only")
+    if mode is not None and not overwrite:
+        raise DestinationError(f"{path} already exists (use --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise DestinationError(f"{path}: directory {parent} does not exist")
