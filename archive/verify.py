@@ -1,7 +1,10 @@
 """Verify: read every pack and manifest, check every chunk against its id, name what is hurt.
 
 A damaged chunk or pack is traced to the points that reference it, so an operator knows which
-recovery points are affected, not just that something is wrong.
+recovery points are affected, not just that something is wrong. A pack whose index cannot be read
+hides which chunks it held: the points name them, and each chunk no good pack holds is missing.
+A pack whose header is damaged is not trusted, even where its chunks still check out: every
+point that references one of its chunks is named.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
     report = VerifyReport()
     backend = arc.backend
     good: set[bytes] = set()
+    in_damaged: dict[bytes, str] = {}  # chunk id -> the pack with a damaged header that holds it
     with ThreadPoolExecutor(WORKERS) as pool:
         for key in sorted(backend.list(PACK_PREFIX)):
             report.packs += 1
@@ -64,7 +68,8 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
             except (FormatError, KeyError) as err:
                 report.bad_packs[key] = str(err)
                 continue
-            if data[: len(PACK_MAGIC)] != PACK_MAGIC:
+            header_ok = data[: len(PACK_MAGIC)] == PACK_MAGIC
+            if not header_ok:
                 report.bad_packs[key] = f"pack {key}: bad magic"
 
             def check(e: PackEntry, data: bytes = data) -> tuple[PackEntry, str | None]:
@@ -79,8 +84,10 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
                 report.bytes_checked += entry.length
                 if problem:
                     report.bad_chunks[entry.chunk_id.hex()] = f"{problem} (in {key})"
-                else:
+                elif header_ok:
                     good.add(entry.chunk_id)
+                else:  # its bytes check out, but a pack with a damaged header is not trusted
+                    in_damaged[entry.chunk_id] = key
             if progress:
                 progress(len(data))
     users: dict[bytes, list[str]] = defaultdict(list)
@@ -100,7 +107,8 @@ def verify(arc: Archive, progress: Progress | None = None) -> VerifyReport:
         h = cid.hex()
         report.affected[h] = sorted(names)
         if h not in report.bad_chunks:
-            report.bad_chunks[h] = f"chunk {h} is missing (its pack is damaged or gone)"
+            report.bad_chunks[h] = (f"chunk {h} is in pack {in_damaged[cid]}, whose header is damaged"
+                                    if cid in in_damaged else f"chunk {h} is missing (its pack is damaged or gone)")
         for n in names:
             report.bad_points.setdefault(n, f"references bad or missing chunk {h}")
     return report

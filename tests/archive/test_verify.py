@@ -10,7 +10,8 @@ import pytest
 
 from lifeboat.archive import Archive
 from lifeboat.archive.errors import CorruptChunk
-from lifeboat.archive.formats import PACK_TRAILER
+from lifeboat.archive.formats import PACK_TRAILER, parse_point
+from lifeboat.archive.packs import read_pack_index
 from lifeboat.archive.verify import verify
 from tests.archive.helpers import BytesSource, read_all
 
@@ -39,10 +40,24 @@ def test_clean_archive_verifies(tmp_path: Path) -> None:
     assert report.ok and report.points == 3 and report.packs == len(packs) == 3
 
 
+def _points_using(root: Path, chunks: set[bytes]) -> list[str]:
+    """The points (MACHINE@POINT) whose manifests reference any of ``chunks``, read before the damage."""
+    names = []
+    for manifest in sorted((root / "points").rglob("*")):
+        if manifest.is_file():
+            key = str(manifest.relative_to(root))
+            _, table = parse_point(key, manifest.read_bytes())
+            if chunks & set(table.referenced()):
+                names.append(f"{manifest.parent.name}@{manifest.name}")
+    return sorted(names)
+
+
 @pytest.mark.parametrize("where", ["magic", "blob", "index", "trailer"])
-def test_flipped_byte_is_found(tmp_path: Path, where: str) -> None:
+def test_flipped_byte_names_the_affected_points(tmp_path: Path, where: str) -> None:
     arc, packs = _archive(tmp_path)
     target = packs[0]
+    root = tmp_path / "arc"
+    entries = read_pack_index(arc.backend, str(target.relative_to(root)))
     size = target.stat().st_size
     offset = {
         "magic": 3,
@@ -50,11 +65,18 @@ def test_flipped_byte_is_found(tmp_path: Path, where: str) -> None:
         "index": size - PACK_TRAILER.size - 10,
         "trailer": size - 3,
     }[where]
+    # a damaged blob hurts its chunk; any other damage leaves the whole pack untrusted or unreadable
+    hurt = {e.chunk_id for e in entries if where != "blob" or e.offset <= offset < e.offset + e.length}
+    expected = _points_using(root, hurt)
+    assert expected
     _flip(target, offset)
-    report = verify(Archive.open(str(tmp_path / "arc")))
-    assert not report.ok
-    if where != "magic":  # a damaged magic spoils no chunk, only the pack's header
-        assert report.bad_points, "the points using the damaged pack must be named"
+    doc = verify(Archive.open(str(root))).to_json()
+    assert not doc["ok"]
+    if where != "blob":
+        assert str(target.relative_to(root)) in doc["bad_packs"]
+    assert doc["affected_points"] == expected
+    assert sorted(doc["bad_points"]) == expected
+    assert {c.hex() for c in hurt} <= set(doc["bad_chunks"])
 
 
 def test_bad_chunk_names_affected_points_and_reads_fail(tmp_path: Path) -> None:
@@ -91,6 +113,7 @@ def test_random_single_byte_flips_always_detected(tmp_path: Path) -> None:
         target = rnd.choice(packs)
         original = target.read_bytes()
         _flip(target, rnd.randrange(len(original)))
-        assert not verify(Archive.open(str(tmp_path / "arc"))).ok
+        report = verify(Archive.open(str(tmp_path / "arc")))
+        assert not report.ok and report.to_json()["affected_points"], "every damage names its points"
         target.write_bytes(original)
     assert verify(Archive.open(str(tmp_path / "arc"))).ok
