@@ -335,10 +335,15 @@ def _schema_problems(loc: _Located, schema: dict[str, Any], data: Any, prefix: l
 
 
 def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses control characters already (a ReaderError)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as e:  # a control character: no mark, only an offset
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - text.rfind("\n", 0, e.position)
+        raise InvalidRunbook([Problem(file, line, col, "", f"YAML: character U+{e.character:04X} is not allowed")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -346,7 +351,8 @@ def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
     except yaml.YAMLError as e:
         raise InvalidRunbook([Problem(file, 1, 1, "", f"YAML: {e}")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return node, data
 
 

@@ -189,4 +189,5 @@ CASES: list[tuple[str, str, list[tuple[int, int, str]]]] = [
         base(**{"    health:": "    depends_on: [web01]\n    health:"}),
         [(9, 18, "machine 'web01' depends on itself")],
     ),
+    ("control-character", base(**{"name: t": "name: t\x01"}), [(2, 8, "character U+0001 is not allowed")]),
 ]
