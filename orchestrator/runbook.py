@@ -343,7 +343,8 @@ def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
     except yaml.reader.ReaderError as e:  # a control character: no mark, only an offset
         line = text.count("\n", 0, e.position) + 1
         col = e.position - text.rfind("\n", 0, e.position)
-        raise InvalidRunbook([Problem(file, line, col, "", f"YAML: character U+{e.character:04X} is not allowed")]) from None
+        message = f"YAML: character U+{e.character:04X} is not allowed"
+        raise InvalidRunbook([Problem(file, line, col, "", message)]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
