@@ -143,6 +143,8 @@ def parse_point_header(name: str, data: bytes) -> tuple[dict[str, Any], int]:
         header = json.loads(data[POINT_HEADER.size:end])
     except ValueError as e:
         raise FormatError(f"point {name}: header is not JSON ({e})") from e
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise FormatError(f"point {name}: header is nested too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(f"point {name}: header is not an object")
     return header, end
@@ -155,7 +157,7 @@ def parse_point(name: str, data: bytes) -> tuple[dict[str, Any], ChunkTable]:
     header, start = parse_point_header(name, data)
     try:
         size, cs, npatches = int(header["size"]), int(header["chunk_size"]), int(header.get("patches", 0))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity
         raise FormatError(f"point {name}: header lacks size, chunk_size or patches") from None
     if size < 0 or cs <= 0 or npatches < 0:
         raise FormatError(f"point {name}: bad size, chunk size or patch count in the header")
