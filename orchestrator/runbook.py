@@ -334,12 +334,40 @@ def _schema_problems(loc: _Located, schema: dict[str, Any], data: Any, prefix: l
     return out
 
 
+# bounds on what a runbook's YAML may expand to: every later check walks the tree, and an alias
+# repeats its anchor's whole subtree (nine aliases of nine aliases of ... is a "billion laughs")
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+
+
+def _too_big(file: str, root: yaml.Node | None) -> Problem | None:
+    """A problem if the node tree, aliases expanded, is deeper than MAX_DEPTH or has more than
+    MAX_NODES nodes; walked without recursion and stopped at the bound, so it is bounded too."""
+    stack = [(root, 1)] if root is not None else []
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        mark = node.start_mark
+        if depth > MAX_DEPTH:
+            return Problem(file, mark.line + 1, mark.column + 1, "", f"YAML nested more than {MAX_DEPTH} levels deep")
+        if count > MAX_NODES:
+            return Problem(file, 1, 1, "", f"the YAML expands to more than {MAX_NODES} values (aliases of aliases?)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+    return None
+
+
 def _compose(text: str, file: str) -> tuple[yaml.Node | None, Any]:
     loader = None
     try:
         loader = yaml.SafeLoader(text)  # refuses control characters already (a ReaderError)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError:  # the composer recurses once per level
+        raise InvalidRunbook([Problem(file, 1, 1, "", f"YAML nested more than {MAX_DEPTH} levels deep")]) from None
     except yaml.reader.ReaderError as e:  # a control character: no mark, only an offset
         line = text.count("\n", 0, e.position) + 1
         col = e.position - text.rfind("\n", 0, e.position)
@@ -706,6 +734,9 @@ def load(path: str | Path) -> Runbook:
     except UnicodeDecodeError as e:
         raise InvalidRunbook([Problem(file, 1, 1, "", f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
     node, data = _compose(text, file)
+    too_big = _too_big(file, node)
+    if too_big:
+        raise InvalidRunbook([too_big])
     loc = _Located(file, node)
     if data is None:
         raise InvalidRunbook([Problem(file, 1, 1, "", "the runbook is empty")])

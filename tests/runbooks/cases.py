@@ -190,4 +190,12 @@ CASES: list[tuple[str, str, list[tuple[int, int, str]]]] = [
         [(9, 18, "machine 'web01' depends on itself")],
     ),
     ("control-character", base(**{"name: t": "name: t\x01"}), [(2, 8, "character U+0001 is not allowed")]),
+    ("deep-nesting", base(**{"name: t": "name: t\nx-deep: " + "[" * 70 + "]" * 70}), [(3, 72, "nested more than 64")]),
+    ("too-deep-for-yaml", base(**{"name: t": "name: t\nx-deep: " + "[" * 3000 + "]" * 3000}), [(1, 1, "nested more")]),
+    (
+        "alias-bomb",
+        base(**{"name: t": "name: t\nx-0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"x-{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))}),
+        [(1, 1, "expands to more than 100000 values")],
+    ),
 ]
