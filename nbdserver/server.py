@@ -5,8 +5,22 @@ the handshake runs as a coroutine (readable, linear), the transmission phase is 
 in ``data_received`` so a request whose data is at hand (decoded chunk in memory, local file)
 is answered without a task, a future or a thread hop. Anything that may block (archive fetch,
 copy-up, fsync) runs on a thread pool and replies when done; replies may come out of order,
-as the protocol allows. A connection stops reading while it has too many requests in flight or
-too much unsent reply data, so no client can make the server buffer without bound.
+as the protocol allows.
+
+Memory is bounded by the server, not by its clients. Every READ (its length: a 32 MiB read
+counts 32 MiB from the moment it is accepted) and WRITE (its payload, from its header on) is
+charged while its data is in the server's hands, and so are replies the client has not read yet
+(the transport's write buffer, once it passes the high-water mark). A connection stops reading
+requests while its next one would take it past ``client_memory`` (default 64 MiB) or the whole
+server past ``memory`` (default 256 MiB); it resumes when its replies drain, its requests finish
+or another connection gives memory back. A connection holding nothing may always take one
+request, so one maximum-size request is always served; the bound is therefore
+``max(memory, 32 MiB)`` of request and reply data, plus transients (one reply being copied into
+a transport buffer, a request header's worth of input per connection, the decoded-chunk cache
+sized by ``--cache-size``). While clients that never read their replies hold the whole server
+budget, other clients' requests wait until they leave: the price of a hard bound. When a
+connection goes, its buffers are dropped and the C allocator is asked to return free memory
+to the system (see ``_give_back``).
 
 A client that breaks the protocol (bad magic, unknown client flags, an oversized payload) is
 disconnected; a request that is merely wrong (beyond the export, bad flags) gets an error
@@ -17,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import socket
 import ssl
 import struct
@@ -34,6 +50,9 @@ MAX_OPTION_LENGTH = 64 * 1024
 MAX_OPTIONS = 1024
 MAX_INFLIGHT = 128
 READ_BUFFER_LIMIT = 64 * 1024 * 1024
+MiB = 1024 * 1024
+SERVER_MEMORY = 256 * MiB  # request and reply data held for all clients
+CLIENT_MEMORY = 64 * MiB  # ... and for any one connection (two maximum-size reads)
 META_CONTEXT_ID = 1
 CLOSE_GRACE = 5.0
 BATCH_PIECE = 64 * 1024
@@ -66,6 +85,7 @@ class _Request:
     length: int
     payload: bytes = b""
     extra: dict[str, Any] = field(default_factory=dict)
+    cost: int = 0  # bytes charged to the memory bounds while the request runs
 
 
 class Connection(asyncio.Protocol):
@@ -90,6 +110,11 @@ class Connection(asyncio.Protocol):
         self._batching = False
         self._out: list[bytes] = []
         self._out_size = 0
+        # memory accounting (see the module docstring)
+        self._charged = 0  # requests in progress: reads' lengths, writes' payloads
+        self._queued = 0  # unsent replies in the transport's buffer, while it is over high water
+        self._write_blocked = False
+        self._reserved = 0  # the WRITE whose payload is arriving
         # negotiated state
         self.tls = False
         self.no_zeroes = False
@@ -125,8 +150,9 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         self._wake()
-        if self._phase == "transmission" and self._inflight == 0:
-            self._close()
+        if self._phase == "transmission":
+            self._maybe_close()
+            return True  # half-open: requests already received are still answered
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,13 +160,66 @@ class Connection(asyncio.Protocol):
         self._eof = True
         self._wake()
         self.server.connections.discard(self)
+        self.server.waiting.pop(self, None)
         self._drained.set()
+        self._buf = bytearray()
+        self._out = []
+        self._out_size = 0
+        self._set_queued(0)
+        if self._reserved:
+            self._account(-self._reserved)
+            self._reserved = 0
+        self.server.give_back()
 
     def pause_writing(self) -> None:
+        self._write_blocked = True
+        if self.transport is not None:
+            self._set_queued(self.transport.get_write_buffer_size())
         self._pause("write")
 
     def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._set_queued(0)
         self._resume("write")
+        self._retry_memory()
+
+    # -- memory bounds -----------------------------------------------------------------------
+    def _account(self, delta: int) -> None:
+        server = self.server
+        server.held += delta
+        if delta < 0 and server.waiting:
+            server.wake_waiting()
+
+    def _set_queued(self, n: int) -> None:
+        if n != self._queued:
+            self._account(n - self._queued)
+            self._queued = n
+
+    def _charge(self, n: int) -> None:
+        self._charged += n
+        self._account(n)
+
+    def _release(self, n: int) -> None:
+        self._charged -= n
+        self._account(-n)
+
+    def _fits(self, n: int) -> bool:
+        """Whether a request costing ``n`` bytes may start now; if not, stop reading until memory
+        is given back (by this connection, or by any when the server's bound is what stops it)."""
+        server = self.server
+        mine = self._charged + self._queued
+        if mine and mine + n > server.client_memory:
+            self._pause("memory")
+            return False
+        if server.held and server.held + n > server.memory:
+            self._pause("memory")
+            server.waiting[self] = None
+            return False
+        return True
+
+    def _retry_memory(self) -> None:
+        if "memory" in self._paused and not self._closed:
+            self._resume("memory")
 
     # -- plumbing ----------------------------------------------------------------------------
     def _pause(self, why: str) -> None:
@@ -156,8 +235,11 @@ class Connection(asyncio.Protocol):
             self._reading_paused = False
             with contextlib.suppress(Exception):
                 self.transport.resume_reading()
-        if not self._paused and self._phase == "transmission" and self._buf:
-            self._process()
+        if not self._paused and self._phase == "transmission":
+            if self._buf:
+                self._process()
+            elif self._eof:
+                self._maybe_close()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -179,6 +261,8 @@ class Connection(asyncio.Protocol):
         if self._out:
             self._flush_out()
         self.transport.write(data)
+        if self._write_blocked:
+            self._set_queued(self.transport.get_write_buffer_size())
 
     def _flush_out(self) -> None:
         out = self._out
@@ -188,9 +272,19 @@ class Connection(asyncio.Protocol):
         self._out_size = 0
 
     def _close(self) -> None:
+        """Close after sending every reply written or batched so far."""
         if not self._closed and self.transport is not None:
+            self._flush_out()
             self._closed = True
             self.transport.close()
+
+    def _maybe_close(self) -> None:
+        """Close once the client has disconnected (NBD_CMD_DISC, or EOF) and every request it
+        sent before is answered (doc/proto.md: the server MUST handle all outstanding requests)."""
+        if self._inflight or self._closed:
+            return
+        if self._disconnecting or (self._eof and not (self._paused and self._buf)):
+            self._close()
 
     def abort(self) -> None:
         """Drop the connection now (server shutdown, protocol violation)."""
@@ -448,8 +542,8 @@ class Connection(asyncio.Protocol):
         self._log_debug("transmission")
         if self._buf:
             self._process()
-        if self._eof and self._inflight == 0:
-            self._close()
+        if self._eof:
+            self._maybe_close()
 
     def _log_debug(self, message: str) -> None:
         if self.server.debug:
@@ -480,12 +574,22 @@ class Connection(asyncio.Protocol):
                         self._log(f"write of {length} bytes exceeds the maximum payload; disconnected")
                         self.abort()
                         return
+                    if not self._reserved and length:
+                        if not self._fits(length):
+                            break
+                        self._reserved = length
+                        self._charge(length)
                     if n - pos < 28 + length:
                         break
                     payload = bytes(buf[pos + 28 : pos + 28 + length])
                     pos += 28 + length
+                    if self._reserved:
+                        self._release(self._reserved)  # charged again as the payload, if it runs
+                        self._reserved = 0
                     self._request(flags, cmd, cookie, offset, length, payload)
                 else:
+                    if not self._fits(length if cmd == P.CMD_READ and length <= max_fast else 0):
+                        break
                     pos += 28
                     if cmd == P.CMD_READ and not flags & fast_mask and 0 < length <= max_fast \
                             and offset + length <= size:
@@ -512,6 +616,8 @@ class Connection(asyncio.Protocol):
             self._pause("buffer")
         elif "buffer" in self._paused and len(buf) <= READ_BUFFER_LIMIT // 2:
             self._resume("buffer")
+        if self._eof or self._disconnecting:
+            self._maybe_close()
 
     def _max_write(self) -> int:
         return self.volume.max_payload if self.volume is not None else 0
@@ -545,8 +651,7 @@ class Connection(asyncio.Protocol):
         req = _Request(flags, cmd, cookie, offset, length, payload)
         if cmd == P.CMD_DISC:
             self._disconnecting = True
-            if self._inflight == 0:
-                self._close()
+            self._maybe_close()
             return
         allowed = _ALLOWED_FLAGS.get(cmd)
         if allowed is None:
@@ -649,6 +754,8 @@ class Connection(asyncio.Protocol):
         """Run ``fn`` on the pool and reply when it completes."""
         self._inflight += 1
         self._drained.clear()
+        req.cost = req.length if req.cmd == P.CMD_READ else len(req.payload)
+        self._charge(req.cost)
         if self._inflight >= MAX_INFLIGHT:
             self._pause("inflight")
         fut = self.loop.run_in_executor(self.server.pool, fn, *args)
@@ -656,6 +763,7 @@ class Connection(asyncio.Protocol):
 
     def _done(self, req: _Request, fut: asyncio.Future[Any]) -> None:
         self._inflight -= 1
+        self._release(req.cost)
         if not self._closed:
             exc = fut.exception()
             if exc is None:
@@ -673,10 +781,12 @@ class Connection(asyncio.Protocol):
         if self._inflight == 0:
             self._drained.set()
             if self._disconnecting or self._eof:
-                self._close()
-                return
+                self._maybe_close()
+                if self._closed:
+                    return
         if "inflight" in self._paused and self._inflight < MAX_INFLIGHT // 2:
             self._resume("inflight")
+        self._retry_memory()
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) for requests in flight to finish."""
@@ -684,6 +794,16 @@ class Connection(asyncio.Protocol):
             await asyncio.wait_for(self._drained.wait(), timeout)
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+        return None
+    return fn
+
+
+_TRIM = _malloc_trim()
 _DATA_HEADER = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA offset
 _HOLE_REPLY = struct.Struct(">IHHQIQI")  # structured reply header + OFFSET_HOLE payload
 _ALLOWED_FLAGS = {
@@ -706,7 +826,8 @@ class NBDServer:
     """
 
     def __init__(self, exports: list[Export], *, tls: ssl.SSLContext | None = None,
-                 log: Callable[[str], None] = _default_log, workers: int = 8, debug: bool = False) -> None:
+                 log: Callable[[str], None] = _default_log, workers: int = 8, debug: bool = False,
+                 memory: int = SERVER_MEMORY, client_memory: int = CLIENT_MEMORY) -> None:
         self.exports = {e.name: e for e in exports}
         self.default = exports[0] if exports else None
         self.tls = tls
@@ -717,6 +838,33 @@ class NBDServer:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self._server: asyncio.base_events.Server | None = None
+        self.memory = memory
+        self.client_memory = client_memory
+        self.held = 0  # bytes charged by every connection (see the module docstring)
+        self.waiting: dict[Connection, None] = {}  # stopped by the server's bound, in order
+        self._wake_pending = False
+
+    def wake_waiting(self) -> None:
+        """Soon, let the connections stopped by the server's bound try again (memory came back)."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon(self._wake_all)
+
+    def _wake_all(self) -> None:
+        self._wake_pending = False
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        for conn in waiting:
+            conn._retry_memory()
+
+    def give_back(self) -> None:
+        """Return freed memory to the system when a connection goes.
+
+        glibc keeps freed heap memory in its arenas (and raises its mmap threshold after a large
+        free, so later 32 MiB buffers come from the heap too): without ``malloc_trim`` a server
+        that once held a flood's replies stays that large after the clients leave."""
+        if _TRIM is not None:
+            _TRIM(0)
 
     def lookup(self, name: str) -> Export | None:
         """The export a client names; the empty name is the default export."""

@@ -13,7 +13,7 @@ from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.local import LocalBackend
 from lifeboat.nbdserver.hydrate import HydrateVolume, ProgressCallback
 from lifeboat.nbdserver.overlay import CowVolume
-from lifeboat.nbdserver.server import Export, NBDServer, _default_log
+from lifeboat.nbdserver.server import CLIENT_MEMORY, SERVER_MEMORY, Export, NBDServer, _default_log
 from lifeboat.nbdserver.volume import PointVolume, Volume
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 
@@ -71,14 +71,16 @@ def open_volume(arc: Archive, info: PointInfo, *, writable: bool = False, overla
 async def serve_until_signal(exports: list[Export], host: str, port: int, *, tls: ssl.SSLContext | None = None,
                              on_listening: Callable[[str, int], None] | None = None,
                              log: Callable[[str], None] = _default_log,
-                             stop: asyncio.Event | None = None) -> None:
+                             stop: asyncio.Event | None = None, memory: int = SERVER_MEMORY,
+                             client_memory: int = CLIENT_MEMORY) -> None:
     """Serve until SIGINT/SIGTERM (or ``stop`` is set); then finish in-flight requests and
-    close every volume, flushing overlays and hydration progress."""
+    close every volume, flushing overlays and hydration progress. ``memory`` and
+    ``client_memory`` bound the request and reply data held (``server`` module docstring)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = NBDServer(exports, tls=tls, log=log)
+    server = NBDServer(exports, tls=tls, log=log, memory=memory, client_memory=client_memory)
     try:
         try:
             bound_host, bound_port = await server.start(host, port)

@@ -62,14 +62,21 @@ def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | 
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
               help="Accept only clients with a certificate signed by this CA.")
 @click.option("--cache-size", default="1G", show_default=True, help="Memory for decoded archive chunks.")
+@click.option("--memory-limit", default="256M", show_default=True,
+              help="Most request and reply data held for all clients: beyond it, requests wait "
+                   "(a client that never reads its replies cannot grow the server).")
+@click.option("--client-memory-limit", default="64M", show_default=True,
+              help="The same bound for each connection (a 32 MiB read counts 32 MiB).")
 @click.option("--archive-rate", hidden=True, help="Throttle archive reads to this many bytes/s (benchmarks, tests).")
 def serve_cmd(selector: str, listen: str, export_name: str | None, writable: bool, hydrate_to: str | None,
               overlay: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
-              cache_size: str, archive_rate: str | None) -> None:
+              cache_size: str, memory_limit: str, client_memory_limit: str, archive_rate: str | None) -> None:
     """Serve a recovery point over NBD until SIGINT/SIGTERM; prints nbd://HOST:PORT/EXPORT once listening."""
     host, port = parse_listen(listen, "--listen")
     tls = _tls(tls_cert, tls_key, tls_ca)
     cache_bytes = parse_size(cache_size, "--cache-size")
+    memory = parse_size(memory_limit, "--memory-limit")
+    client_memory = parse_size(client_memory_limit, "--client-memory-limit")
     arc = open_archive()
     info = arc.resolve(selector)
     arc.cache.max_bytes = cache_bytes
@@ -109,5 +116,6 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
             log(f"serving {info.machine}@{info.point} ({info.time}) as {mode} export {name!r}"
                 f"{' with TLS' if tls else ''}; stop with Ctrl-C or SIGTERM")
 
-        asyncio.run(serve_until_signal([export], host, port, tls=tls, on_listening=listening, log=log))
+        asyncio.run(serve_until_signal([export], host, port, tls=tls, on_listening=listening, log=log,
+                                       memory=memory, client_memory=client_memory))
     log("lifeboat serve: stopped")
