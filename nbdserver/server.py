@@ -764,8 +764,8 @@ class Connection(asyncio.Protocol):
     def _done(self, req: _Request, fut: asyncio.Future[Any]) -> None:
         self._inflight -= 1
         self._release(req.cost)
+        exc = fut.exception()  # retrieved even when the client has gone, or asyncio logs it
         if not self._closed:
-            exc = fut.exception()
             if exc is None:
                 if req.cmd == P.CMD_READ:
                     self._read_reply(req.cookie, req.offset, fut.result())
