@@ -53,6 +53,7 @@ READ_BUFFER_LIMIT = 64 * 1024 * 1024
 MiB = 1024 * 1024
 SERVER_MEMORY = 256 * MiB  # request and reply data held for all clients
 CLIENT_MEMORY = 64 * MiB  # ... and for any one connection (two maximum-size reads)
+TRIM_AFTER = 4 * MiB  # a connection that held this much calls malloc_trim when it goes
 META_CONTEXT_ID = 1
 CLOSE_GRACE = 5.0
 BATCH_PIECE = 64 * 1024
@@ -115,6 +116,7 @@ class Connection(asyncio.Protocol):
         self._queued = 0  # unsent replies in the transport's buffer, while it is over high water
         self._write_blocked = False
         self._reserved = 0  # the WRITE whose payload is arriving
+        self._held_much = False  # ever held TRIM_AFTER bytes: give memory back when it goes
         # negotiated state
         self.tls = False
         self.no_zeroes = False
@@ -152,7 +154,8 @@ class Connection(asyncio.Protocol):
         self._wake()
         if self._phase == "transmission":
             self._maybe_close()
-            return True  # half-open: requests already received are still answered
+            # half-open: requests already received are still answered (TLS cannot half-close)
+            return None if self.tls else True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,7 +172,8 @@ class Connection(asyncio.Protocol):
         if self._reserved:
             self._account(-self._reserved)
             self._reserved = 0
-        self.server.give_back()
+        if self._held_much:
+            self.server.give_back()
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -194,10 +198,14 @@ class Connection(asyncio.Protocol):
         if n != self._queued:
             self._account(n - self._queued)
             self._queued = n
+            if n >= TRIM_AFTER:
+                self._held_much = True
 
     def _charge(self, n: int) -> None:
         self._charged += n
         self._account(n)
+        if n >= TRIM_AFTER:
+            self._held_much = True
 
     def _release(self, n: int) -> None:
         self._charged -= n
