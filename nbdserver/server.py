@@ -16,11 +16,11 @@ server past ``memory`` (default 256 MiB); it resumes when its replies drain, its
 or another connection gives memory back. A connection holding nothing may always take one
 request, so one maximum-size request is always served; the bound is therefore
 ``max(memory, 32 MiB)`` of request and reply data, plus transients (one reply being copied into
-a transport buffer, a request header's worth of input per connection, the decoded-chunk cache
-sized by ``--cache-size``). While clients that never read their replies hold the whole server
-budget, other clients' requests wait until they leave: the price of a hard bound. When a
-connection goes, its buffers are dropped and the C allocator is asked to return free memory
-to the system (see ``_give_back``).
+a transport buffer, one socket read of input per connection) and the decoded-chunk cache sized
+by ``--cache-size``. While clients that never read their replies hold the whole server budget,
+other clients' requests wait until they leave: the price of a hard bound. When a connection
+goes, its buffers are dropped and the C allocator is asked to return free memory to the system
+(``NBDServer.give_back``). Figures: ``bench/nbd_flood_bench.py``.
 
 A client that breaks the protocol (bad magic, unknown client flags, an oversized payload) is
 disconnected; a request that is merely wrong (beyond the export, bad flags) gets an error
