@@ -33,6 +33,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from typing import ClassVar
 
 from lifeboat.archive.durable import pwrite_all
@@ -66,6 +67,21 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bits 9-55
 MAX_L1_BYTES = 32 * MiB  # qemu's QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 * MiB  # qemu's QCOW_MAX_REFTABLE_SIZE
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS
+MAX_SNAPSHOT_EXTRA = 1024
+# l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec, vm_clock_nsec,
+# vm_state_size, extra_data_size
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_CRYPTO = 0x0537BE77
+EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
+BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, directory offset
+AUTOCLEAR_BITMAPS = 1 << 0
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY = 64 * MiB
 
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
@@ -197,6 +213,7 @@ class Qcow2Image(ImageSource):
         unknown = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION)
         if unknown:
             raise UnsupportedImage(f"qcow2 image {self.name}: unknown incompatible_features bits {unknown:#x}")
+        self.version = version
         self.compression = 0
         if incompat & INCOMPAT_COMPRESSION:
             if header_length < 105:
@@ -209,6 +226,20 @@ class Qcow2Image(ImageSource):
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.l2_entries = self.cluster_size // 8
+        rt_offset, rt_clusters, nb_snapshots, snapshots_offset, _, _, autoclear, refcount_order = f[9:17]
+        if header_length > self.cluster_size:
+            raise self.fail(f"field header_length {header_length} is larger than a cluster")
+        if refcount_order > 6:
+            raise self.fail(f"field refcount_order {refcount_order} is over 6")
+        if not rt_clusters:
+            raise self.fail("field refcount_table_clusters is 0: the image has no reference count table")
+        self._check_table(rt_offset, rt_clusters * self.cluster_size, MAX_REFTABLE_BYTES, "refcount_table_offset")
+        if nb_snapshots > MAX_SNAPSHOTS:
+            raise self.fail(f"field nb_snapshots {nb_snapshots} is over qemu's limit of {MAX_SNAPSHOTS}")
+        snapshots_bytes = nb_snapshots * SNAPSHOT_HEADER.size
+        self._check_table(snapshots_offset, snapshots_bytes, MAX_SNAPSHOTS_BYTES, "snapshots_offset")
+        self._check_extensions(header_length, autoclear)
+        self._check_snapshots(snapshots_offset, nb_snapshots)
         if size > (1 << 62):
             raise self.fail(f"field size {size} is too large")
         self.size = size
@@ -217,8 +248,9 @@ class Qcow2Image(ImageSource):
             raise self.fail(f"field l1_size {l1_size} is too small for size {size} (needs {needed_l1})")
         if l1_size * 8 > MAX_L1_BYTES:
             raise self.fail(f"field l1_size {l1_size} exceeds qemu's limit of {MAX_L1_BYTES // 8} entries")
-        if l1_offset % self.cluster_size or (needed_l1 and l1_offset == 0):
-            raise self.fail(f"field l1_table_offset {l1_offset} is not cluster aligned")
+        self._check_table(l1_offset, l1_size * 8, MAX_L1_BYTES, "l1_table_offset")
+        if needed_l1 and l1_offset == 0:
+            raise self.fail("field l1_table_offset is 0: the L1 table would overlap the header")
         raw = self.pread(l1_offset, needed_l1 * 8, "L1 table (l1_table_offset, l1_size)") if needed_l1 else b""
         self.l1 = struct.unpack(f">{needed_l1}Q", raw)
         self.l2_cache = TableCache(self._load_l2)
@@ -226,31 +258,114 @@ class Qcow2Image(ImageSource):
         self.csize_mask = (1 << (cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
 
+    def _check_table(self, offset: int, length: int, limit: int, field: str) -> None:
+        """A metadata table (offset, byte length) checked as qemu checks it on open."""
+        if length > limit:
+            raise self.fail(f"the table at {field} {offset} holds {length} bytes, over qemu's limit of {limit}")
+        if offset % self.cluster_size or offset + length >= 2**63:
+            raise self.fail(f"field {field} {offset} is not cluster aligned or out of range")
+
+    def _check_extensions(self, start: int, autoclear: int) -> None:
+        """Walk the header extensions (between the header and the end of cluster 0) as qemu
+        does on open: a length past the end, or a bitmaps extension qemu refuses, is damage."""
+        end = self.cluster_size
+        head = os.pread(self.fd, end, 0).ljust(end, b"\0")  # qemu reads past the end as zeros
+        offset = start
+        while offset < end:
+            if end - offset < 8:
+                raise self.fail(f"header extension at {offset} is cut off by the end of cluster 0")
+            magic, length = struct.unpack_from(">II", head, offset)
+            offset += 8
+            if length > end - offset:
+                raise self.fail(f"header extension {magic:#x} at {offset - 8}: length {length} runs past cluster 0")
+            if magic == 0:
+                return
+            if magic == EXT_BACKING_FORMAT and length >= 16:
+                raise self.fail(f"backing format header extension: length {length} is too large")
+            if magic == EXT_CRYPTO:
+                raise self.fail("crypto header extension in an image that is not LUKS-encrypted")
+            if magic == EXT_DATA_FILE:
+                raise UnsupportedImage(f"qcow2 image {self.name} names an external data file")
+            if magic == EXT_BITMAPS:
+                self._check_bitmaps_ext(head[offset : offset + length], autoclear)
+            offset += (length + 7) & ~7
+
+    def _check_bitmaps_ext(self, ext: bytes, autoclear: int) -> None:
+        """The persistent-bitmaps header extension, checked as qemu checks it (the bitmaps
+        themselves are not read: they do not change what the disk holds)."""
+        if len(ext) != BITMAPS_EXT.size:
+            raise self.fail(f"bitmaps header extension: length {len(ext)} is not {BITMAPS_EXT.size}")
+        if not autoclear & AUTOCLEAR_BITMAPS:
+            return  # qemu ignores it: the bitmaps are stale
+        count, reserved, dir_size, dir_offset = BITMAPS_EXT.unpack(ext)
+        if reserved:
+            raise self.fail("bitmaps header extension: reserved field is not zero")
+        if not 0 < count <= MAX_BITMAPS:
+            raise self.fail(f"bitmaps header extension: {count} bitmaps")
+        if dir_size > MAX_BITMAP_DIRECTORY or dir_offset % self.cluster_size or dir_offset + dir_size >= 2**63:
+            raise self.fail(f"bitmaps header extension: directory at {dir_offset} (+{dir_size} bytes) is invalid")
+
+    def _check_snapshots(self, offset: int, count: int) -> None:
+        """The internal snapshot table, parsed as far as qemu parses it on open (the snapshots
+        themselves are not read: lifeboat imports the active disk)."""
+        start = offset
+        for i in range(count):
+            raw = os.pread(self.fd, SNAPSHOT_HEADER.size, offset)
+            sn = SNAPSHOT_HEADER.unpack(raw.ljust(SNAPSHOT_HEADER.size, b"\0"))
+            l1_offset, l1_size, id_size, name_size, extra_size = sn[0], sn[1], sn[2], sn[3], sn[8]
+            if extra_size > MAX_SNAPSHOT_EXTRA:
+                raise self.fail(f"snapshot {i}: extra data size {extra_size} is over {MAX_SNAPSHOT_EXTRA}")
+            offset += SNAPSHOT_HEADER.size + extra_size + id_size + name_size
+            offset = (offset + 7) & ~7
+            if offset - start > MAX_SNAPSHOTS_BYTES:
+                raise self.fail(f"snapshot {i}: the snapshot table is too large")
+            if l1_size * 8 > MAX_L1_BYTES or l1_offset % self.cluster_size:
+                raise self.fail(f"snapshot {i}: its L1 table (offset {l1_offset}, {l1_size} entries) is invalid")
+
     def _load_l2(self, offset: int) -> tuple[int, ...]:
         raw = self.pread(offset, self.cluster_size, "L2 table")
         return struct.unpack(f">{self.l2_entries}Q", raw)
 
-    def _entry(self, index: int) -> int:
-        l1e = self.l1[index // self.l2_entries]
-        l2_offset = l1e & OFFSET_MASK
+    def _l2_table(self, l1_index: int) -> tuple[int, ...] | None:
+        """The L2 table of L1 entry ``l1_index``, or None where it is unallocated."""
+        l2_offset = self.l1[l1_index] & OFFSET_MASK
         if not l2_offset:
-            return 0
+            return None
         if l2_offset % self.cluster_size:
-            raise self.fail(f"L1 entry {index // self.l2_entries}: L2 table offset {l2_offset} is not cluster aligned")
-        return self.l2_cache.get(l2_offset)[index % self.l2_entries]
+            raise self.fail(f"L1 entry {l1_index}: L2 table offset {l2_offset} is not cluster aligned")
+        return self.l2_cache.get(l2_offset)
 
-    def _locate(self, index: int) -> int:
-        e = self._entry(index)
+    def _entry(self, index: int) -> int:
+        table = self._l2_table(index // self.l2_entries)
+        return 0 if table is None else table[index % self.l2_entries]
+
+    def _classify(self, index: int, e: int) -> int:
+        """What L2 entry ``e`` of guest cluster ``index`` means, as qemu reads it: ``SPECIAL``
+        (compressed), ``ZERO``, or the host offset; refused where qemu calls the image corrupt."""
         if e & OFLAG_COMPRESSED:
             return SPECIAL
-        if e & OFLAG_ZERO:
-            return ZERO
         host = e & OFFSET_MASK
-        if not host:
-            return ZERO
+        if e & OFLAG_ZERO and self.version < 3:
+            raise self.fail(f"L2 entry of guest cluster {index} has the 'reads as zeros' bit, which version 2 lacks")
         if host % self.cluster_size:
             raise self.fail(f"L2 entry of guest cluster {index}: host offset {host} is not cluster aligned")
+        if e & OFLAG_ZERO or not host:
+            return ZERO
         return host
+
+    def _locate(self, index: int) -> int:
+        return self._classify(index, self._entry(index))
+
+    def _data_clusters(self) -> Iterator[int]:
+        clusters = -(-self.size // self.cluster_size)
+        for i in range(len(self.l1)):
+            table = self._l2_table(i)
+            if table is None:
+                continue
+            base = i * self.l2_entries
+            for j, e in enumerate(table[: clusters - base]):
+                if e and self._classify(base + j, e) != ZERO:
+                    yield base + j
 
     def _special(self, index: int) -> bytes:
         e = self._entry(index)
@@ -262,7 +377,7 @@ class Qcow2Image(ImageSource):
         cs = self.cluster_size
         try:
             if self.compression == 0:
-                out = zlib.decompressobj(-15).decompress(data, cs)
+                out = zlib.decompressobj(-12).decompress(data, cs)  # qemu's window, 4 KiB
             else:
                 import io
 

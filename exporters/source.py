@@ -5,6 +5,13 @@ each format module maps virtual clusters to places in the file (``_locate``) and
 the rest the same way for all of them — bounds checks, coalescing adjacent clusters into one
 ``pread``, zero clusters, thread safety (``pread`` only; table caches are locked).
 
+Sparse images cost their data, not their virtual size: ``data_extents`` walks the allocation
+tables (``_data_clusters``: qcow2 L1/L2, VMDK grain directory/tables, VHDX BAT) and names the
+virtual ranges that hold data, the interface ``archive.files.FileSource`` offers for a file's
+holes, so ``Archive.backup`` never reads what the tables say is unallocated or zero. The walk
+checks every entry it passes (the same checks as ``_locate``), so a damaged table is refused
+before a backup stores anything.
+
 Robustness rules every reader follows (images come from elsewhere and may be damaged or
 hostile): every offset and count read from the file is checked before use, no allocation is
 larger than the file itself or a fixed cap, decompression is bounded to one cluster, and every
@@ -17,7 +24,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -68,6 +75,11 @@ class ImageSource:
         """The ``cluster_size`` bytes of a cluster that ``_locate`` called ``SPECIAL``."""
         raise NotImplementedError
 
+    def _data_clusters(self) -> Iterator[int]:
+        """The indexes, ascending, of the clusters ``_locate`` does not call ``ZERO``, found by
+        walking the allocation tables (never by visiting every cluster of the virtual size)."""
+        raise NotImplementedError
+
     # -- helpers for subclasses ---------------------------------------------------------
     def fail(self, message: str) -> ImageError:
         """An ``ImageError`` about this file."""
@@ -78,6 +90,23 @@ class ImageSource:
         return read_exact(self.fd, self.name, offset, length, what)
 
     # -- the source interface -----------------------------------------------------------
+    def data_extents(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the virtual ranges that may hold data; the rest reads as zeros.
+
+        ``Archive.backup`` reads only these (as it skips a ``FileSource``'s holes), so an empty
+        16 GiB image costs its tables, not 16 GiB of reads."""
+        cs = self.cluster_size
+        runs: list[tuple[int, int]] = []
+        for idx in self._data_clusters():
+            start = idx * cs
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + cs)
+            else:
+                runs.append((start, cs))
+        if runs and runs[-1][0] + runs[-1][1] > self.size:
+            runs[-1] = (runs[-1][0], self.size - runs[-1][0])
+        return runs
+
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the virtual disk at ``offset``."""
         if offset < 0 or length < 0 or offset + length > self.size:

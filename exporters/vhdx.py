@@ -37,7 +37,8 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 from lifeboat.archive.durable import pwrite_all
 from lifeboat.exporters.base import (
@@ -283,47 +284,39 @@ class VhdxImage(ImageSource):
     def _parse(self) -> None:
         if self.pread(0, 8, "file type identifier") != FILE_SIGNATURE:
             raise self.fail("bad file type identifier (not 'vhdxfile')")
-        best = None
-        for where in (HEADER1, HEADER2):
-            h = self.pread(where, HEADER_SIZE, f"header at {where}")
-            if h[:4] == HEADER_SIGNATURE and checksum_ok(h):
-                fields = HEADER.unpack_from(h)
-                if best is None or fields[2] > best[2]:
-                    best = fields
-        if best is None:
-            raise self.fail("neither header has a valid signature and CRC-32C checksum")
-        _, _, _, _, _, log_guid, _, version, _, _ = best
-        if version != 1:
-            raise UnsupportedImage(f"vhdx image {self.name}: header field Version is {version}, not 1")
+        _, _, _, _, _, log_guid, log_version, _, log_length, log_offset = self._current_header()
+        if log_version != 0:
+            raise self.fail(f"header field LogVersion is {log_version}, not 0")
         if log_guid != bytes(16):
             raise UnsupportedImage(
                 f"vhdx image {self.name}: header field LogGuid is set: the log holds entries to replay "
                 "(open it once in Hyper-V, or run qemu-img check -r all on it)"
             )
-        regions: dict[bytes, tuple[int, int]] | None = None
-        for where in (REGION1, REGION2):
-            r = self.pread(where, REGION_SIZE, f"region table at {where}")
-            if r[:4] != REGION_SIGNATURE or not checksum_ok(r):
-                continue
-            _, _, count, _ = REGION_HEADER.unpack_from(r)
-            if count > 2047:
-                raise self.fail(f"region table field EntryCount {count} exceeds 2047")
-            found: dict[bytes, tuple[int, int]] = {}
-            for i in range(count):
-                g, off, length, req = REGION_ENTRY.unpack_from(r, 16 + i * REGION_ENTRY.size)
-                if g not in (BAT_GUID, METADATA_GUID) and req & 1:
-                    raise UnsupportedImage(f"vhdx image {self.name}: unknown required region {uuid.UUID(bytes_le=g)}")
-                if off % MiB or off < MiB or length % MiB:
-                    raise self.fail(f"region {i}: FileOffset {off} or Length {length} is not 1 MiB aligned")
+        # Structures may not overlap (qemu refuses such a file): the header section, the log,
+        # every region, and every payload block are checked against these.
+        self.regions: list[tuple[int, int, str]] = [(0, MiB, "the header section"), (log_offset, log_length, "the log")]
+        r = self.pread(REGION1, REGION_SIZE, "region table 1")
+        if r[:4] != REGION_SIGNATURE or not checksum_ok(r):
+            raise self.fail("region table 1 (at 192 KiB) has a bad signature or CRC-32C checksum")
+        _, _, count, _ = REGION_HEADER.unpack_from(r)
+        if count > 2047:
+            raise self.fail(f"region table field EntryCount {count} exceeds 2047")
+        found: dict[bytes, tuple[int, int]] = {}
+        for i in range(count):
+            g, off, length, req = REGION_ENTRY.unpack_from(r, 16 + i * REGION_ENTRY.size)
+            if g not in (BAT_GUID, METADATA_GUID) and req & 1:
+                raise UnsupportedImage(f"vhdx image {self.name}: unknown required region {uuid.UUID(bytes_le=g)}")
+            if off % MiB or off < MiB or length % MiB:
+                raise self.fail(f"region {i}: FileOffset {off} or Length {length} is not 1 MiB aligned")
+            if g in found:
+                raise self.fail(f"region table lists region {uuid.UUID(bytes_le=g)} twice")
+            self._claim(off, length, f"region {i}")
+            if g in (BAT_GUID, METADATA_GUID):
                 found[g] = (off, length)
-            regions = found
-            break
-        if regions is None:
-            raise self.fail("neither region table has a valid signature and CRC-32C checksum")
-        if BAT_GUID not in regions or METADATA_GUID not in regions:
+        if BAT_GUID not in found or METADATA_GUID not in found:
             raise self.fail("region table lacks the BAT or the metadata region")
-        self._read_metadata(*regions[METADATA_GUID])
-        bat_off, bat_len = regions[BAT_GUID]
+        self._read_metadata(*found[METADATA_GUID])
+        bat_off, bat_len = found[BAT_GUID]
         self.ratio = chunk_ratio(self.cluster_size, self.logical_sector)
         n = bat_entries(self.size, self.cluster_size, self.logical_sector)
         if n * 8 > bat_len:
@@ -332,6 +325,36 @@ class VhdxImage(ImageSource):
             raise self.fail(f"BAT of {n} entries is larger than the file")
         raw = self.pread(bat_off, n * 8, "BAT") if n else b""
         self.bat = struct.unpack(f"<{n}Q", raw)
+        for b in range(-(-self.size // self.cluster_size)):  # as qemu does on open: every block
+            entry = self.bat[b + b // self.ratio]
+            if entry & 7 in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
+                off = (entry >> 20) * MiB
+                if off + self.cluster_size > self.file_size:
+                    raise self.fail(f"BAT entry of block {b}: its payload at {off} runs past the end of the file")
+                self._claim(off, self.cluster_size, f"payload block {b}", register=False)
+
+    def _current_header(self) -> tuple[Any, ...]:
+        """The fields of the current header, chosen as [MS-VHDX] and qemu choose it: of the
+        headers with a valid signature, CRC-32C and version 1, the higher SequenceNumber."""
+        valid: list[tuple[bytes, tuple[Any, ...]]] = []
+        for where in (HEADER1, HEADER2):
+            h = self.pread(where, HEADER_SIZE, f"header at {where}")
+            fields = HEADER.unpack_from(h)
+            if h[:4] == HEADER_SIGNATURE and checksum_ok(h) and fields[7] == 1:
+                valid.append((h, fields))
+        if not valid:
+            raise self.fail("neither header (64 KiB, 128 KiB) has a valid signature, CRC-32C checksum and Version 1")
+        if len(valid) == 2 and valid[0][1][2] == valid[1][1][2] and valid[0][0] != valid[1][0]:
+            raise self.fail("both headers are valid, with the same SequenceNumber, but they differ")
+        return max(valid, key=lambda v: v[1][2])[1]
+
+    def _claim(self, offset: int, length: int, what: str, register: bool = True) -> None:
+        """Refuse a structure that overlaps one already placed; remember it if ``register``."""
+        for start, size, other in self.regions:
+            if offset < start + size and start < offset + length:
+                raise self.fail(f"{what} ({offset}, {length} bytes) overlaps {other}")
+        if register:
+            self.regions.append((offset, length, what))
 
     def _read_metadata(self, offset: int, length: int) -> None:
         table = self.pread(offset, 64 * KiB, "metadata table")
@@ -351,6 +374,8 @@ class VhdxImage(ImageSource):
                         f"vhdx image {self.name}: unknown required metadata item {uuid.UUID(bytes_le=item)}"
                     )
                 continue
+            if item in values:
+                raise self.fail(f"metadata table lists item {uuid.UUID(bytes_le=item)} twice")
             if ln > MiB or off + ln > length or (ln and off < 64 * KiB):
                 raise self.fail(f"metadata item {uuid.UUID(bytes_le=item)}: Offset {off} / Length {ln} out of bounds")
             values[item] = self.pread(offset + off, ln, f"metadata item {uuid.UUID(bytes_le=item)}")
@@ -371,25 +396,34 @@ class VhdxImage(ImageSource):
         logical = need(LOGICAL_SECTOR_SIZE, "<I", "Logical Sector Size")
         if logical not in (512, 4096):
             raise self.fail(f"Logical Sector Size {logical} is neither 512 nor 4096")
+        physical = need(PHYSICAL_SECTOR_SIZE, "<I", "Physical Sector Size")
+        if physical not in (512, 4096):
+            raise self.fail(f"Physical Sector Size {physical} is neither 512 nor 4096")
+        need(VIRTUAL_DISK_ID, "<QQ", "Virtual Disk ID")
         if size > MAX_SIZE or size % logical:
             raise self.fail(f"Virtual Disk Size {size} is over 64 TiB or not a multiple of the sector size")
         self.size = size
         self.cluster_size = block_size
         self.logical_sector = logical
 
-    def _locate(self, index: int) -> int:
-        entry = self.bat[index + index // self.ratio]
+    def _classify(self, index: int, entry: int) -> int:
         state = entry & 7
         if state == PAYLOAD_FULLY_PRESENT:
-            off = (entry >> 20) * MiB
-            if off < 3 * MiB:
-                raise self.fail(f"BAT entry of block {index}: FileOffsetMB {off // MiB} points into the header area")
-            return off
+            return (entry >> 20) * MiB  # checked against the file and the regions on open
         if state in (PAYLOAD_NOT_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_ZERO, PAYLOAD_UNMAPPED):
             return ZERO
         if state == PAYLOAD_PARTIALLY_PRESENT:
             raise UnsupportedImage(f"vhdx image {self.name}: block {index} is partially present (differencing disk)")
         raise self.fail(f"BAT entry of block {index} has the reserved state {state}")
+
+    def _locate(self, index: int) -> int:
+        return self._classify(index, self.bat[index + index // self.ratio])
+
+    def _data_clusters(self) -> Iterator[int]:
+        for b in range(-(-self.size // self.cluster_size)):
+            entry = self.bat[b + b // self.ratio]
+            if entry and self._classify(b, entry) != ZERO:
+                yield b
 
 
 __all__ = ["SECTOR", "VhdxImage", "VhdxExporter", "crc32c"]

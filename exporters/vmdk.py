@@ -40,6 +40,7 @@ import secrets
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -255,12 +256,16 @@ class VmdkSparseImage(ImageSource):
             raise self.fail(f"field numGTEsPerGT is {gtes}; the format fixes it at {GTES_PER_GT}")
         if capacity > (1 << 40):
             raise self.fail(f"field capacity {capacity} sectors is too large")
-        self.compressed = bool(flags & FLAG_COMPRESSED)
+        # qemu (and VMware) tell compressed grains by compressAlgorithm, not by flag bit 16
+        if compress not in (0, COMPRESS_DEFLATE):
+            raise UnsupportedImage(f"vmdk image {self.name}: field compressAlgorithm {compress} is unknown")
+        self.compressed = compress == COMPRESS_DEFLATE
         self.markers = bool(flags & FLAG_MARKERS)
         self.zero_grain = bool(flags & FLAG_ZERO_GRAIN)
-        if self.compressed and (compress != COMPRESS_DEFLATE or not self.markers):
+        if self.compressed != bool(flags & FLAG_COMPRESSED) or (self.compressed and not self.markers):
             raise UnsupportedImage(
-                f"vmdk image {self.name}: compressed grains without markers or with compressAlgorithm {compress}"
+                f"vmdk image {self.name}: flags {flags:#x} and compressAlgorithm {compress} disagree "
+                "(compressed grains need the compressed and markers flags)"
             )
         if d_size:
             if d_size > 2048:
@@ -270,12 +275,15 @@ class VmdkSparseImage(ImageSource):
         if gd == GD_AT_END:
             if self.file_size < 3 * SECTOR:
                 raise self.fail("grain directory is at the end, but the file has no footer")
-            marker = MARKER.unpack_from(self.pread(self.file_size - 3 * SECTOR, MARKER.size, "footer marker"))
-            if marker[2] != MARKER_FOOTER:
+            tail = self.pread(self.file_size - 3 * SECTOR, 3 * SECTOR, "footer")
+            _, m_size, m_type = MARKER.unpack_from(tail)
+            if (m_size, m_type) != (0, MARKER_FOOTER):
                 raise self.fail("grain directory is at the end, but no footer marker precedes the footer")
-            foot = HEADER.unpack(self.pread(self.file_size - 2 * SECTOR, SECTOR, "footer"))
-            if foot[0] != MAGIC or foot[3] != capacity or foot[4] != grain:
-                raise self.fail("footer does not match the header (magic, capacity or grainSize)")
+            if tail[2 * SECTOR :] != bytes(SECTOR):
+                raise self.fail("the end-of-stream marker (the last sector) is not all zeros")
+            foot = HEADER.unpack_from(tail, SECTOR)
+            if foot[:9] != h[:9] or foot[10:] != h[10:]:
+                raise self.fail("footer does not match the header (fields other than gdOffset differ)")
             gd = foot[9]
             if gd == GD_AT_END:
                 raise self.fail("footer field gdOffset is still 'at end'")
@@ -298,11 +306,23 @@ class VmdkSparseImage(ImageSource):
             return 0
         return self.gt_cache.get(gt_sector)[index % GTES_PER_GT]
 
-    def _locate(self, index: int) -> int:
-        gte = self._gte(index)
+    def _classify(self, gte: int) -> int:
         if gte == 0 or (gte == GTE_ZEROED and self.zero_grain):
             return ZERO
         return SPECIAL if self.compressed else gte * SECTOR
+
+    def _locate(self, index: int) -> int:
+        return self._classify(self._gte(index))
+
+    def _data_clusters(self) -> Iterator[int]:
+        grains = -(-self.size // self.cluster_size)
+        for i, gt_sector in enumerate(self.gd):
+            if not gt_sector:
+                continue
+            base = i * GTES_PER_GT
+            for j, gte in enumerate(self.gt_cache.get(gt_sector)[: grains - base]):
+                if gte and self._classify(gte) != ZERO:
+                    yield base + j
 
     def _special(self, index: int) -> bytes:
         host = self._gte(index) * SECTOR
@@ -311,16 +331,22 @@ class VmdkSparseImage(ImageSource):
         if lba != index * self.grain_sectors:
             expected = index * self.grain_sectors
             raise self.fail(f"grain marker at offset {host} says LBA {lba}, the grain table says {expected}")
-        if size == 0 or size > 2 * cs + 1024:
+        if size == 0 or size > 2 * cs - GRAIN_MARKER.size:
             raise self.fail(f"grain marker at offset {host}: compressed size {size} is implausible")
         data = self.pread(host + GRAIN_MARKER.size, size, f"compressed grain {index}")
+        inflate = zlib.decompressobj()
         try:
-            out = zlib.decompressobj().decompress(data, cs)
+            out = inflate.decompress(data, cs + 1)
         except zlib.error as e:
             raise self.fail(f"compressed grain {index} at offset {host} does not inflate ({e})") from None
-        if len(out) < cs:
-            out += bytes(cs - len(out))  # a last, partial grain
-        return out
+        if len(out) > cs:
+            raise self.fail(f"compressed grain {index} at offset {host} inflates to more than a grain")
+        if not inflate.eof:  # the zlib stream's end, and its adler32, were not reached: damaged
+            raise self.fail(f"compressed grain {index} at offset {host} is truncated (its zlib stream does not end)")
+        need = min(cs, self.size - index * cs)
+        if len(out) < need:
+            raise self.fail(f"compressed grain {index} at offset {host} holds {len(out)} bytes, not {need}")
+        return out.ljust(cs, b"\0")  # a last, partial grain
 
 
 _EXTENT = re.compile(
@@ -448,6 +474,17 @@ class VmdkDescriptorImage:
             else:
                 out.append(read_exact(handle, ext.file, ext.offset * SECTOR + lo - start, hi - lo, "flat extent data"))
         return b"".join(out)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """The ranges that may hold data: flat extents whole, sparse ones as their grain tables
+        say, ZERO extents not at all (see ``ImageSource.data_extents``)."""
+        runs: list[tuple[int, int]] = []
+        for start, size, _, handle in self.parts:
+            if isinstance(handle, VmdkSparseImage):
+                runs += [(start + off, min(length, size - off)) for off, length in handle.data_extents() if off < size]
+            elif handle is not None:
+                runs.append((start, size))
+        return runs
 
     def close(self) -> None:
         """Close every extent."""
