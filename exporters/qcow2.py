@@ -242,7 +242,7 @@ class Qcow2Image(ImageSource):
         self._check_snapshots(snapshots_offset, nb_snapshots)
         if size > (1 << 62):
             raise self.fail(f"field size {size} is too large")
-        self.size = size
+        self.size = size - size % SECTOR  # qemu sees whole sectors only
         needed_l1 = -(-size // (self.cluster_size * self.l2_entries))
         if l1_size < needed_l1:
             raise self.fail(f"field l1_size {l1_size} is too small for size {size} (needs {needed_l1})")

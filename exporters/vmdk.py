@@ -27,9 +27,15 @@ is limited to 2 TiB. The virtual size is the point's size rounded up to 512 byte
 
 The reader handles monolithicSparse, streamOptimized (compressed grains with markers, grain
 directory in the footer), zeroed-grain entries, and descriptor files whose extents are FLAT /
-VMFS (raw files), SPARSE (hosted sparse files) or ZERO, such as monolithicFlat, ESXi's
+VMFS (raw files) or SPARSE (hosted sparse files), such as monolithicFlat, ESXi's
 ``disk.vmdk`` + ``disk-flat.vmdk``, and the twoGbMaxExtent variants. Extent files must lie in
 the descriptor's directory. Snapshots (a parent CID / parentFileNameHint) are refused.
+
+It reads what ``qemu-img`` reads, or refuses: a descriptor file is parsed as qemu parses it (a
+C string; createType one of qemu's; extent lines as its ``sscanf`` takes them), and extents qemu
+would skip (RDONLY, NOACCESS, ZERO) are refused rather than read differently. A compressed
+grain must be one complete zlib stream (its adler32 checked) of at most one grain; a stream's
+footer must match its header and be followed by the end-of-stream marker.
 """
 
 from __future__ import annotations
@@ -241,10 +247,14 @@ class VmdkSparseImage(ImageSource):
 
     format: ClassVar[str] = "vmdk"
 
+    def __init__(self, path: str | os.PathLike[str], *, top_level: bool = True) -> None:
+        self.top_level = top_level  # False: an extent of a descriptor file, whose CIDs count instead
+        super().__init__(path)
+
     def _parse(self) -> None:
         head = self.pread(0, SECTOR, "sparse extent header")
         h = HEADER.unpack(head)
-        magic, version, flags, capacity, grain, d_off, d_size, gtes, _rgd, gd, _overhead = h[:11]
+        magic, version, flags, capacity, grain, _, _, gtes, _rgd, gd, _overhead = h[:11]
         compress = h[16]
         if magic != MAGIC:
             raise self.fail("bad magic (not a hosted sparse extent)")
@@ -267,11 +277,10 @@ class VmdkSparseImage(ImageSource):
                 f"vmdk image {self.name}: flags {flags:#x} and compressAlgorithm {compress} disagree "
                 "(compressed grains need the compressed and markers flags)"
             )
-        if d_size:
-            if d_size > 2048:
-                raise self.fail(f"field descriptorSize {d_size} sectors is larger than 1 MiB")
-            text = self.pread(d_off * SECTOR, d_size * SECTOR, "embedded descriptor").split(b"\0", 1)[0]
-            check_descriptor(self.name, parse_descriptor(self.name, text))
+        if capacity == 0:
+            raise UnsupportedImage(f"vmdk image {self.name}: field capacity is 0 (an ESXi descriptor in a sparse file)")
+        if self.top_level:  # qemu reads the embedded descriptor at sector 1, whatever descriptorOffset says
+            check_cids(self.name, os.pread(self.fd, DESC_SIZE, SECTOR))
         if gd == GD_AT_END:
             if self.file_size < 3 * SECTOR:
                 raise self.fail("grain directory is at the end, but the file has no footer")
@@ -365,39 +374,133 @@ class Extent:
     offset: int
 
 
-def parse_descriptor(name: str, text: bytes) -> tuple[dict[str, str], list[Extent]]:
-    """The ``key=value`` fields and the extents of a text descriptor."""
-    try:
-        lines = text.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ImageError(f"vmdk image {name}: descriptor is not UTF-8 text") from None
-    fields: dict[str, str] = {}
+_WS = " \t\n\v\f\r"
+_INT = re.compile(r"[+-]?\d+")
+_HEX = re.compile(rb"[ \t\n\v\f\r]*([+-]?(?:0[xX](?=[0-9a-fA-F]))?[0-9a-fA-F]+)")  # sscanf's %x
+DESC_SIZE = 20 * SECTOR  # what qemu reads of a descriptor to find its CIDs
+# createType values qemu opens from a separate descriptor file (vmdk_open_desc_file)
+DESCRIPTOR_FILE_TYPES = (
+    "monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
+)  # fmt: skip
+
+
+def scan_extent(text: str, pos: int) -> list[str | int]:
+    """What qemu's ``sscanf(p, "%10s %ld %10s \"%511[^\n\r\"]\" %ld")`` takes from ``text`` at
+    ``pos``: the values it matched, in order (their count is sscanf's return value)."""
+    out: list[str | int] = []
+    n = len(text)
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in _WS:
+            i += 1
+        return i
+
+    def word(i: int) -> tuple[str, int]:
+        i = start = skip(i)
+        while i < n and i - start < 10 and text[i] not in _WS:
+            i += 1
+        return text[start:i], i
+
+    def number(i: int) -> tuple[int | None, int]:
+        m = _INT.match(text, skip(i))
+        return (int(m[0]), m.end()) if m else (None, i)
+
+    access, pos = word(pos)
+    if not access:
+        return out
+    out.append(access)
+    sectors, pos = number(pos)
+    if sectors is None:
+        return out
+    out.append(sectors)
+    kind, pos = word(pos)
+    if not kind:
+        return out
+    out.append(kind)
+    pos = skip(pos)
+    if text[pos : pos + 1] != '"':
+        return out
+    start = pos = pos + 1
+    while pos < n and pos - start < 511 and text[pos] not in '\n\r"':
+        pos += 1
+    if pos == start or text[pos : pos + 1] != '"':
+        if pos > start:
+            out.append(text[start:pos])
+        return out
+    out.append(text[start:pos])
+    offset, _ = number(pos + 1)
+    if offset is not None:
+        out.append(offset)
+    return out
+
+
+def descriptor_file_extents(name: str, text: str) -> list[Extent]:
+    """The extents of a separate descriptor file, read line by line as qemu reads them
+    (``vmdk_parse_extents``); lines qemu would skip although they name an extent (other access
+    than RW, ZERO and other types qemu does not open) are refused, since skipping them would
+    shift every later extent."""
     extents: list[Extent] = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
+    pos = 0
+    for line in text.split("\n"):
+        found = scan_extent(text, pos)
+        pos += len(line) + 1
+        if len(found) < 4 or found[0] != "RW":
+            if _EXTENT.match(line.strip()):
+                raise UnsupportedImage(f"vmdk image {name}: extent {line.strip()!r} is not a read-write extent")
             continue
-        m = _EXTENT.match(line)
-        if m:
-            extents.append(Extent(int(m[2]), m[3], m[4] or "", int(m[5] or 0)))
-        elif "=" in line:
-            k, v = line.split("=", 1)
-            fields[k.strip()] = v.strip().strip('"')
-    return fields, extents
+        sectors, kind, file = int(found[1]), str(found[2]), str(found[3])
+        offset = int(found[4]) if len(found) == 5 else 0
+        if kind == "FLAT":
+            if len(found) != 5 or offset < 0:
+                raise ImageError(f"vmdk image {name}: invalid extent line {line.strip()!r} (FLAT needs an offset)")
+        elif len(found) != 4:
+            raise ImageError(f"vmdk image {name}: invalid extent line {line.strip()!r} (only FLAT takes an offset)")
+        if sectors <= 0:
+            continue
+        if kind not in ("FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"):
+            raise UnsupportedImage(f"vmdk image {name}: extent {line.strip()!r}: type {kind} is not supported")
+        extents.append(Extent(sectors, kind, file, offset))
+    return extents
 
 
-def check_descriptor(name: str, parsed: tuple[dict[str, str], list[Extent]]) -> None:
-    """Refuse descriptors of snapshots (delta disks that need their parent)."""
-    fields, _ = parsed
-    parent = fields.get("parentCID", "ffffffff").lower()
-    if parent != "ffffffff" or "parentFileNameHint" in fields:
+def descriptor_create_type(text: str) -> str | None:
+    """createType as qemu finds it (``vmdk_parse_description``): the first "createType", two
+    characters skipped, up to the next double quote; None where that fails."""
+    at = text.find("createType")
+    if at < 0:
+        return None
+    start = at + len("createType") + 2
+    end = text.find('"', start)
+    if start >= len(text) or end < 0 or end - start >= 128:
+        return None
+    return text[start:end]
+
+
+def descriptor_cid(desc: bytes, field: str) -> int | None:
+    """The number qemu's ``vmdk_read_cid`` takes: hex, after the first ``field`` and one more
+    character (the "="), in the descriptor read as a C string; None where it finds none."""
+    text = desc.split(b"\0", 1)[0]
+    at = text.find(field.encode())
+    if at < 0:
+        return None
+    m = _HEX.match(text, at + len(field) + 1)
+    return int(m[1], 16) & 0xFFFF_FFFF if m else None
+
+
+def check_cids(name: str, desc: bytes) -> None:
+    """Refuse a descriptor without the CID and parentCID that qemu needs, and snapshots (delta
+    disks that need their parent)."""
+    cid, parent = descriptor_cid(desc, "CID"), descriptor_cid(desc, "parentCID")
+    if cid is None or parent is None:
+        raise ImageError(f"vmdk image {name}: descriptor lacks a hexadecimal CID or parentCID")
+    if parent != 0xFFFF_FFFF or b"parentFileNameHint" in desc.split(b"\0", 1)[0]:
         raise UnsupportedImage(
             f"vmdk image {name} is a snapshot (delta) of another disk; consolidate it or export the full disk"
         )
 
 
 class VmdkDescriptorImage:
-    """A text descriptor with one or more extents (flat, sparse or zero), read as one disk."""
+    """A text descriptor with one or more extents (flat or sparse), read as one disk."""
 
     format: ClassVar[str] = "vmdk"
     MAX_EXTENTS = 4096
@@ -412,50 +515,54 @@ class VmdkDescriptorImage:
             raise ImageError(f"image {self.path}: cannot open ({e.strerror})") from None
         if len(text) > 64 * 1024:
             raise ImageError(f"vmdk image {self.name}: descriptor file is larger than 64 KiB")
-        parsed = parse_descriptor(self.name, text)
-        check_descriptor(self.name, parsed)
-        fields, extents = parsed
+        text = text.split(b"\0", 1)[0]  # qemu reads the descriptor as a C string
+        check_cids(self.name, text[: DESC_SIZE - 1])
+        try:
+            desc = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ImageError(f"vmdk image {self.name}: descriptor is not UTF-8 text") from None
+        create_type = descriptor_create_type(desc)
+        if create_type is None:
+            raise ImageError(f"vmdk image {self.name}: descriptor has no createType=\"...\" field")
+        if create_type not in DESCRIPTOR_FILE_TYPES:
+            raise UnsupportedImage(f"vmdk image {self.name}: descriptor createType {create_type!r} is not supported")
+        extents = descriptor_file_extents(self.name, desc)
         if not extents:
             raise ImageError(f"vmdk image {self.name}: descriptor lists no extents")
         if len(extents) > self.MAX_EXTENTS:
             raise ImageError(f"vmdk image {self.name}: descriptor lists more than {self.MAX_EXTENTS} extents")
         base = self.path.resolve().parent
-        self.parts: list[tuple[int, int, Extent, int | VmdkSparseImage | None]] = []
+        self.parts: list[tuple[int, int, Extent, int | VmdkSparseImage]] = []
         pos = 0
         try:
             for i, ext in enumerate(extents):
                 what = f"extent {i + 1} ({ext.kind} {ext.file!r})"
-                handle: int | VmdkSparseImage | None = None
-                if ext.kind in ("VMFSSPARSE", "VMFSRDM", "VMFSRAW"):
+                if ext.kind in ("VMFSSPARSE", "SESPARSE"):
                     raise UnsupportedImage(f"vmdk image {self.name}: {what}: extent type {ext.kind} is not supported")
-                if ext.kind != "ZERO":
-                    if not ext.file or any(ord(ch) < 32 for ch in ext.file):
-                        raise ImageError(f"vmdk image {self.name}: {what}: file name empty or with control characters")
-                    target = (base / ext.file).resolve()
-                    if not target.is_relative_to(base):
-                        raise ImageError(f"vmdk image {self.name}: {what}: file must lie in {base}")
-                    if ext.kind == "SPARSE":
-                        handle = VmdkSparseImage(target)
-                        if handle.size < ext.sectors * SECTOR:
-                            raise ImageError(f"vmdk image {self.name}: {what}: sparse extent is smaller than declared")
-                    else:
-                        try:
-                            handle = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-                        except OSError as e:
-                            raise ImageError(f"vmdk image {self.name}: {what}: cannot open ({e.strerror})") from None
-                        end = os.lseek(handle, 0, os.SEEK_END)
-                        self.parts.append((pos, ext.sectors * SECTOR, ext, handle))
-                        if end < (ext.offset + ext.sectors) * SECTOR:
-                            raise ImageError(f"vmdk image {self.name}: {what}: flat file is shorter than declared")
-                        pos += ext.sectors * SECTOR
-                        continue
-                self.parts.append((pos, ext.sectors * SECTOR, ext, handle))
+                if any(ord(ch) < 32 for ch in ext.file):
+                    raise ImageError(f"vmdk image {self.name}: {what}: file name with control characters")
+                target = (base / ext.file).resolve()
+                if not target.is_relative_to(base):
+                    raise ImageError(f"vmdk image {self.name}: {what}: file must lie in {base}")
+                handle: int | VmdkSparseImage
+                if ext.kind == "SPARSE":
+                    handle = VmdkSparseImage(target, top_level=False)
+                    self.parts.append((pos, ext.sectors * SECTOR, ext, handle))
+                    if handle.size < ext.sectors * SECTOR:
+                        raise ImageError(f"vmdk image {self.name}: {what}: sparse extent is smaller than declared")
+                else:  # FLAT and VMFS: raw bytes from ext.offset on
+                    try:
+                        handle = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError as e:
+                        raise ImageError(f"vmdk image {self.name}: {what}: cannot open ({e.strerror})") from None
+                    self.parts.append((pos, ext.sectors * SECTOR, ext, handle))
+                    if os.lseek(handle, 0, os.SEEK_END) < (ext.offset + ext.sectors) * SECTOR:
+                        raise ImageError(f"vmdk image {self.name}: {what}: flat file is shorter than declared")
                 pos += ext.sectors * SECTOR
         except BaseException:
             self.close()
             raise
         self.size = pos
-        self.fields = fields
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the virtual disk at ``offset``."""
@@ -467,9 +574,7 @@ class VmdkDescriptorImage:
             lo, hi = max(offset, start), min(end, start + size)
             if lo >= hi:
                 continue
-            if handle is None:
-                out.append(bytes(hi - lo))
-            elif isinstance(handle, VmdkSparseImage):
+            if isinstance(handle, VmdkSparseImage):
                 out.append(handle.read(lo - start, hi - lo))
             else:
                 out.append(read_exact(handle, ext.file, ext.offset * SECTOR + lo - start, hi - lo, "flat extent data"))
@@ -477,12 +582,12 @@ class VmdkDescriptorImage:
 
     def data_extents(self) -> list[tuple[int, int]]:
         """The ranges that may hold data: flat extents whole, sparse ones as their grain tables
-        say, ZERO extents not at all (see ``ImageSource.data_extents``)."""
+        say (see ``ImageSource.data_extents``)."""
         runs: list[tuple[int, int]] = []
         for start, size, _, handle in self.parts:
             if isinstance(handle, VmdkSparseImage):
                 runs += [(start + off, min(length, size - off)) for off, length in handle.data_extents() if off < size]
-            elif handle is not None:
+            else:
                 runs.append((start, size))
         return runs
 
@@ -491,7 +596,7 @@ class VmdkDescriptorImage:
         for _, _, _, handle in getattr(self, "parts", []):
             if isinstance(handle, VmdkSparseImage):
                 handle.close()
-            elif isinstance(handle, int):
+            else:
                 os.close(handle)
         self.parts = []
 
