@@ -358,10 +358,15 @@ class Qcow2Image(ImageSource):
 
     def _data_clusters(self) -> Iterator[int]:
         clusters = -(-self.size // self.cluster_size)
+        seen: set[int] = set()  # L2 tables: one L1 entry each, so the walk is bounded by the file
         for i in range(len(self.l1)):
             table = self._l2_table(i)
             if table is None:
                 continue
+            l2_offset = self.l1[i] & OFFSET_MASK
+            if l2_offset in seen:
+                raise self.fail(f"L1 entry {i}: the L2 table at {l2_offset} is already used by another L1 entry")
+            seen.add(l2_offset)
             base = i * self.l2_entries
             for j, e in enumerate(table[: clusters - base]):
                 if e and self._classify(base + j, e) != ZERO:

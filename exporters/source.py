@@ -10,7 +10,9 @@ tables (``_data_clusters``: qcow2 L1/L2, VMDK grain directory/tables, VHDX BAT) 
 virtual ranges that hold data, the interface ``archive.files.FileSource`` offers for a file's
 holes, so ``Archive.backup`` never reads what the tables say is unallocated or zero. The walk
 checks every entry it passes (the same checks as ``_locate``), so a damaged table is refused
-before a backup stores anything.
+before a backup stores anything. A second-level table (L2 table, grain table) used by two
+entries of the first level is refused, so the walk costs at most the tables the file holds;
+what it then reads is what the tables map, as for qemu.
 
 Robustness rules every reader follows (images come from elsewhere and may be damaged or
 hostile): every offset and count read from the file is checked before use, no allocation is
@@ -26,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from lifeboat.exporters.base import ImageError, read_exact
 
@@ -160,7 +162,7 @@ class ImageSource:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> ImageSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -325,9 +325,13 @@ class VmdkSparseImage(ImageSource):
 
     def _data_clusters(self) -> Iterator[int]:
         grains = -(-self.size // self.cluster_size)
+        seen: set[int] = set()  # grain tables: one directory entry each, so the walk is bounded by the file
         for i, gt_sector in enumerate(self.gd):
             if not gt_sector:
                 continue
+            if gt_sector in seen:
+                raise self.fail(f"grain directory entry {i}: the grain table at sector {gt_sector} is already used")
+            seen.add(gt_sector)
             base = i * GTES_PER_GT
             for j, gte in enumerate(self.gt_cache.get(gt_sector)[: grains - base]):
                 if gte and self._classify(gte) != ZERO:

@@ -53,7 +53,7 @@ def lifeboat_read(path: Path) -> tuple[int, list[tuple[int, bytes]]] | str:
     """(virtual size, [(offset, bytes)] of the data extents), or the error's message."""
     try:
         with open_image(path) as src:
-            extents = src.data_extents()
+            extents = src.data_extents() or [(0, src.size)]  # None: a raw file that cannot tell
             if sum(n for _, n in extents) > MAX_DATA:
                 return src.size, []
             return src.size, [(off, src.read(off, n)) for off, n in extents]
