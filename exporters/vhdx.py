@@ -400,8 +400,8 @@ class VhdxImage(ImageSource):
         if physical not in (512, 4096):
             raise self.fail(f"Physical Sector Size {physical} is neither 512 nor 4096")
         need(VIRTUAL_DISK_ID, "<QQ", "Virtual Disk ID")
-        if size > MAX_SIZE or size % logical:
-            raise self.fail(f"Virtual Disk Size {size} is over 64 TiB or not a multiple of the sector size")
+        if not 0 < size <= MAX_SIZE or size % logical:
+            raise self.fail(f"Virtual Disk Size {size} is 0, over 64 TiB or not a multiple of the sector size")
         self.size = size
         self.cluster_size = block_size
         self.logical_sector = logical
