@@ -17,9 +17,18 @@ read once. The two tools alternate in each run, the order rotated from run to ru
 is the median of ``--runs`` runs. Every lifeboat image is checked once with ``qemu-img compare``
 against the restored raw file (outside the timing).
 
+With ``--sparse-import`` it measures the other direction instead, on sparse images (issue 18,
+item 6): 16 GiB qcow2, VMDK (monolithicSparse) and VHDX images made by ``qemu-img convert`` from a
+sparse raw file, empty and 1 %-filled (a random MiB every 100 MiB), imported with ``open_image`` +
+``Archive.backup`` into a fresh archive (what ``lifeboat backup MACHINE IMAGE`` does), against
+``qemu-img convert -O raw`` of the same image to a sparse raw file; the 16 GiB sparse raw file
+itself is imported as the baseline. Each import is checked against the raw file (outside the
+timing, by the backup's chunk ids); page cache warm (the images are read once before).
+
 Usage::
 
     .venv/bin/python bench/export_bench.py [--runs 3] [--formats raw,qcow2,...] [--json-out FILE]
+    .venv/bin/python bench/export_bench.py --sparse-import [--runs 3] [--size-gib 16]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import BENCH_DIR, drop_caches, machine_info, realistic_image, run, warm  # noqa: E402
 
-from lifeboat.archive import Archive  # noqa: E402
+from lifeboat.archive import Archive, PointInfo  # noqa: E402
 from lifeboat.archive.restore import restore  # noqa: E402
 from lifeboat.exporters import EXPORTERS  # noqa: E402
 from lifeboat.exporters.vmdk_stream import VmdkStreamExporter  # noqa: E402
@@ -84,6 +94,88 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.monotonic() - t, cpu_seconds() - c
 
 
+SPARSE_FORMATS = {"qcow2": ["-O", "qcow2"], "vmdk": ["-O", "vmdk"], "vhdx": ["-O", "vhdx"]}
+
+
+def sparse_raw(path: Path, size: int, fill: bool) -> None:
+    """A sparse raw file of ``size`` bytes: empty, or a random MiB at every 100th MiB."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if fill:
+            for off in range(0, size, 100 * 2**20):
+                f.seek(off)
+                f.write(os.urandom(2**20))
+
+
+def import_image(image: Path, arc: Archive, points: list[PointInfo]) -> None:
+    """What ``lifeboat backup MACHINE IMAGE`` does: ``open_image`` + ``Archive.backup``."""
+    from lifeboat.exporters import open_image
+
+    with open_image(image) as src:
+        points.append(arc.backup("sparse", src))
+
+
+def qemu_to_raw(image: Path, fmt: str, out: Path) -> None:
+    """The peer: ``qemu-img convert -f FMT -O raw`` (sparse output)."""
+    run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(out)])
+
+
+def sparse_import(runs: int, size_gib: float) -> int:
+    """Import sparse images with lifeboat against ``qemu-img convert -O raw`` (see the docstring)."""
+    from lifeboat.archive.files import FileSource
+
+    work = BENCH_DIR / "sparse-import-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    size = int(size_gib * 2**30)
+    print(f"machine: {json.dumps(machine_info())}", flush=True)
+    rows = []
+    for fill in (False, True):
+        label = "1 %-filled" if fill else "empty"
+        raw = work / f"{'filled' if fill else 'empty'}.raw"
+        sparse_raw(raw, size, fill)
+        ref_arc = Archive.init(str(work / "ref-arc"))
+        with FileSource(raw) as src:
+            ref_ids = ref_arc.reader(ref_arc.backup("ref", src)).ids
+        shutil.rmtree(work / "ref-arc")
+        cases: list[tuple[str, Path]] = [("raw (sparse file)", raw)]
+        for fmt, opts in SPARSE_FORMATS.items():
+            image = work / f"{raw.stem}.{fmt}"
+            run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(image)])
+            cases.append((fmt, image))
+        for name, image in cases:
+            warm(image)
+            qfmt = "raw" if image == raw else image.suffix[1:]
+            lb_times: list[float] = []
+            q_times: list[float] = []
+            read = 0
+            for r in range(runs):
+                shutil.rmtree(work / "arc", ignore_errors=True)
+                arc = Archive.init(str(work / "arc"))
+                (work / "qemu.raw").unlink(missing_ok=True)
+                points: list[PointInfo] = []
+                steps = [(partial(import_image, image, arc, points), lb_times),
+                         (partial(qemu_to_raw, image, qfmt, work / "qemu.raw"), q_times)]
+                for fn, times in steps if r % 2 == 0 else reversed(steps):
+                    times.append(timed(fn)[0])
+                if arc.reader(points[0]).ids != ref_ids:
+                    print(f"  {name} {label}: the imported point differs from the raw file's")
+                    return 1
+                read = points[0].bytes_read
+            lb_s, q_s = statistics.median(lb_times), statistics.median(q_times)
+            rows.append((label, name, lb_s, q_s, read))
+            print(f"  {label:10} {name:18} lifeboat {lb_s:6.2f} s (read {read / 2**20:.0f} MiB)  "
+                  f"qemu-img {q_s:6.2f} s  load {os.getloadavg()[0]:.1f}", flush=True)
+    print()
+    print(f"Import of sparse {size_gib:g} GiB images, median of {runs} run(s), cache warm")
+    print("| image | format | lifeboat import s | MiB read | qemu-img convert -O raw s | speed-up |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for label, name, lb_s, q_s, read in rows:
+        print(f"| {label} | {name} | {lb_s:.2f} | {read / 2**20:.0f} | {q_s:.2f} | {q_s / lb_s:.1f}x |")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/export_bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported (default 3)")
@@ -94,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--zlib", action="store_true", help="also time vmdk-stream with zlib instead of isal")
     p.add_argument("--json-out", type=Path, help="write all figures (every run) as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--sparse-import", action="store_true",
+                   help="measure importing sparse qcow2/VMDK/VHDX images instead (--size-gib defaults to 16)")
     args = p.parse_args(argv)
+    if args.sparse_import:
+        return sparse_import(args.runs, args.size_gib if "--size-gib" in (argv or sys.argv) else 16.0)
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
         if f not in EXPORTERS:

@@ -24,7 +24,12 @@ rounded up to 512 bytes; qemu's limit with 64 KiB clusters (an L1 table of at mo
 
 The reader accepts versions 2 and 3, any cluster size from 512 B to 2 MiB, zero clusters,
 deflate- and zstd-compressed clusters, and the dirty bit; it refuses backing files, encryption,
-external data files, extended L2 entries, and an image marked corrupt.
+external data files, extended L2 entries, and an image marked corrupt. It reads what
+``qemu-img`` reads, or refuses: on open it checks what qemu checks (header extensions within
+cluster 0, the refcount, L1 and snapshot tables' offsets and sizes, the bitmaps extension), an
+L2 entry is refused where qemu calls the image corrupt (the v3-only "reads as zeros" bit in a
+version 2 image, an unaligned host offset even on a zero cluster), compressed clusters inflate
+with qemu's 4 KiB window, and the virtual size is whole sectors, as qemu sees it.
 """
 
 from __future__ import annotations

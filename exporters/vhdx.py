@@ -29,7 +29,12 @@ defaults (8 MiB up to 1 GiB, 16 MiB up to 100 GiB, 32 MiB up to 32 TiB, else 64 
 virtual size is the point's size rounded up to 512 bytes, at most 64 TiB.
 
 The reader accepts dynamic and fixed VHDX with 512 or 4096-byte logical sectors and refuses
-differencing disks and files whose log still holds entries to replay.
+differencing disks and files whose log still holds entries to replay. It reads what
+``qemu-img`` reads, or refuses: the current header is the valid one (signature, CRC-32C,
+Version 1) with the higher SequenceNumber (two valid headers with the same number must be
+identical); region table 1 must be valid (qemu reads no other); the header section, the log,
+the regions and every present payload block may not overlap, and every present block must lie
+inside the file; all five required metadata items must be there, each once.
 """
 
 from __future__ import annotations
