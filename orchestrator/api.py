@@ -2,7 +2,9 @@
 
 ``run`` (run or resume a runbook), ``plan`` (what a run would do; changes nothing), ``teardown``
 (remove what a runbook's newest run left), ``status`` (a run's report, built from its records),
-``runs`` (the runs of a state store), and ``open_state`` (the state store of a state folder: the
+``runs`` (the runs of a state store), ``latest_runs`` (the newest run of each runbook),
+``catalog`` / ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what
+the archive holds), and ``open_state`` (the state store of a state folder: the
 one place that picks its implementation). Front-ends load and validate the runbook
 (``orchestrator/runbook.py``) and print; everything between is behind these functions.
 """
@@ -10,12 +12,13 @@ one place that picks its implementation). Front-ends load and validate the runbo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lifeboat.archive import Archive
+from lifeboat.archive import Archive, PointInfo
 from lifeboat.orchestrator.console import log as console_log
 from lifeboat.orchestrator.context import archive_location
 from lifeboat.orchestrator.engine import Engine, Outcome
@@ -100,6 +103,72 @@ def status(
 def runs(state: StateStore, runbook: str | None = None) -> list[Run]:
     """The runs in ``state`` (of one runbook, by name), oldest first."""
     return state.runs(runbook)
+
+
+def latest_runs(state: StateStore) -> list[Run]:
+    """The newest run of each runbook in ``state``, by runbook name."""
+    newest: dict[str, Run] = {}
+    for r in state.runs():
+        newest[r.runbook] = r
+    return [newest[name] for name in sorted(newest)]
+
+
+def catalog(archive: Archive) -> dict[str, list[PointInfo]]:
+    """Every machine of ``archive`` with its points, oldest first: read once, then summarized by
+    ``machine_states`` and ``archive_totals``."""
+    return {m: archive.points(m) for m in archive.machines()}
+
+
+RPO_STATUSES = ("compliant", "exceeded", "critical")
+
+
+def rpo_status(age: float, objective: float) -> str:
+    """``compliant`` while the newest point is no older than the objective, ``exceeded`` up to
+    twice it (one capture missed), ``critical`` beyond (protection has stopped)."""
+    if age <= objective:
+        return "compliant"
+    return "exceeded" if age <= 2 * objective else "critical"
+
+
+def machine_states(
+    points: dict[str, list[PointInfo]], rpo_objective: float, now: float | None = None
+) -> list[dict[str, Any]]:
+    """Per machine (``GET /api/machines`` of shared/CLI.md): its point count, newest point and its
+    time, the newest point's age in seconds against ``rpo_objective``, and the RPO status."""
+    at = time.time() if now is None else now
+    out = []
+    for machine, found in sorted(points.items()):
+        if not found:
+            continue
+        newest = found[-1]
+        age = round(max(0.0, at - newest.when.timestamp()), 3)
+        out.append(
+            {
+                "machine": machine,
+                "points": len(found),
+                "newest_point": newest.point,
+                "newest_time": newest.time,
+                "rpo_age_seconds": age,
+                "rpo_objective_seconds": rpo_objective,
+                "status": rpo_status(age, rpo_objective),
+            }
+        )
+    return out
+
+
+def archive_totals(points: dict[str, list[PointInfo]]) -> dict[str, Any]:
+    """What the archive holds: machines, points, the bytes the points describe (``logical``) and
+    the bytes their captures added to the store (``stored``, after dedup and compression)."""
+    every = [p for found in points.values() for p in found]
+    logical = sum(p.size for p in every)
+    stored = sum(p.bytes_stored for p in every)
+    return {
+        "machines": sum(1 for found in points.values() if found),
+        "points": len(every),
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "reduction": round(logical / stored, 2) if stored else None,
+    }
 
 
 def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None = None) -> dict[str, Any]:

@@ -44,10 +44,11 @@ COMMANDS = {
     "runs": "lifeboat.orchestrator.cmd_run",
     "scheduler": "lifeboat.orchestrator.cmd_run",
     "serve": "lifeboat.orchestrator.cmd_serve",
+    "web": "lifeboat.orchestrator.cmd_web",
 }
 # Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
 # rather than click's "No such command", which reads like a typo.
-PLANNED = ("replicate", "stage", "files", "mount", "web")
+PLANNED = ("replicate", "stage", "files", "mount")
 
 
 class LazyGroup(click.Group):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import sys
@@ -18,17 +17,10 @@ from lifeboat.orchestrator.cli import archive_location, command, emit_json, json
 from lifeboat.orchestrator.cmd_archive import archive_group
 from lifeboat.orchestrator.console import log
 from lifeboat.plumbing.errors import UsageError
-from lifeboat.plumbing.listen import parse_listen
+from lifeboat.plumbing.listen import is_loopback, parse_listen
 from lifeboat.plumbing.tls import server_context
 
 DEFAULT_SERVE = "127.0.0.1:10810"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class _Signals:
@@ -136,7 +128,7 @@ def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client
         raise UsageError("give --tls-cert and --tls-key (or --insecure-http for a test on loopback)")
     if client_ca and not tls_cert:
         raise UsageError("--client-ca needs TLS (--tls-cert and --tls-key)")
-    if insecure_http and not tls_cert and not _is_loopback(host):
+    if insecure_http and not tls_cert and not is_loopback(host):
         raise UsageError(f"--insecure-http serves loopback only, not {host}")
     backend = open_backend(location)
     if not backend.exists(CONFIG_KEY):
@@ -144,7 +136,7 @@ def archive_serve(listen: str, tls_cert: str | None, tls_key: str | None, client
     tls = server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
     server = ArchiveServer(backend, host, port, token=token, tls=tls, spool=spool or default_spool(location),
                            verbose=verbose)
-    if not _is_loopback(host):
+    if not is_loopback(host):
         log(f"archive serve: listening beyond loopback on {host} as asked")
     click.echo(server.url)
     sys.stdout.flush()
