@@ -40,13 +40,19 @@ def read_token(token_file: str | None, state_dir: Path, loopback: bool) -> str:
     if not loopback:
         raise UsageError("--listen beyond loopback needs --token-file FILE")
     path = state_dir / "web-token"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        if not path.exists():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        token = path.read_text().strip()
+    except OSError as e:
+        raise UsageError(f"--state {state_dir}: cannot keep the web token there: {e.strerror}") from None
+    if not token:
+        raise UsageError(f"{path}: the file is empty (remove it to get a new token)")
     log(f"lifeboat web: no --token-file: log in with the token in {path}")
-    return path.read_text().strip()
+    return token
 
 
 @command(name="web")

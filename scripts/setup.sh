@@ -9,6 +9,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin fio
   syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio busybox-static
   restic borgbackup python3-venv python3-dev gcc qemu-guest-agent
+  chromium
 )
 
 # apt-get, waiting while another package manager holds its lock (the dpkg frontend lock, or the

@@ -31,6 +31,8 @@ def test_install_puts_only_lifeboat_into_site_packages(tmp_path: Path) -> None:
     assert [n for n in top if not n.startswith("lifeboat")] == [], top
     assert (site / "lifeboat" / "archive" / "FORMAT.md").is_file()
     assert (site / "lifeboat" / "targets" / "schemas" / "qemu.json").is_file()
+    web = site / "lifeboat" / "orchestrator" / "web"
+    assert (web / "templates" / "dashboard.html").is_file() and (web / "static" / "htmx.min.js").is_file()
     for folder in FOLDERS:
         assert (site / "lifeboat" / folder / "__init__.py").is_file(), folder
         assert not (site / folder).is_symlink(), folder

@@ -128,6 +128,18 @@ CASES = [
     case("serve-no-archive", "serve", "web01 --archive {missing}", 2, "{missing}"),
     case("serve-tls-cert-absent", "serve", "web01 --tls-cert {tmp}/c.pem --tls-key {tmp}/k.pem --archive {arc}", 2,
          "{tmp}/c.pem"),
+    # web
+    case("web-bad-listen", "web", "--listen nowhere --token-file {token} --archive {arc}", 2, "--listen"),
+    case("web-port-busy", "web", "--listen {busy} --token-file {token} --archive {arc}", 1, "{busy}"),
+    case("web-no-archive", "web", "--listen 127.0.0.1:0 --token-file {token} --archive {missing}", 2, "{missing}"),
+    case("web-beyond-loopback-without-tls", "web", "--listen 0.0.0.0:0 --token-file {token} --archive {arc}", 2,
+         "--tls-cert"),
+    case("web-cert-without-key", "web", "--tls-cert {token} --token-file {token} --archive {arc}", 2, "--tls-key"),
+    case("web-bad-certificate", "web", "--tls-cert {token} --tls-key {token} --token-file {token} --archive {arc}",
+         2, "TLS"),
+    case("web-bad-rpo-objective", "web", "--rpo-objective soon --token-file {token} --archive {arc}", 2, "soon"),
+    case("web-token-file-absent", "web", "--token-file {tmp}/no-token --archive {arc}", 2, "{tmp}/no-token"),
+    case("web-state-is-a-file", "web", "--listen 127.0.0.1:0 --state {img} --archive {arc}", 2, "{img}"),
     # verify, prune
     case("verify-no-archive", "verify", "--archive {missing}", 2, "{missing}"),
     case("verify-server-down", "verify", "--archive {url}", 1, "127.0.0.1"),
@@ -187,6 +199,7 @@ def test_every_command_has_a_bad_input_case() -> None:
 INTERNAL = {
     "lifeboat.nbdserver.server._Hangup": "a client went away; the connection's task ends",
     "lifeboat.orchestrator.context.Interrupted": "SIGINT/SIGTERM between steps; Engine.run records it",
+    "lifeboat.orchestrator.web.app.NeedLogin": "a page without a session; its handler answers 401 with the login form",
 }
 
 
