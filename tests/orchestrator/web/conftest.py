@@ -1,0 +1,77 @@
+"""One real world for the web pane's tests, made once per session: an archive with two machines
+(``web01`` with a full and an incremental point, ``db01`` with one), a state folder holding a real
+rehearsal run of ``web01`` (machines as local processes, ``procdriver.py``) with its reports, and a
+``lifeboat web`` subprocess on a free loopback port serving both."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.orchestrator.test_engine import ENV, machine, runbook, write_runbook
+from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat
+
+TOKEN = "web-test-token-5d1f0c8e9a"
+
+
+@dataclass(frozen=True)
+class World:
+    """The archive, state folder and pane the tests look at."""
+
+    archive: Path
+    state: Path
+    url: str
+    token: str
+    points: dict[str, list[dict[str, object]]]  # machine -> `lifeboat points --json`
+    run_id: str
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("web")
+    archive, state = root / "archive", root / "state"
+    lifeboat("archive", "init", "--chunk-size", "65536", "--archive", str(archive), check=True)
+    image = root / "web01.img"
+    image.write_bytes(b"HELLO web01 v1".ljust(1024 * 1024, b"\0"))
+    lifeboat("backup", "web01", str(image), "--archive", str(archive), check=True)
+    with image.open("r+b") as f:
+        f.seek(512 * 1024)
+        f.write(b"changed" * 1000)
+    lifeboat("backup", "web01", str(image), "--archive", str(archive), check=True)
+    db = root / "db01.img"
+    db.write_bytes(b"HELLO db01".ljust(2 * 1024 * 1024, b"\1"))
+    lifeboat("backup", "db01", str(db), "--archive", str(archive), check=True)
+    points = {
+        m: json.loads(lifeboat("points", m, "--json", "--archive", str(archive), check=True).stdout)
+        for m in ("web01", "db01")
+    }
+
+    check = {"name": "disk", "console": "LIFEBOAT-GUEST: disk HELLO web01 v1", "timeout": 30}
+    rb = write_runbook(root / "rehearse.yaml",
+                       runbook("rehearse-web", [machine("web01", point="web01@latest", health=[check])]))
+    ran = lifeboat("run", str(rb), "--archive", str(archive), "--state", str(state), "--json", env=ENV, check=True)
+    run_id = json.loads(ran.stdout)["run_id"]
+
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = subprocess.Popen(
+        [*LIFEBOAT, "web", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--archive", str(archive),
+         "--state", str(state)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else url
+        yield World(archive, state, url.rstrip("/"), TOKEN, points, run_id)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert TOKEN not in err, "the token must never be logged"

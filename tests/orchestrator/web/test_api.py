@@ -1,0 +1,123 @@
+"""``lifeboat web``'s JSON API and login, against a real server on a real archive and state folder
+(``conftest.py``): 401 without the token, ``GET /api/machines`` as shared/CLI.md says, the pages'
+JSON, the OpenAPI document, the session cookie and CSRF checks."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import httpx
+import pytest
+
+from lifeboat.archive import PointInfo
+from lifeboat.orchestrator import api
+from tests.orchestrator.web.conftest import World
+
+KEYS = ["machine", "points", "newest_point", "newest_time", "rpo_age_seconds", "rpo_objective_seconds", "status"]
+
+
+def bearer(world: World) -> dict[str, str]:
+    return {"Authorization": f"Bearer {world.token}"}
+
+
+@pytest.mark.parametrize("path", ["/api/machines", "/api/runs", "/api/archive", "/api/machines/web01/points",
+                                  "/api/openapi.json"])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Basic d2ViOnRva2Vu", "Bearer"])
+def test_the_api_answers_401_without_the_token(world: World, path: str, auth: str | None) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    r = httpx.get(world.url + path, headers=headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert "web01" not in r.text
+
+
+def test_api_machines_is_what_cli_md_says(world: World) -> None:
+    r = httpx.get(world.url + "/api/machines", headers=bearer(world))
+    assert r.status_code == 200
+    machines = r.json()
+    assert [m["machine"] for m in machines] == ["db01", "web01"]
+    for m in machines:
+        assert list(m) == KEYS
+        newest = world.points[m["machine"]][-1]
+        assert m["points"] == len(world.points[m["machine"]])
+        assert (m["newest_point"], m["newest_time"]) == (newest["point"], newest["time"])
+        assert 0 <= m["rpo_age_seconds"] < 3600 and m["rpo_objective_seconds"] == 86400
+        assert m["status"] == "compliant"
+    assert [m["points"] for m in machines] == [1, 2]
+
+
+def test_the_pages_json(world: World) -> None:
+    points = httpx.get(world.url + "/api/machines/web01/points", headers=bearer(world)).json()
+    full, incremental = world.points["web01"]
+    assert [p["point"] for p in points] == [incremental["point"], full["point"]]  # newest first
+    assert points[0]["parent"] == full["point"] and points[1]["parent"] is None
+    for shown, listed in zip(points, [incremental, full], strict=True):
+        assert {k: shown[k] for k in ("time", "size", "bytes_new", "bytes_stored")} == {
+            k: listed[k] for k in ("time", "size", "bytes_new", "bytes_stored")}
+    assert httpx.get(world.url + "/api/machines/db99/points", headers=bearer(world)).status_code == 404
+
+    totals = httpx.get(world.url + "/api/archive", headers=bearer(world)).json()
+    assert totals["machines"] == 2 and totals["points"] == 3 and totals["logical_bytes"] == 4 * 1024 * 1024
+    assert 0 < totals["stored_bytes"] < totals["logical_bytes"]
+
+    runs = httpx.get(world.url + "/api/runs", headers=bearer(world)).json()
+    assert [(r["id"], r["runbook"], r["status"]) for r in runs] == [(world.run_id, "rehearse-web", "succeeded")]
+    assert runs[0]["reports"] == ["html", "json", "junit"]
+    assert runs[0]["machines"][0]["name"] == "web01" and runs[0]["machines"][0]["rto_seconds"] > 0
+
+    doc = httpx.get(world.url + "/api/openapi.json", headers=bearer(world)).json()
+    assert {"/api/machines", "/api/runs", "/api/archive", "/api/machines/{machine}/points"} <= set(doc["paths"])
+
+
+def login(world: World, client: httpx.Client, token: str) -> httpx.Response:
+    form = client.get("/login")
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text)
+    assert csrf
+    return client.post("/login", data={"token": token, "csrf": csrf.group(1), "next": "/runs"})
+
+
+def test_login_sets_a_strict_httponly_session_and_needs_csrf(world: World) -> None:
+    with httpx.Client(base_url=world.url) as client:
+        refused = client.get("/")
+        assert refused.status_code == 401 and 'name="token"' in refused.text and "web01" not in refused.text
+        assert login(world, client, "wrong").status_code == 401
+        no_csrf = client.post("/login", data={"token": world.token, "next": "/"})
+        assert no_csrf.status_code == 403 and "lifeboat_session" not in no_csrf.headers.get("set-cookie", "")
+
+        ok = login(world, client, world.token)
+        assert ok.status_code == 303 and ok.headers["location"] == "/runs"
+        cookie = ok.headers["set-cookie"]
+        assert "lifeboat_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        page = client.get("/")
+        assert page.status_code == 200 and "web01" in page.text and "db01" in page.text
+        assert world.token not in page.text and world.token not in str(page.url)
+        assert client.get("/api/machines").status_code == 200  # the pages' session reaches their JSON
+        report = client.get(f"/runs/{world.run_id}/report/html")
+        assert report.status_code == 200 and "rehearse-web" in report.text
+
+        assert client.post("/logout", data={"csrf": "forged"}).status_code == 403
+        assert client.get("/").status_code == 200
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+        assert csrf and client.post("/logout", data={"csrf": csrf.group(1)}).status_code == 303
+        assert client.get("/").status_code == 401
+
+
+def test_login_next_stays_on_the_site(world: World) -> None:
+    with httpx.Client(base_url=world.url) as client:
+        form = client.get("/login", params={"next": "https://elsewhere.example/"})
+        assert 'name="next" value="/"' in form.text
+
+
+def test_rpo_status_against_the_objective() -> None:
+    def point(machine: str, when: str) -> PointInfo:
+        return PointInfo(machine, "p-" + when, when, None, 1, 1, 1, 1, 1, "test")
+
+    now = datetime.fromisoformat("2026-01-02T00:00:00+00:00").timestamp()
+    found = {
+        "fresh": [point("fresh", "2026-01-01T23:00:00+00:00")],
+        "late": [point("late", "2026-01-01T00:00:00+00:00"), point("late", "2026-01-01T22:00:00+00:00")],
+        "gone": [point("gone", "2025-12-31T00:00:00+00:00")],
+    }
+    states = {s["machine"]: s for s in api.machine_states(found, 5400, now)}
+    assert {m: s["status"] for m, s in states.items()} == {"fresh": "compliant", "late": "exceeded", "gone": "critical"}
+    assert states["late"]["rpo_age_seconds"] == 7200 and states["late"]["points"] == 2
