@@ -74,10 +74,17 @@ def fmt_age(seconds: float | None) -> str:
     if s < 60:
         return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60} s" if s < 600 else f"{s // 60} min"
+        return f"{s // 60} min {s % 60} s" if s < 600 and s % 60 else f"{s // 60} min"
     if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
+        big, small, units = s // 3600, s % 3600 // 60, ("h", "min")
+    else:
+        big, small, units = s // 86400, s % 86400 // 3600, ("d", "h")
+    return f"{big} {units[0]} {small} {units[1]}" if small else f"{big} {units[0]}"
+
+
+def fmt_ratio(value: float) -> str:
+    """``3.2`` or ``140``: a ratio with the digits that matter."""
+    return f"{value:.1f}" if value < 10 else f"{value:,.0f}"
 
 
 def fmt_time(value: str | float | None) -> str:
@@ -136,7 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=None,
     )
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time)
+    templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time, ratio=fmt_ratio)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")

@@ -1,0 +1,98 @@
+"""The pane in a real browser: Debian's chromium driven by Playwright (it cannot download its own
+browser here, so it is launched from ``/usr/bin/chromium``, once per session; a missing chromium
+fails the test). Logs in, sees the archive's machines on the dashboard, opens a machine page and the
+runs page, and is refused without logging in. A screenshot of each page is kept under the test's
+tmp folder and under ``/tmp/lifeboat-web-shots/`` for people to look at."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from tests.orchestrator.web.conftest import World
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path("/tmp/lifeboat-web-shots")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def shot(page: Page, tmp_path: Path, name: str) -> None:
+    """Keep a full-page screenshot as ``NAME.png`` in the test's folder and in SHOTS."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SHOTS.mkdir(exist_ok=True)
+    shutil.copyfile(path, SHOTS / path.name)
+
+
+def test_refused_without_logging_in(world: World, page: Page, tmp_path: Path) -> None:
+    response = page.goto(world.url + "/machines/web01")
+    assert response is not None and response.status == 401
+    assert page.locator("input#token").is_visible() and page.locator("table").count() == 0
+    shot(page, tmp_path, "login")
+    page.fill("input#token", "not-the-token")
+    page.click("button[type=submit]")
+    assert page.get_by_role("alert").inner_text() == "That token is not valid."
+    shot(page, tmp_path, "login-refused")
+
+
+def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page, tmp_path: Path) -> None:
+    page.goto(world.url + "/")
+    page.fill("input#token", world.token)
+    page.click("button[type=submit]")
+    page.wait_for_url(world.url + "/")
+    rows = page.locator("#machines tbody tr")
+    assert rows.count() == 2
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(2)] == ["db01", "web01"]
+    assert rows.nth(1).locator(".badge").inner_text() == "compliant"
+    assert str(world.points["web01"][-1]["point"]) in rows.nth(1).inner_text()
+    assert "rehearse-web" in page.locator("#runbooks").inner_text()
+    assert world.token not in page.content()
+    shot(page, tmp_path, "dashboard")
+
+    page.click("text=web01")
+    page.wait_for_url(world.url + "/machines/web01")
+    points = page.locator("#points tbody tr")
+    assert points.count() == 2
+    full, incremental = world.points["web01"]
+    assert str(incremental["point"]) in points.nth(0).inner_text()
+    assert str(full["point"]) in points.nth(0).locator("td").last.inner_text()  # its parent
+    assert points.nth(1).locator("td").last.inner_text() == "full"
+    shot(page, tmp_path, "machine")
+
+    page.click("nav >> text=Runs")
+    page.wait_for_url(world.url + "/runs")
+    run = page.locator("#runs tbody tr")
+    assert run.count() == 1 and world.run_id in run.inner_text() and "succeeded" in run.inner_text()
+    shot(page, tmp_path, "runs")
+    with page.expect_navigation():
+        run.locator("a", has_text="HTML").click()
+    assert "rehearse-web" in page.content()
+    shot(page, tmp_path, "report")
+
+    page.goto(world.url + "/api")
+    assert "/api/machines" in page.locator("#endpoints").inner_text()
+    shot(page, tmp_path, "api")
+
+    page.goto(world.url + "/")
+    page.click("text=Log out")
+    page.wait_for_url(world.url + "/login")
+    assert page.goto(world.url + "/") is not None and page.locator("input#token").is_visible()
