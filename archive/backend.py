@@ -84,8 +84,8 @@ BACKENDS: Registry[Callable[[str], Backend]] = Registry(
         "file": "lifeboat.archive.local:LocalBackend",
         "http": "lifeboat.archive.remote:RemoteBackend",  # an archive server (lifeboat archive serve)
         "https": "lifeboat.archive.remote:RemoteBackend",
+        "s3": "lifeboat.archive.s3:S3Backend",  # s3://bucket/prefix, any S3-compatible store
     },
-    planned=("s3",),
     base=Backend,
 )
 

@@ -27,7 +27,7 @@ def test_every_kind_has_one_registry() -> None:
     listed = list_plugins()
     assert listed["targets"] == {"available": ["qemu", "kvm"], "planned": ["pxe", "aws", "vmware", "openstack"]}
     assert listed["exporters"]["available"] == ["raw", "qcow2", "vmdk", "vmdk-stream", "vhdx"]
-    assert listed["backends"] == {"available": ["file", "http", "https"], "planned": ["s3"]}
+    assert listed["backends"] == {"available": ["file", "http", "https", "s3"], "planned": []}
     assert listed["sources"] == {"available": ["qmp+unix", "libvirt", "lvm", "file"], "planned": ["vsphere", "ebs"]}
 
 
@@ -67,8 +67,6 @@ def test_planned_targets_go_through_the_same_path() -> None:
 
 
 def test_planned_forms_of_the_other_kinds() -> None:
-    with pytest.raises(UsageError, match="the s3 archive backend is planned"):
-        open_backend("s3://bucket/prefix")
     with pytest.raises(UsageError, match="the ebs capture source is planned"):
         open_source("ebs://vol-0123")
 
@@ -76,7 +74,7 @@ def test_planned_forms_of_the_other_kinds() -> None:
 def test_unknown_names_list_what_is_available() -> None:
     with pytest.raises(UsageError, match=r"unknown target driver 'nope' \(available: qemu, kvm\)"):
         TARGETS.get("nope")
-    with pytest.raises(UsageError, match="unknown archive backend 'ftp'.*file, http, https"):
+    with pytest.raises(UsageError, match="unknown archive backend 'ftp'.*file, http, https, s3"):
         open_backend("ftp://host/x")
 
 

@@ -18,10 +18,16 @@ from lifeboat.archive.remote import RemoteBackend
 from lifeboat.archive.server import ArchiveServer
 
 
-@pytest.fixture(params=["local", "remote"])
+@pytest.fixture(params=["local", "remote", "s3_moto", "s3_seaweedfs"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     """Every backend kind; a new kind adds itself to ``params``. The remote backend talks to a
-    real ``ArchiveServer`` on loopback, which stores into a local directory."""
+    real ``ArchiveServer`` on loopback, which stores into a local directory; the S3 ones to
+    moto's server and SeaweedFS on loopback (tests/archive/conftest.py)."""
+    if request.param.startswith("s3_"):
+        s3 = open_backend(request.getfixturevalue(request.param))
+        yield s3
+        s3.close()
+        return
     store = tmp_path / "store"
     store.mkdir()
     if request.param == "local":

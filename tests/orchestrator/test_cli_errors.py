@@ -103,7 +103,7 @@ CASES = [
     case("points-no-archive", "points", "web01 --archive {missing}", 2, "{missing}"),
     case("points-archive-is-a-file", "points", "web01 --archive {img}", 2, "{img}"),
     case("points-server-down", "points", "web01 --archive {url}", 1, "127.0.0.1"),
-    case("points-s3", "points", "web01 --archive s3://bucket/prefix", 2, "s3"),
+    case("points-s3-no-credentials", "points", "web01 --archive s3://bucket/prefix", 2, "no S3 credentials"),
     # restore
     case("restore-bad-selector", "restore", "web01@yesterday {tmp}/r1.img --archive {arc}", 2, "yesterday"),
     case("restore-unknown-machine", "restore", "db99 {tmp}/r2.img --archive {arc}", 2, "db99"),
