@@ -20,6 +20,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ LOCK_TTL_ENV = "LIFEBOAT_S3_LOCK_TTL"
 DEFAULT_LOCK_TTL = 60.0
 LOCK_PREFIX = ".locks/"  # lease objects, below the archive's prefix; never listed
 PART_SIZE = 16 * 1024 * 1024  # multipart part size (S3 wants >= 5 MiB but for the last)
+_MAX_ETAGS = 65536
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                     "ExpiredToken", "403", "Forbidden")
@@ -67,7 +69,7 @@ class S3Backend(Backend):
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise UsageError(f"archive {location}: cannot set up the S3 client: {e}") from None
         self._where = f"bucket {bucket!r}" + (f" at {self.endpoint}" if self.endpoint else "")
-        self._etags: dict[str, str] = {}  # ETag of each object this process read or wrote
+        self._etags: OrderedDict[str, str] = OrderedDict()  # ETags of the objects last read or written
         self._etag_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -116,8 +118,11 @@ class S3Backend(Backend):
         with self._etag_lock:
             if etag is None:
                 self._etags.pop(key, None)
-            else:
-                self._etags[key] = etag
+                return
+            self._etags[key] = etag
+            self._etags.move_to_end(key)
+            if len(self._etags) > _MAX_ETAGS:  # a forgotten one only makes a replace refuse, safely
+                self._etags.popitem(last=False)
 
     def _condition(self, key: str) -> dict[str, str]:
         """Replace only the version this process last saw; create only when absent."""
