@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import json
 import os
 import random
@@ -163,10 +164,21 @@ class S3Backend(Backend):
     def put(self, key: str, data: bytes) -> None:
         name, cond = self._name(key), self._condition(key)
         try:
-            resp = self._call(f"writing {key}", self._s3.put_object, key, Key=name, Body=data, **cond)
+            etag = self._call(f"writing {key}", self._s3.put_object, key, Key=name, Body=data, **cond)["ETag"]
         except botocore.exceptions.ClientError:
-            raise self._conflict(key, cond) from None
-        self._remember(key, resp.get("ETag"))
+            etag = self._landed(key, data)
+            if etag is None:
+                raise self._conflict(key, cond) from None
+        self._remember(key, etag)
+
+    def _landed(self, key: str, data: bytes) -> str | None:
+        """The stored ETag when the object holds exactly ``data``: a retried request whose first
+        try had landed fails its condition, and is a success (a single-part ETag is the MD5)."""
+        try:
+            etag: str = self._call(f"reading {key}", self._s3.head_object, key, Key=self._name(key))["ETag"]
+        except KeyError:
+            return None
+        return etag if etag.strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest() else None
 
     def put_parts(self, key: str, parts: Sequence[bytes]) -> None:
         """A multipart upload of ``PART_SIZE`` pieces when the object is larger than one, so a
@@ -248,7 +260,10 @@ class S3Backend(Backend):
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
         delay = 0.2
         while True:
-            etag = self._call("taking the lock", self._s3.put_object, Key=name, Body=body, IfNoneMatch="*")["ETag"]
+            try:
+                etag = self._call("taking the lock", self._s3.put_object, Key=name, Body=body, IfNoneMatch="*")["ETag"]
+            except botocore.exceptions.ClientError:  # the name is random: a retry found its first try
+                etag = self._call("taking the lock", self._s3.head_object, Key=name)["ETag"]
             blockers = [n for n, ex, live in self._leases() if live and n != name and (exclusive or ex)]
             if not blockers:
                 break

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
 
 from lifeboat.archive.backend import open_backend
 from lifeboat.archive.errors import StorageError
@@ -180,3 +181,50 @@ def test_no_credentials_at_all(s3_moto: str) -> None:
                                                                                       "AWS_SHARED_CREDENTIALS_FILE")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     clear_failure(run("--archive", s3_moto, "archive", "init", env=env), 2, "no S3 credentials found")
+
+
+class _Raw:
+    """The body of a canned HTTP answer, as botocore reads it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.body
+
+
+def test_503_and_throttling_are_retried(s3_moto: str) -> None:
+    backend = s3(s3_moto)
+    answers = [(503, b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>"),
+               (500, b"<Error><Code>InternalError</Code><Message>oops</Message></Error>")]
+
+    def flaky(request: Any, **_: Any) -> AWSResponse | None:
+        if request.method == "PUT" and answers:
+            status, body = answers.pop(0)
+            return AWSResponse(request.url, status, {}, _Raw(body))
+        return None  # sent for real
+
+    backend._s3.meta.events.register_first("before-send.s3.PutObject", flaky)
+    backend.put("points/m/1", b"stored after two refusals")
+    assert answers == []
+    assert backend.get("points/m/1") == b"stored after two refusals"
+
+
+def test_a_retried_write_that_had_landed_is_a_success(s3_moto: str) -> None:
+    """The answer to a conditional PUT is lost after it was stored: the retry fails its
+    condition, and the backend sees that the object holds its bytes."""
+    backend = s3(s3_moto)
+    lost: list[int] = []
+
+    def lose_answer(response: Any, **_: Any) -> float | None:
+        if not lost and response is not None and response[0] is not None:
+            lost.append(response[0].status_code)
+            return 0.0  # send it again at once, as after a dropped connection
+        return None
+
+    backend._s3.meta.events.register_first("needs-retry.s3.PutObject", lose_answer)
+    backend.put("config", b"v1")
+    assert backend.get("config") == b"v1"
+    assert lost == [200]
+    backend.put("config", b"v2")  # replaced through the ETag the retry found
+    assert backend.get("config") == b"v2"
