@@ -14,6 +14,7 @@ command (it imports them all to read their help).
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -35,6 +36,7 @@ COMMANDS = {
     "restore": "lifeboat.orchestrator.cmd_archive",
     "verify": "lifeboat.orchestrator.cmd_archive",
     "prune": "lifeboat.orchestrator.cmd_archive",
+    "replicate": "lifeboat.orchestrator.cmd_archive",
     "protect": "lifeboat.orchestrator.cmd_agent",
     "export": "lifeboat.orchestrator.cmd_export",
     "run": "lifeboat.orchestrator.cmd_run",
@@ -48,7 +50,7 @@ COMMANDS = {
 }
 # Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
 # rather than click's "No such command", which reads like a typo.
-PLANNED = ("replicate", "stage", "files", "mount")
+PLANNED = ("stage", "files", "mount")
 
 
 class LazyGroup(click.Group):
@@ -115,6 +117,17 @@ def archive_options(f: F) -> F:
         help="Archive path or URL (else $LIFEBOAT_ARCHIVE, else ./lifeboat-archive).",
     )(f)
     return f
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+def parse_size(text: str, what: str) -> int:
+    """``512M``, ``1G``, ``50MB`` or a plain byte count (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: not a size (use e.g. 512M or 2G)")
+    return int(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower())
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -194,4 +207,5 @@ __all__ = [
     "key_file_option",
     "main",
     "open_archive",
+    "parse_size",
 ]

@@ -1,17 +1,19 @@
-"""Archive commands: ``archive init``, ``backup``, ``points``, ``restore``, ``verify``, ``prune``."""
+"""Archive commands: ``archive init``, ``backup``, ``points``, ``restore``, ``verify``, ``prune``, ``replicate``."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 
 import click
 
 from lifeboat.archive import Archive
 from lifeboat.archive.points import check_machine
 from lifeboat.archive.prune import prune
+from lifeboat.archive.replicate import replicate
 from lifeboat.archive.restore import restore
 from lifeboat.archive.retention import RULES, check_policy
-from lifeboat.archive.store import DEFAULT_CHUNK_SIZE
+from lifeboat.archive.store import DEFAULT_CHUNK_SIZE, resolve_location
 from lifeboat.archive.verify import verify
 from lifeboat.orchestrator.cli import (
     LazyGroup,
@@ -22,6 +24,7 @@ from lifeboat.orchestrator.cli import (
     json_option,
     key_file_option,
     open_archive,
+    parse_size,
 )
 from lifeboat.orchestrator.console import log, progress
 from lifeboat.orchestrator.sources import open_source
@@ -165,3 +168,30 @@ def prune_cmd(dry_run: bool, as_json: bool) -> None:
         log(f"{verb} {p.machine}@{p.point} ({p.time})")
     log(f"prune: {len(report.removed)} points {verb}, {len(report.kept)} kept, "
         f"{report.packs_deleted} packs deleted, {report.packs_rewritten} rewritten, {report.bytes_freed} bytes freed")
+
+
+@command(name="replicate")
+@click.argument("machines", nargs=-1, metavar="[MACHINE...]")
+@click.option("--to", "dest", required=True, metavar="DEST",
+              help="The replica: an archive directory, an archive server URL (https://...) or an S3 URL.")
+@click.option("--bwlimit", metavar="BYTES", help="Read at most this many bytes/s from the source (e.g. 20M).")
+@json_option
+def replicate_cmd(machines: tuple[str, ...], dest: str, bwlimit: str | None, as_json: bool) -> None:
+    """Copy to DEST the points (of MACHINEs, else all) and packs it lacks; exit 1 if a point could
+    not be copied (a damaged source pack)."""
+    limit = parse_size(bwlimit, "--bwlimit") if bwlimit is not None else None
+    with ExitStack() as bar:  # the bar stays on screen until the copy is over
+        report = replicate(resolve_location(archive_location()), dest, machines, key_file=key_file_option(),
+                           bwlimit=limit,
+                           progress=lambda total: bar.enter_context(progress(f"replicate to {dest}", total)))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        if report.initialised:
+            log(f"replicate: initialised a replica of the source archive at {report.to}")
+        for name, why in report.refused.items():
+            log(f"NOT COPIED {name}: {why}")
+        log(f"replicate: {len(report.points_published)} points published, {report.points_in_step} already there, "
+            f"{report.objects_copied} objects ({report.bytes_copied} bytes) copied, lag {report.lag_seconds:.0f} s")
+    if not report.ok:
+        sys.exit(1)

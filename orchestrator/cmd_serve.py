@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import sys
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import click
 
 from lifeboat.archive.throttle import ThrottledBackend
 from lifeboat.nbdserver import Export, open_volume, serve_until_signal
-from lifeboat.orchestrator.cli import command, open_archive
+from lifeboat.orchestrator.cli import command, open_archive, parse_size
 from lifeboat.orchestrator.console import log, progress
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.listen import parse_listen
@@ -22,17 +21,6 @@ from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.plumbing.tls import server_context
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
-
-
-def parse_size(text: str, what: str) -> int:
-    """``512M``, ``1G``, ``50MB`` or a plain byte count (binary multiples)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise UsageError(f"{what} {text!r}: not a size (use e.g. 512M or 2G)")
-    return int(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower())
-
-
 def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
     if not cert and not key:
         if ca:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lifeboat.orchestrator.cmd_serve import parse_size
+from lifeboat.orchestrator.cli import parse_size
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
 from tests.nbdserver.conftest import REPO, Served, run
