@@ -144,6 +144,15 @@ CASES = [
     case("verify-no-archive", "verify", "--archive {missing}", 2, "{missing}"),
     case("verify-server-down", "verify", "--archive {url}", 1, "127.0.0.1"),
     case("prune-no-archive", "prune", "--dry-run --archive {missing}", 2, "{missing}"),
+    # replicate
+    case("replicate-bad-dest", "replicate", "--to ftp://example.org/x --archive {arc}", 2, "ftp"),
+    case("replicate-dest-is-a-file", "replicate", "--to {img} --archive {arc}", 2, "{img}"),
+    case("replicate-dest-other-archive", "replicate", "--to {other} --archive {arc}", 2, "another archive"),
+    case("replicate-no-to", "replicate", "--archive {arc}", 2, "--to"),
+    case("replicate-bad-bwlimit", "replicate", "--to {tmp}/rep1 --bwlimit fast --archive {arc}", 2, "fast"),
+    case("replicate-unknown-machine", "replicate", "db99 --to {tmp}/rep2 --archive {arc}", 2, "db99"),
+    case("replicate-no-archive", "replicate", "--to {tmp}/rep3 --archive {missing}", 2, "{missing}"),
+    case("replicate-server-down", "replicate", "--to {url} --archive {arc}", 1, "127.0.0.1"),
     # protect
     case("protect-no-source", "protect", "web01 {tmp}/nothing.img --rpo 1 --archive {arc}", 2, "{tmp}/nothing.img"),
     case("protect-no-rpo", "protect", "web01 {img} --archive {arc}", 2, "--rpo"),
@@ -232,8 +241,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     img = tmp / "disk.img"
     img.write_bytes(os.urandom(100_000) + bytes(100_000))
     arc = tmp / "arc"
-    for argv in (["archive", "init", "--chunk-size", "65536"], ["backup", "web01", str(img)]):
-        done = subprocess.run([*LIFEBOAT, *argv, "--archive", str(arc)], capture_output=True, text=True, timeout=60)
+    for argv in (["archive", "init", "--chunk-size", "65536", "--archive", str(arc)],
+                 ["backup", "web01", str(img), "--archive", str(arc)],
+                 ["archive", "init", "--archive", str(tmp / "other")]):
+        done = subprocess.run([*LIFEBOAT, *argv], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     (tmp / "token").write_text("secret-token\n")
     bad_rb = tmp / "bad.yaml"
@@ -249,6 +260,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
             "img": str(img),
             "arc": str(arc),
             "missing": str(tmp / "no-archive"),
+            "other": str(tmp / "other"),
             "token": str(tmp / "token"),
             "bad_rb": str(bad_rb),
             "rehearsal_rb": str(rehearsal_rb),
