@@ -54,6 +54,17 @@ def read_pack_index(backend: Backend, key: str) -> list[PackEntry]:
     return parse_pack_index(key, body, count, crc, offset)
 
 
+def parse_pack(key: str, data: bytes) -> list[PackEntry]:
+    """The entries of a whole pack held in memory, checked as ``read_pack_index`` checks a stored
+    one, and its magic too: what a pack's own checksums say about bytes about to be sent."""
+    if len(data) < len(PACK_MAGIC) + PACK_TRAILER.size or not data.startswith(PACK_MAGIC):
+        raise FormatError(f"pack {key}: bad magic or too short ({len(data)} bytes)")
+    offset, count, crc = parse_pack_trailer(key, data[-PACK_TRAILER.size:])
+    if offset + count * PACK_ENTRY.size + PACK_TRAILER.size != len(data):
+        raise FormatError(f"pack {key}: index does not fit the file size")
+    return parse_pack_index(key, data[offset:offset + count * PACK_ENTRY.size], count, crc, offset)
+
+
 class ChunkIndex:
     """Chunk id -> location, for every readable pack of the archive."""
 

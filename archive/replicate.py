@@ -38,9 +38,9 @@ from typing import Any
 from lifeboat.archive.backend import Backend, open_backend
 from lifeboat.archive.chunks import Codec, Keys
 from lifeboat.archive.errors import ArchiveNotFound, CorruptChunk, FormatError, StorageError, WrongKey
-from lifeboat.archive.formats import PACK_MAGIC, PackEntry, parse_point
+from lifeboat.archive.formats import parse_point
 from lifeboat.archive.local import LocalBackend
-from lifeboat.archive.packs import PACK_PREFIX, ChunkIndex, read_pack_index
+from lifeboat.archive.packs import PACK_PREFIX, ChunkIndex, parse_pack, read_pack_index
 from lifeboat.archive.points import POINT_PREFIX, PointInfo, check_machine, now_utc
 from lifeboat.archive.store import CONFIG_KEY, Progress, read_key_file
 from lifeboat.archive.throttle import ThrottledBackend
@@ -228,13 +228,6 @@ class _Copier:
     def __init__(self, source: Backend, dest: Backend, codec: Codec | None, progress: Progress | None) -> None:
         self.source, self.dest, self.codec, self.progress = source, dest, codec, progress
 
-    def _check_source(self, key: str, data: bytes, entries: list[PackEntry]) -> None:
-        if data[: len(PACK_MAGIC)] != PACK_MAGIC:
-            raise CorruptChunk(f"pack {key}: bad magic")
-        if self.codec is not None:
-            for e in entries:
-                self.codec.decode(e.chunk_id, data[e.offset:e.offset + e.length], e.raw_length)
-
     def attempt(self, key: str) -> int | str:
         """``copy``, with a damaged source pack answered by why (the points needing it are refused)."""
         try:
@@ -245,11 +238,11 @@ class _Copier:
     def copy(self, key: str) -> int:
         """Bytes copied; ``FormatError``/``CorruptChunk`` for a damaged source pack (nothing stored),
         ``StorageError`` when the stored copy does not read back the same."""
-        entries = read_pack_index(self.source, key)
         data = self.source.get(key)
-        if read_pack_index(self.source, key) != entries or len(data) != self.source.size(key):
-            raise FormatError(f"pack {key}: changed while it was read")
-        self._check_source(key, data, entries)
+        entries = parse_pack(key, data)
+        if self.codec is not None:
+            for e in entries:
+                self.codec.decode(e.chunk_id, data[e.offset:e.offset + e.length], e.raw_length)
         self.dest.put(key, data)
         try:
             stored = self.dest.size(key) == len(data) and read_pack_index(self.dest, key) == entries

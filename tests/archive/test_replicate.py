@@ -222,3 +222,19 @@ def test_cli_killed_mid_copy_resumes_and_never_shows_a_point_without_its_packs(t
 
     bad = run("replicate", "--to", "s3x://bucket", "--archive", src, env=env)
     assert bad.returncode == 2 and "s3x" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_with_the_key_a_damaged_encrypted_blob_is_refused(tmp_path: Path) -> None:
+    key = str(tmp_path / "key")
+    arc = source(tmp_path, {"web01": disk(20)}, encrypt=True, key_file=key)
+    damage_a_blob(tmp_path / "src")
+    report = replicate(arc.backend.location, str(tmp_path / "dst"), key_file=key)
+    assert not report.ok and "authentication failed" in next(iter(report.refused.values()))
+
+
+def test_a_pack_with_a_damaged_magic_is_refused(tmp_path: Path) -> None:
+    arc = source(tmp_path, {"web01": disk(21)})
+    [pack] = [p for p in (tmp_path / "src" / "packs").rglob("*") if p.is_file()]
+    pack.write_bytes(b"X" + pack.read_bytes()[1:])
+    report = replicate(arc.backend.location, str(tmp_path / "dst"))
+    assert not report.ok and "magic" in next(iter(report.refused.values()))
