@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config
   nbdkit nbdkit-plugin-python libnbd-bin fio
   syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio busybox-static
-  restic borgbackup python3-venv python3-dev gcc qemu-guest-agent
+  restic borgbackup rclone python3-venv python3-dev gcc qemu-guest-agent
   chromium
 )
 

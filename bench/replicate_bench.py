@@ -1,0 +1,139 @@
+"""Replication benchmark: ``lifeboat replicate`` against ``rclone sync`` of the archive directory.
+
+On the cached realistic image (``bench.common.realistic_image``, 2.5 GiB ext4 of real files) and its
+1 %-changed copy (``one_percent_change``): the image is backed up into a source archive, then
+
+- full: the whole archive is copied into an empty directory,
+- incremental: the changed copy is backed up (an incremental point), and only what is new is
+  copied into the replica of the step before,
+
+by each tool in turn, in the same run: ``lifeboat replicate --to DIR`` (every pack checked before
+it is sent and read back after, manifests last) and ``rclone sync SRC DIR`` (Debian's rclone,
+defaults: 4 transfers, size and modification time compared, no content check). Each time includes
+fsync of the destination. The page cache is dropped before each step (root), else the source is
+warm for every tool alike. Each figure is the median of ``--runs`` runs, tools in rotated order.
+Every replica is checked outside the timing: ``lifeboat verify`` on it, and the newest point
+restored from it has the changed image's SHA-256.
+
+Usage::
+
+    .venv/bin/python bench/replicate_bench.py [--runs 3] [--size-gib 2.5] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import (
+    BENCH_DIR,
+    drop_caches,
+    du_bytes,
+    fsync_tree,
+    machine_info,
+    one_percent_change,
+    realistic_image,
+    run,
+    sha256_file,
+)
+
+LIFEBOAT = [sys.executable, "-m", "lifeboat"]
+
+
+def lifeboat(*argv: str) -> str:
+    """Run ``lifeboat ARGV``; its stdout."""
+    return run([*LIFEBOAT, *argv]).stdout
+
+
+def timed(step: Callable[[], None], dest: Path) -> float:
+    """Seconds for ``step`` plus fsync of what it wrote, from a dropped (or warm) page cache."""
+    drop_caches()
+    start = time.monotonic()
+    step()
+    fsync_tree(dest)
+    return time.monotonic() - start
+
+
+def copy_step(tool: str, src: Path, dest: Path) -> Callable[[], None]:
+    """The copy of ``src`` into ``dest`` as ``tool`` does it."""
+    argv = ([*LIFEBOAT, "replicate", "--to", str(dest), "--archive", str(src), "--json"] if tool == "lifeboat"
+            else ["rclone", "sync", str(src), str(dest)])
+
+    def step() -> None:
+        run(argv)
+
+    return step
+
+
+def check(replica: Path, image: Path, work: Path) -> None:
+    """The replica verifies clean and its newest point restores ``image``."""
+    lifeboat("verify", "--archive", str(replica))
+    out = work / "restored.img"
+    out.unlink(missing_ok=True)
+    lifeboat("restore", "bench", str(out), "--archive", str(replica))
+    if sha256_file(out) != sha256_file(image):
+        raise SystemExit(f"{replica}: the restored point differs from {image}")
+    out.unlink()
+
+
+def one_run(image: Path, changed: Path, work: Path, order: list[str]) -> dict[str, dict[str, float]]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src = work / "src"
+    lifeboat("archive", "init", "--archive", str(src))
+    lifeboat("backup", "bench", str(image), "--archive", str(src))
+    fig: dict[str, dict[str, float]] = {t: {} for t in order}
+    for tool in order:
+        dest = work / tool
+        fig[tool]["full_s"] = timed(copy_step(tool, src, dest), dest)
+        fig[tool]["full_bytes"] = du_bytes(dest)
+    lifeboat("backup", "bench", str(changed), "--archive", str(src))
+    before = {t: du_bytes(work / t) for t in order}
+    for tool in order:
+        dest = work / tool
+        fig[tool]["incremental_s"] = timed(copy_step(tool, src, dest), dest)
+        fig[tool]["incremental_bytes"] = du_bytes(dest) - before[tool]
+        check(dest, changed, work)
+    shutil.rmtree(work)
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size-gib", type=float, default=2.5)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    if shutil.which("rclone") is None:
+        raise SystemExit("rclone is not installed (scripts/setup.sh installs it)")
+    image = realistic_image(args.size_gib)
+    changed = one_percent_change(image)
+    info = machine_info()
+    print(json.dumps(info), file=sys.stderr)
+    print("rclone:", run(["rclone", "version"]).stdout.splitlines()[0], file=sys.stderr)
+    tools = ["lifeboat", "rclone"]
+    runs = []
+    for i in range(args.runs):
+        order = tools[i % 2:] + tools[:i % 2]
+        fig = one_run(image, changed, BENCH_DIR / "replicate-run", order)
+        print(f"run {i + 1}: {json.dumps(fig)}", file=sys.stderr)
+        runs.append(fig)
+    median = {t: {k: statistics.median(r[t][k] for r in runs) for k in runs[0][t]} for t in tools}
+    size = image.stat().st_size
+    for t in tools:
+        m = median[t]
+        print(f"{t:9s} full {m['full_s']:6.2f} s ({m['full_bytes'] / m['full_s'] / 1e6:5.0f} MB/s)  "
+              f"incremental {m['incremental_s']:6.2f} s ({m['incremental_bytes'] / 1e6:.1f} MB copied)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": info, "image_bytes": size, "runs": runs,
+                                                   "median": median}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
