@@ -16,7 +16,7 @@ import pytest
 
 from lifeboat.archive import Archive
 from lifeboat.archive.backend import open_backend
-from lifeboat.archive.errors import WrongKey
+from lifeboat.archive.errors import StorageError, WrongKey
 from lifeboat.archive.formats import PACK_ENTRY, PACK_TRAILER
 from lifeboat.archive.replicate import ReplicaMismatch, replicate
 from lifeboat.archive.server import ArchiveServer
@@ -24,6 +24,7 @@ from lifeboat.archive.verify import verify
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.tls import server_context
+from tests.agent.test_remote import DroppingProxy
 from tests.archive.helpers import BytesSource, read_all
 from tests.pki import make_pki
 
@@ -184,6 +185,28 @@ def test_dir_to_an_archive_server_over_https(tmp_path: Path, https_server: Archi
     assert objects(tmp_path / "served") == objects(tmp_path / "src")
     restores(https_server.url, machines)
     assert replicate(arc.backend.location, https_server.url).objects_copied == 0
+
+
+def test_to_an_archive_server_through_dropped_connections_then_a_lost_link(
+        tmp_path: Path, https_server: ArchiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    machines = {f"m{i}": disk(30 + i, 2 * MiB) for i in range(3)}
+    arc = source(tmp_path, machines)
+    flaky = DroppingProxy((https_server.host, https_server.port), after=1 * MiB, drops=3)
+    report = replicate(arc.backend.location, f"https://127.0.0.1:{flaky.port}")
+    flaky.close()
+    assert report.ok and flaky.dropped == 3 and len(report.points_published) == 3
+    restores(str(tmp_path / "served"), machines)
+
+    machines |= {"late": disk(40, 4 * MiB)}
+    arc.backup("late", BytesSource(machines["late"]))
+    monkeypatch.setenv("LIFEBOAT_ARCHIVE_RETRY_SECONDS", "1")
+    lost = DroppingProxy((https_server.host, https_server.port), after=1 * MiB, drops=-1)
+    with pytest.raises(StorageError):
+        replicate(arc.backend.location, f"https://127.0.0.1:{lost.port}")
+    lost.close()
+    assert Archive.open(str(tmp_path / "served")).machines() == ["m0", "m1", "m2"]  # not published without its packs
+    assert replicate(arc.backend.location, https_server.url).points_published[0].startswith("late@")
+    restores(str(tmp_path / "served"), machines)
 
 
 def run(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
