@@ -219,7 +219,7 @@ def test_cli_killed_mid_copy_resumes_and_never_shows_a_point_without_its_packs(t
     arc = source(tmp_path, machines)
     src, dst = arc.backend.location, tmp_path / "dst"
     total = len(objects(tmp_path / "src")) - 1  # every object but the config
-    proc = subprocess.Popen([*LIFEBOAT, "replicate", "--to", str(dst), "--bwlimit", "2M", "--archive", src],
+    proc = subprocess.Popen([*LIFEBOAT, "replicate", "--to", str(dst), "--bwlimit", "1M", "--archive", src],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while not list(dst.glob("points/*/*")):  # the first point is published: kill it right after
