@@ -209,6 +209,19 @@ def test_to_an_archive_server_through_dropped_connections_then_a_lost_link(
     restores(str(tmp_path / "served"), machines)
 
 
+@pytest.mark.parametrize("store", ["s3_moto", "s3_seaweedfs"])
+def test_dir_to_s3_and_back_to_a_dir(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    location: str = request.getfixturevalue(store)
+    machines = {"web01": disk(50), "db01": disk(51)}
+    arc = source(tmp_path, machines)
+    report = replicate(arc.backend.location, location)
+    assert report.ok and report.initialised and len(report.points_published) == 2
+    restores(location, machines)
+    assert replicate(arc.backend.location, location).objects_copied == 0
+    back = replicate(location, str(tmp_path / "back"))  # the off-site copy is a source like any other
+    assert back.ok and objects(tmp_path / "back") == objects(tmp_path / "src")
+
+
 def run(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LIFEBOAT, *argv], capture_output=True, text=True, env=env, timeout=120)
 
