@@ -19,8 +19,10 @@ CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path("/tmp/lifeboat-web-shots")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Chromium for this module only: while Playwright's sync API is open it keeps an asyncio loop
+    running in the main thread, and later tests that run asyncio (the QMP client) would fail."""
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
