@@ -1,8 +1,9 @@
 """``lifeboat web``: the web pane, served by uvicorn.
 
-FastAPI and uvicorn are imported inside the command, so other commands never load them. The token
-comes from ``--token-file``; without one, on loopback only, a token is made once into the state
-folder (``web-token``, mode 0600) and its path, never its value, is printed. Beyond loopback the
+FastAPI and uvicorn are imported inside the command, so other commands never load them. The
+operator's token comes from ``--token-file``; without one, on loopback only, a token is made once
+into the state folder (``web-token``, mode 0600) and its path, never its value, is printed. A
+viewer's token, optional, comes from ``--viewer-token-file``. Beyond loopback the
 pane needs ``--token-file`` and TLS: the token and session cookie must not cross a network in clear.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from lifeboat.orchestrator.cli import command, open_archive
+from lifeboat.orchestrator.cli import archive_location, command, key_file_option, open_archive
 from lifeboat.orchestrator.cmd_run import state_option
 from lifeboat.orchestrator.console import log
 from lifeboat.orchestrator.runbook import parse_duration
@@ -29,14 +30,19 @@ DEFAULT_WEB = "127.0.0.1:8080"
 DEFAULT_RPO = "24h"
 
 
+def token_of(option: str, token_file: str) -> str:
+    """The token in ``token_file`` (given as ``option``), refused if empty."""
+    token = Path(token_file).read_text().strip()
+    if not token:
+        raise UsageError(f"{option} {token_file}: the file is empty")
+    return token
+
+
 def read_token(token_file: str | None, state_dir: Path, loopback: bool) -> str:
-    """The token of ``token_file``; else, on loopback, the state folder's ``web-token`` (made now if
-    absent)."""
+    """The operator's token of ``token_file``; else, on loopback, the state folder's ``web-token``
+    (made now if absent)."""
     if token_file:
-        token = Path(token_file).read_text().strip()
-        if not token:
-            raise UsageError(f"--token-file {token_file}: the file is empty")
-        return token
+        return token_of("--token-file", token_file)
     if not loopback:
         raise UsageError("--listen beyond loopback needs --token-file FILE")
     path = state_dir / "web-token"
@@ -59,15 +65,20 @@ def read_token(token_file: str | None, state_dir: Path, loopback: bool) -> str:
 @click.option("--listen", default=DEFAULT_WEB, show_default=True, metavar="HOST:PORT",
               help="Where to listen (loopback unless told otherwise).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
-              help="The bearer token of the API and the login form (needed beyond loopback; on loopback "
-                   "without it, one is made in the state folder).")
+              help="The operator's token (may start rehearsals, failovers, teardowns), as bearer token of "
+                   "the API and in the login form (needed beyond loopback; on loopback without it, one is made "
+                   "in the state folder).")
+@click.option("--viewer-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="A viewer's token: sees every page and the API, may act on nothing (403).")
+@click.option("--runbooks", "runbooks_dir", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="The runbooks (*.yaml, *.yml, *.json) the Runbooks page validates, plans and runs.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Server certificate (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key (PEM).")
 @click.option("--rpo-objective", default=DEFAULT_RPO, show_default=True, metavar="DURATION",
               help="Age of a machine's newest point beyond which it is 'exceeded' (twice it: 'critical').")
 @state_option
-def web_cmd(listen: str, token_file: str | None, tls_cert: str | None, tls_key: str | None, rpo_objective: str,
-            state_dir: str | None) -> None:
+def web_cmd(listen: str, token_file: str | None, viewer_token_file: str | None, runbooks_dir: str | None,
+            tls_cert: str | None, tls_key: str | None, rpo_objective: str, state_dir: str | None) -> None:
     """Serve the web pane (dashboard, machines, runs, a JSON API under /api/) until stopped.
 
     Prints one line, the URL, on stdout once it listens.
@@ -88,13 +99,18 @@ def web_cmd(listen: str, token_file: str | None, tls_cert: str | None, tls_key: 
         server_context(tls_cert, tls_key)  # a bad certificate or key is refused before anything starts
     state = Path(state_dir) if state_dir else default_state_dir()
     token = read_token(token_file, state, loopback)
+    viewer = token_of("--viewer-token-file", viewer_token_file) if viewer_token_file else None
+    if viewer == token:
+        raise UsageError("--viewer-token-file: a viewer's token must differ from the operator's")
     archive = open_archive()
 
     import uvicorn
 
     from lifeboat.orchestrator.web.app import Settings, create_app
 
-    app = create_app(Settings(archive, state, objective, token, tls=bool(tls_cert)))
+    app = create_app(Settings(archive, state, objective, token, tls=bool(tls_cert), viewer_token=viewer,
+                              runbooks=Path(runbooks_dir).resolve() if runbooks_dir else None,
+                              archive_arg=archive_location(), key_file=key_file_option()))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -9,6 +9,9 @@ archive, read per request, so the pane shows new points and runs without a resta
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,14 +23,18 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.orchestrator import api
-from lifeboat.orchestrator.state import Run
-from lifeboat.orchestrator.web.auth import Auth
+from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
+from lifeboat.orchestrator.state import Run, Step
+from lifeboat.orchestrator.web.auth import OPERATOR, Auth
 from lifeboat.plumbing.errors import LifeboatError
 
 HERE = Path(__file__).resolve().parent
+RUNBOOK_SUFFIXES = (".yaml", ".yml")
+RUN_START_SECONDS = 60  # how long a started `lifeboat run` may take to record its run
 REPORT_TYPES = {"json": "application/json", "junit": "application/xml", "html": "text/html"}
 # Our pages load only our own files: no inline script, no other origin, no framing.
 SECURITY_HEADERS = {
@@ -48,6 +55,10 @@ class Settings:
     rpo_objective: float
     token: str
     tls: bool
+    viewer_token: str | None = None
+    runbooks: Path | None = None  # --runbooks DIR
+    archive_arg: str | None = None  # --archive as given, passed on to the runs it starts
+    key_file: str | None = None
 
 
 class NeedLogin(Exception):
@@ -123,6 +134,20 @@ def point_doc(p: PointInfo) -> dict[str, Any]:
             "bytes_stored": p.bytes_stored, "source": p.source}
 
 
+def step_doc(s: Step) -> dict[str, Any]:
+    """A step as the run page shows it."""
+    took = round(s.finished - s.started, 3) if s.started and s.finished else None
+    return {"machine": s.machine, "step": s.step, "status": s.status, "started": s.started,
+            "duration_seconds": took, "attempts": s.attempts, "error": s.error}
+
+
+def runbook_files(folder: Path | None) -> list[Path]:
+    """The runbook files of ``--runbooks DIR``, by name."""
+    if folder is None:
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in RUNBOOK_SUFFIXES and p.is_file())
+
+
 def local_path(target: str) -> str:
     """``target`` if it is a path of this site, else ``/``: the login form's ``next`` cannot send
     the browser elsewhere."""
@@ -134,7 +159,7 @@ def local_path(target: str) -> str:
 
 def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings``; ``lifeboat web`` serves it with uvicorn."""
-    auth = Auth(settings.token, secure_cookies=settings.tls)
+    auth = Auth(settings.token, settings.viewer_token, secure_cookies=settings.tls)
     app = FastAPI(
         title="lifeboat",
         summary="The state of a lifeboat archive and its runs",
@@ -156,7 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         seed, new = auth.csrf_seed(request)
         response = templates.TemplateResponse(
-            request, name, {"csrf": auth.csrf_token(seed), "logged_in": auth.session_ok(request), **context},
+            request, name, {"csrf": auth.csrf_token(seed), "role": auth.session_role(request), **context},
             status_code=status,
         )
         if new:
@@ -168,12 +193,25 @@ def create_app(settings: Settings) -> FastAPI:
         return page(request, "login.html", 401, next=request.url.path, error=None)
 
     def api_guard(request: Request) -> None:
-        if not auth.allowed(request):
+        if not auth.role(request):
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
     def page_guard(request: Request) -> None:
-        if not auth.session_ok(request):
+        if not auth.session_role(request):
             raise NeedLogin
+
+    async def operator_form(request: Request) -> dict[str, str]:
+        """The form of a state-changing page request, once its sender is known (401), is an
+        operator (403) and the form carries this browser's CSRF token (403)."""
+        role = auth.session_role(request)
+        if not role:
+            raise HTTPException(401, "log in first")
+        if role != OPERATOR:
+            raise HTTPException(403, "viewers may look, not act: log in with an operator's token")
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        if not auth.csrf_ok(request, form.get("csrf", "")):
+            raise HTTPException(403, "the form's CSRF token is missing or wrong")
+        return form
 
     def catalog() -> dict[str, list[PointInfo]]:
         return api.catalog(settings.archive)
@@ -192,6 +230,17 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             state.close()
 
+    def run_detail(run_id: str) -> dict[str, Any]:
+        state = api.open_state(settings.state_dir)
+        try:
+            found = state.run(run_id)
+            if found is None:
+                raise HTTPException(404, f"no run {run_id}")
+            return {**run_doc(found), "steps": [step_doc(s) for s in state.steps(run_id)],
+                    "events": state.events(run_id)}
+        finally:
+            state.close()
+
     def machine_points(machine: str) -> list[PointInfo]:
         try:
             found = settings.archive.points(machine)
@@ -200,6 +249,60 @@ def create_app(settings: Settings) -> FastAPI:
         if not found:
             raise HTTPException(404, f"machine {machine!r} has no points in the archive")
         return found
+
+    def runbook_doc(path: Path) -> dict[str, Any]:
+        """A runbook file as its page shows it: its problems (``file:line:col``) or its plan, and
+        the drivers this lifeboat lacks."""
+        doc: dict[str, Any] = {"file": path.name, "problems": [], "plan": None, "unavailable": []}
+        try:
+            rb = load(path)
+        except InvalidRunbook as e:
+            doc["problems"] = [str(p) for p in e.problems]
+            return doc
+        except LifeboatError as e:
+            doc["problems"] = [str(e)]
+            return doc
+        doc["plan"] = api.plan(rb, archive=settings.archive_arg, key_file=settings.key_file)
+        doc["unavailable"] = api.unavailable_drivers(rb)
+        return doc
+
+    def runbook_file(name: str) -> Path:
+        found = next((p for p in runbook_files(settings.runbooks) if p.name == name), None)
+        if found is None:
+            raise HTTPException(404, f"no runbook {name!r} in --runbooks")
+        return found
+
+    def start_run(rb: Runbook) -> str:
+        """Start ``lifeboat run`` on ``rb`` as a child in its own session and return its run's id
+        once recorded. A child rather than a thread of this server: the run then outlives a restart
+        or a crash of the pane, and records its own output."""
+        state = api.open_state(settings.state_dir)
+        try:
+            before = state.latest_run(rb.name)
+            if before is not None and before.phase != "done":
+                raise HTTPException(409, f"runbook {rb.name!r} has an open run, {before.id}: see its page")
+            cmd = [sys.executable, "-m", "lifeboat", "run", str(rb.path), "--json", "--state", str(state.dir)]
+            cmd += ["--archive", settings.archive_arg] if settings.archive_arg else []
+            cmd += ["--key-file", settings.key_file] if settings.key_file else []
+            logs = state.dir / "web-runs"
+            logs.mkdir(parents=True, exist_ok=True)
+            log_path = logs / f"{rb.name}-{time.time():.0f}.log"
+            with log_path.open("wb") as out:
+                child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+            threading.Thread(target=child.wait, daemon=True).start()  # reaped when it ends
+            deadline = time.monotonic() + RUN_START_SECONDS
+            while time.monotonic() < deadline:
+                latest = state.latest_run(rb.name)
+                if latest is not None and (before is None or latest.id != before.id):
+                    return latest.id
+                if child.poll() is not None:
+                    break
+                time.sleep(0.2)
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise HTTPException(500, f"lifeboat run {rb.path.name} recorded no run: {tail}")
+        finally:
+            state.close()
 
     # ------------------------------------------------------------------ API
     @app.get("/api/machines", tags=["api"])
@@ -226,6 +329,18 @@ def create_app(settings: Settings) -> FastAPI:
         api_guard(request)
         return [run_doc(r) for r in reversed(runs())]
 
+    @app.get("/api/runbooks", tags=["api"])
+    def api_runbooks(request: Request) -> list[dict[str, Any]]:
+        """The runbooks of ``--runbooks DIR``: each one's problems or its plan."""
+        api_guard(request)
+        return [runbook_doc(p) for p in runbook_files(settings.runbooks)]
+
+    @app.get("/api/runs/{run_id}", tags=["api"])
+    def api_run(request: Request, run_id: str) -> dict[str, Any]:
+        """One run with its steps and events (the run page's data)."""
+        api_guard(request)
+        return run_detail(run_id)
+
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi(request: Request) -> JSONResponse:
         api_guard(request)
@@ -242,10 +357,11 @@ def create_app(settings: Settings) -> FastAPI:
         target = local_path(str(form.get("next", "/")))
         if not auth.csrf_ok(request, str(form.get("csrf", ""))):
             return page(request, "login.html", 403, next=target, error="The form expired: please log in again.")
-        if not auth.token_matches(str(form.get("token", ""))):
+        role = auth.token_role(str(form.get("token", "")))
+        if role is None:
             return page(request, "login.html", 401, next=target, error="That token is not valid.")
         response = RedirectResponse(target, status_code=303)
-        auth.open_session(response)
+        auth.open_session(response, role)
         return response
 
     @app.post("/logout", include_in_schema=False)
@@ -284,6 +400,39 @@ def create_app(settings: Settings) -> FastAPI:
     def runs_page(request: Request) -> HTMLResponse:
         page_guard(request)
         return page(request, "runs.html", runs=[run_doc(r) for r in reversed(runs())])
+
+    @app.get("/runbooks", include_in_schema=False)
+    def runbooks_page(request: Request) -> HTMLResponse:
+        page_guard(request)
+        state = api.open_state(settings.state_dir)
+        try:
+            latest = {r.runbook: run_doc(r) for r in api.latest_runs(state)}
+        finally:
+            state.close()
+        return page(request, "runbooks.html", folder=settings.runbooks, latest=latest,
+                    runbooks=[runbook_doc(p) for p in runbook_files(settings.runbooks)])
+
+    @app.post("/runbooks/{name}/rehearse", include_in_schema=False)
+    async def rehearse(request: Request, name: str) -> Response:
+        await operator_form(request)
+        try:
+            rb = load(runbook_file(name))
+        except LifeboatError as e:
+            raise HTTPException(400, f"runbook {name} is not valid: {e}") from None
+        if rb.kind != "rehearsal":
+            raise HTTPException(400, f"runbook {name} is a {rb.kind}, not a rehearsal")
+        run_id = await run_in_threadpool(start_run, rb)
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    @app.get("/runs/{run_id}", include_in_schema=False)
+    def run_page(request: Request, run_id: str) -> HTMLResponse:
+        page_guard(request)
+        return page(request, "run.html", run=run_detail(run_id))
+
+    @app.get("/fragments/runs/{run_id}", include_in_schema=False)
+    def run_fragment(request: Request, run_id: str) -> HTMLResponse:
+        page_guard(request)
+        return page(request, "_run.html", run=run_detail(run_id))
 
     @app.get("/runs/{run_id}/report/{fmt}", include_in_schema=False)
     def report_file(request: Request, run_id: str, fmt: str) -> FileResponse:

@@ -1,7 +1,9 @@
 """Who may see the pane: a bearer token for the API, a session cookie for the pages, CSRF tokens on
-every form that changes something.
+every form that changes something, and two roles.
 
-The token is the one secret; it is never put in a page, a URL or a log. Logging in with it creates
+Each token has a role: an operator's may act (start a rehearsal, a failover, a teardown), a
+viewer's may see everything and act on nothing. The tokens are the secrets; they are never put in a
+page, a URL or a log. Logging in with one creates
 a random session id kept in memory (a restart logs everyone out) and sent back as an HttpOnly,
 SameSite=Strict cookie. Forms carry an HMAC of a per-browser CSRF cookie (double submit): a page of
 another site can neither read it nor make the browser send the Strict cookies.
@@ -21,46 +23,54 @@ from starlette.responses import Response
 SESSION_COOKIE = "lifeboat_session"
 CSRF_COOKIE = "lifeboat_csrf"
 SESSION_SECONDS = 12 * 3600
+OPERATOR = "operator"
+VIEWER = "viewer"
 
 
 class Auth:
-    """The token, the open sessions and the CSRF key of one server process."""
+    """The tokens and their roles, the open sessions and the CSRF key of one server process."""
 
-    def __init__(self, token: str, secure_cookies: bool) -> None:
-        self._token = token.encode()
-        self._sessions: dict[str, float] = {}
+    def __init__(self, operator_token: str, viewer_token: str | None, secure_cookies: bool) -> None:
+        self._tokens = [(operator_token.encode(), OPERATOR)]
+        if viewer_token is not None:
+            self._tokens.append((viewer_token.encode(), VIEWER))
+        self._sessions: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._csrf_key = secrets.token_bytes(32)
         self.secure_cookies = secure_cookies
 
-    def token_matches(self, given: str) -> bool:
-        """Whether ``given`` is the token (in constant time)."""
-        return hmac.compare_digest(given.encode(), self._token)
+    def token_role(self, given: str) -> str | None:
+        """The role of token ``given`` (compared in constant time with each), or None."""
+        found = None
+        for token, role in self._tokens:
+            if hmac.compare_digest(given.encode(), token):
+                found = role
+        return found
 
-    def bearer_ok(self, request: Request) -> bool:
-        """Whether the request carries ``Authorization: Bearer TOKEN``."""
+    def bearer_role(self, request: Request) -> str | None:
+        """The role of the request's ``Authorization: Bearer TOKEN``, if any."""
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and self.token_matches(value.strip())
+        return self.token_role(value.strip()) if scheme.lower() == "bearer" else None
 
-    def session_ok(self, request: Request) -> bool:
-        """Whether the request carries a live session cookie."""
+    def session_role(self, request: Request) -> str | None:
+        """The role of the request's live session cookie, if any."""
         sid = request.cookies.get(SESSION_COOKIE, "")
         with self._lock:
-            expires = self._sessions.get(sid)
-            if expires is not None and expires < time.time():
+            expires, role = self._sessions.get(sid, (0.0, None))
+            if role is not None and expires < time.time():
                 del self._sessions[sid]
-                expires = None
-        return expires is not None
+                role = None
+        return role
 
-    def allowed(self, request: Request) -> bool:
+    def role(self, request: Request) -> str | None:
         """The API accepts the bearer token or the pages' session (the pages' htmx calls)."""
-        return self.bearer_ok(request) or self.session_ok(request)
+        return self.bearer_role(request) or self.session_role(request)
 
-    def open_session(self, response: Response) -> None:
-        """Start a session and set its cookie on ``response``."""
+    def open_session(self, response: Response, role: str) -> None:
+        """Start a session of ``role`` and set its cookie on ``response``."""
         sid = secrets.token_urlsafe(32)
         with self._lock:
-            self._sessions[sid] = time.time() + SESSION_SECONDS
+            self._sessions[sid] = (time.time() + SESSION_SECONDS, role)
         self._set(response, SESSION_COOKIE, sid, SESSION_SECONDS)
 
     def close_session(self, request: Request, response: Response) -> None:

@@ -1,7 +1,9 @@
 """One real world for the web pane's tests, made once per session: an archive with two machines
 (``web01`` with a full and an incremental point, ``db01`` with one), a state folder holding a real
-rehearsal run of ``web01`` (machines as local processes, ``procdriver.py``) with its reports, and a
-``lifeboat web`` subprocess on a free loopback port serving both."""
+rehearsal run of ``web01`` (machines as local processes, ``procdriver.py``) with its reports, a
+runbooks folder (a rehearsal ``drill.yaml``, a failover ``failover.yaml`` and a broken ``broken.yaml``),
+and a ``lifeboat web`` subprocess on a free loopback port serving them, with an operator's and a
+viewer's token."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from tests.orchestrator.test_engine import ENV, machine, runbook, write_runbook
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat
 
 TOKEN = "web-test-token-5d1f0c8e9a"
+VIEWER_TOKEN = "web-viewer-token-77c2b41e03"
+DRILL = "web-drill"  # the rehearsal the pane starts
+BROKEN = "name: broken\nkind: rehearsal\nmachines:\n  - name: x\n    point: 12\n    bogus: 1\n"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class World:
     state: Path
     url: str
     token: str
+    viewer_token: str
+    runbooks: Path
     points: dict[str, list[dict[str, object]]]  # machine -> `lifeboat points --json`
     run_id: str
 
@@ -58,20 +65,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ran = lifeboat("run", str(rb), "--archive", str(archive), "--state", str(state), "--json", env=ENV, check=True)
     run_id = json.loads(ran.stdout)["run_id"]
 
-    token_file = root / "token"
+    runbooks = root / "runbooks"
+    runbooks.mkdir()
+    write_runbook(runbooks / "drill.yaml", runbook(DRILL, [machine("web01", point="web01@latest", health=[check])]))
+    failover = runbook("web-failover", [machine("web01", point="web01@latest")], kind="failover")
+    write_runbook(runbooks / "failover.yaml", failover)
+    (runbooks / "broken.yaml").write_text(BROKEN)
+
+    token_file, viewer_file = root / "token", root / "viewer-token"
     token_file.write_text(TOKEN + "\n")
+    viewer_file.write_text(VIEWER_TOKEN + "\n")
     proc = subprocess.Popen(
-        [*LIFEBOAT, "web", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--archive", str(archive),
-         "--state", str(state)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [*LIFEBOAT, "web", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--viewer-token-file",
+         str(viewer_file), "--runbooks", str(runbooks), "--archive", str(archive), "--state", str(state)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **ENV}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else url
-        yield World(archive, state, url.rstrip("/"), TOKEN, points, run_id)
+        yield World(archive, state, url.rstrip("/"), TOKEN, VIEWER_TOKEN, runbooks, points, run_id)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
-    assert TOKEN not in err, "the token must never be logged"
+    assert TOKEN not in err and VIEWER_TOKEN not in err, "a token must never be logged"
