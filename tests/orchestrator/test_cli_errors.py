@@ -140,6 +140,10 @@ CASES = [
     case("web-bad-rpo-objective", "web", "--rpo-objective soon --token-file {token} --archive {arc}", 2, "soon"),
     case("web-token-file-absent", "web", "--token-file {tmp}/no-token --archive {arc}", 2, "{tmp}/no-token"),
     case("web-state-is-a-file", "web", "--listen 127.0.0.1:0 --state {img} --archive {arc}", 2, "{img}"),
+    case("web-viewer-token-is-the-operators", "web", "--token-file {token} --viewer-token-file {token} --archive {arc}",
+         2, "--viewer-token-file"),
+    case("web-runbooks-absent", "web", "--token-file {token} --runbooks {tmp}/no-runbooks --archive {arc}", 2,
+         "{tmp}/no-runbooks"),
     # verify, prune
     case("verify-no-archive", "verify", "--archive {missing}", 2, "{missing}"),
     case("verify-server-down", "verify", "--archive {url}", 1, "127.0.0.1"),

@@ -6,6 +6,7 @@ tmp folder and under ``/tmp/lifeboat-web-shots/`` for people to look at."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.orchestrator.web.conftest import World
+from tests.orchestrator.web.conftest import DRILL, World
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path("/tmp/lifeboat-web-shots")
@@ -98,3 +99,27 @@ def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page,
     page.click("text=Log out")
     page.wait_for_url(world.url + "/login")
     assert page.goto(world.url + "/") is not None and page.locator("input#token").is_visible()
+
+
+def test_an_operator_starts_a_rehearsal_and_sees_it_succeed(world: World, page: Page, tmp_path: Path) -> None:
+    page.goto(world.url + "/runbooks")
+    page.fill("input#token", world.token)
+    page.click("button[type=submit]")
+    page.wait_for_url(world.url + "/runbooks")
+    broken = page.locator('[id="runbook-broken.yaml"]')
+    assert "invalid" in broken.inner_text() and "broken.yaml:" in broken.locator(".problems").inner_text()
+    assert page.locator('[id="runbook-failover.yaml"] button').count() == 0  # failovers do not start from here
+    drill = page.locator('[id="runbook-drill.yaml"]')
+    assert "web01" in drill.locator("table.plan").inner_text()
+    shot(page, tmp_path, "runbooks")
+
+    drill.get_by_role("button", name="Start rehearsal").click()
+    page.wait_for_url(re.compile(re.escape(world.url) + r"/runs/[0-9T]+-[0-9a-f]+$"))
+    page.locator("#run-status", has_text="succeeded").wait_for(timeout=120_000)  # the page follows the run
+    assert page.locator("#steps tbody tr").count() > 1
+    statuses = page.locator("#steps tbody .badge").all_inner_texts()
+    assert statuses and set(statuses) == {"done"}
+    shot(page, tmp_path, "run")
+    with page.expect_navigation():
+        page.locator("#run-reports a", has_text="HTML").click()
+    assert DRILL in page.content()
