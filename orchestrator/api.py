@@ -2,7 +2,8 @@
 
 ``run`` (run or resume a runbook), ``plan`` (what a run would do; changes nothing), ``teardown``
 (remove what a runbook's newest run left), ``status`` (a run's report, built from its records),
-``runs`` (the runs of a state store), ``latest_runs`` (the newest run of each runbook),
+``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
+``latest_runs`` (the newest run of each runbook),
 ``catalog`` / ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what
 the archive holds), and ``open_state`` (the state store of a state folder: the
 one place that picks its implementation). Front-ends load and validate the runbook
@@ -103,6 +104,12 @@ def status(
 def runs(state: StateStore, runbook: str | None = None) -> list[Run]:
     """The runs in ``state`` (of one runbook, by name), oldest first."""
     return state.runs(runbook)
+
+
+def events_after(state: StateStore, run_id: str, after: int = 0) -> list[dict[str, Any]]:
+    """The events of run ``run_id`` after event id ``after`` (0: all), each with its ``id``: what a
+    live view streams, resuming where it stopped."""
+    return state.events_after(run_id, after)
 
 
 def latest_runs(state: StateStore) -> list[Run]:

@@ -123,7 +123,7 @@ def web_cmd(listen: str, token_file: str | None, viewer_token_file: str | None, 
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     config = uvicorn.Config(app, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                            server_header=False)
+                            server_header=False, timeout_graceful_shutdown=5)  # open event streams end
     if not loopback:
         log(f"lifeboat web: listening beyond loopback on {host} as asked")
     click.echo(f"{'https' if tls_cert else 'http'}://{shown}:{bound}/")

@@ -198,6 +198,10 @@ class StateStore(Protocol):
     def events(self, run_id: str) -> list[dict[str, Any]]:
         """A run's events (time, machine, step, level, message), oldest first."""
 
+    def events_after(self, run_id: str, after: int) -> list[dict[str, Any]]:
+        """A run's events whose ``id`` (increasing) is above ``after``, with that id, oldest first:
+        what a follower has not seen yet."""
+
     def last_fire(self, path: str) -> float | None:
         """When the scheduler last started a scheduled run of this runbook file."""
 
@@ -396,6 +400,14 @@ class SqliteState:
     def events(self, run_id: str) -> list[dict[str, Any]]:
         """A run's events, oldest first."""
         rows = self._q("SELECT time, machine, step, level, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))
+        return [dict(r) for r in rows]
+
+    def events_after(self, run_id: str, after: int) -> list[dict[str, Any]]:
+        """A run's events whose ``id`` is above ``after``, with that id, oldest first."""
+        rows = self._q(
+            "SELECT id, time, machine, step, level, message FROM events WHERE run_id = ? AND id > ? ORDER BY id",
+            (run_id, after),
+        )
         return [dict(r) for r in rows]
 
     # -- schedules --------------------------------------------------------------------------

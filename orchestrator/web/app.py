@@ -9,10 +9,13 @@ archive, read per request, so the pane shows new points and runs without a resta
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +23,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
@@ -34,6 +44,7 @@ from lifeboat.plumbing.errors import LifeboatError
 
 HERE = Path(__file__).resolve().parent
 RUNBOOK_SUFFIXES = (".yaml", ".yml")
+FOLLOW_SECONDS = 0.5  # how often a run's stream looks for new events
 RUN_START_SECONDS = 60  # how long a started `lifeboat run` may take to record its run
 REPORT_TYPES = {"json": "application/json", "junit": "application/xml", "html": "text/html"}
 # Our pages load only our own files: no inline script, no other origin, no framing.
@@ -241,6 +252,31 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             state.close()
 
+    def run_news(run_id: str, after: int) -> tuple[list[dict[str, Any]], bool]:
+        """The run's events after id ``after``, and whether the run had ended before they were read
+        (then they are its last)."""
+        state = api.open_state(settings.state_dir)
+        try:
+            found = state.run(run_id)
+            return api.events_after(state, run_id, after), found is None or found.phase == "done"
+        finally:
+            state.close()
+
+    async def follow(request: Request, run_id: str, after: int) -> AsyncIterator[str]:
+        """Server-Sent Events: each new event of the run as ``progress`` (its id as the SSE id, so a
+        reconnecting browser resumes after it), then ``done`` once the run has ended."""
+        while True:
+            events, ended = await run_in_threadpool(run_news, run_id, after)
+            for e in events:
+                after = e["id"]
+                yield f"id: {after}\nevent: progress\ndata: {json.dumps(e)}\n\n"
+            if ended:
+                yield "event: done\ndata: {}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(FOLLOW_SECONDS)
+
     def machine_points(machine: str) -> list[PointInfo]:
         try:
             found = settings.archive.points(machine)
@@ -428,6 +464,14 @@ def create_app(settings: Settings) -> FastAPI:
     def run_page(request: Request, run_id: str) -> HTMLResponse:
         page_guard(request)
         return page(request, "run.html", run=run_detail(run_id))
+
+    @app.get("/runs/{run_id}/events", include_in_schema=False)
+    async def run_events(request: Request, run_id: str) -> StreamingResponse:
+        page_guard(request)
+        await run_in_threadpool(run_detail, run_id)  # 404 for a run that does not exist
+        last = request.headers.get("last-event-id", "0")
+        after = int(last) if last.isdigit() else 0
+        return StreamingResponse(follow(request, run_id, after), media_type="text/event-stream")
 
     @app.get("/fragments/runs/{run_id}", include_in_schema=False)
     def run_fragment(request: Request, run_id: str) -> HTMLResponse:

@@ -4,6 +4,7 @@ JSON, the OpenAPI document, the session cookie and CSRF checks."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,3 +188,31 @@ def test_the_runbooks_are_validated_and_planned(world: World) -> None:
     newest = world.points["web01"][-1]["point"]
     assert drill["plan"]["machines"][0]["resolved"]["point"] == newest
     assert docs["failover.yaml"]["plan"]["kind"] == "failover"
+
+
+def sse(text: str) -> list[dict[str, str]]:
+    """The messages of an event stream, as field -> value."""
+    messages = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        messages.append(fields)
+    return messages
+
+
+def test_a_run_streams_its_events_then_done(world: World) -> None:
+    with session(world, world.viewer_token) as client:
+        with client.stream("GET", f"/runs/{world.run_id}/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            messages = sse(r.read().decode())
+        assert messages[-1] == {"event": "done", "data": "{}"}
+        progress = messages[:-1]
+        assert progress and all(m["event"] == "progress" for m in progress)
+        ids = [int(m["id"]) for m in progress]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        first = json.loads(progress[0]["data"])
+        assert first["id"] == ids[0] and "started" in first["message"]
+        # a browser that reconnects sends the last id it saw and gets only what came after
+        resumed = sse(client.get(f"/runs/{world.run_id}/events", headers={"Last-Event-ID": str(ids[0])}).text)
+        assert [int(m["id"]) for m in resumed[:-1]] == ids[1:]
+        assert client.get("/runs/no-such-run/events").status_code == 404
+    assert httpx.get(world.url + f"/runs/{world.run_id}/events").status_code == 401

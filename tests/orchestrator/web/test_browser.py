@@ -115,6 +115,7 @@ def test_an_operator_starts_a_rehearsal_and_sees_it_succeed(world: World, page: 
 
     drill.get_by_role("button", name="Start rehearsal").click()
     page.wait_for_url(re.compile(re.escape(world.url) + r"/runs/[0-9T]+-[0-9a-f]+$"))
+    assert page.locator("#run-status").inner_text() == "running"
     page.locator("#run-status", has_text="succeeded").wait_for(timeout=120_000)  # the page follows the run
     assert page.locator("#steps tbody tr").count() > 1
     statuses = page.locator("#steps tbody .badge").all_inner_texts()
