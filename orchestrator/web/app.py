@@ -117,6 +117,12 @@ def fmt_time(value: str | float | None) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def run_ended(r: Run) -> bool:
+    """Whether ``r`` has ended (its report written): a run no longer running, done or left open to
+    be resumed (a failed failover keeps its machines)."""
+    return r.status != "running" and r.report is not None
+
+
 def run_doc(r: Run) -> dict[str, Any]:
     """A run as the pages and ``/api/runs`` show it: its status, duration, per-machine RTO and
     which report files it has (served under ``/runs/ID/report/FORMAT``)."""
@@ -133,6 +139,7 @@ def run_doc(r: Run) -> dict[str, Any]:
         "phase": r.phase,
         "started": r.started,
         "finished": r.finished,
+        "ended": run_ended(r),
         "duration_seconds": round(r.finished - r.started, 3) if r.finished else None,
         "machines": machines,
         "reports": sorted(fmt for fmt in report.get("files", {}) if fmt in REPORT_TYPES),
@@ -258,7 +265,7 @@ def create_app(settings: Settings) -> FastAPI:
         state = api.open_state(settings.state_dir)
         try:
             found = state.run(run_id)
-            return api.events_after(state, run_id, after), found is None or found.phase == "done"
+            return api.events_after(state, run_id, after), found is None or run_ended(found)
         finally:
             state.close()
 
@@ -308,16 +315,18 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no runbook {name!r} in --runbooks")
         return found
 
-    def start_run(rb: Runbook) -> str:
-        """Start ``lifeboat run`` on ``rb`` as a child in its own session and return its run's id
-        once recorded. A child rather than a thread of this server: the run then outlives a restart
-        or a crash of the pane, and records its own output."""
+    def start_run(rb: Runbook, command: list[str]) -> str:
+        """Start ``lifeboat COMMAND`` (``run``, ``failover --yes``) on ``rb`` as a child in its own
+        session and return its run's id once recorded. A child rather than a thread of this server:
+        the run then outlives a restart or a crash of the pane, and records its own output."""
         state = api.open_state(settings.state_dir)
         try:
             before = state.latest_run(rb.name)
-            if before is not None and before.phase != "done":
-                raise HTTPException(409, f"runbook {rb.name!r} has an open run, {before.id}: see its page")
-            cmd = [sys.executable, "-m", "lifeboat", "run", str(rb.path), "--json", "--state", str(state.dir)]
+            if before is not None and not run_ended(before):
+                raise HTTPException(409, f"runbook {rb.name!r} has a run going, {before.id}: see its page")
+            # an open run (interrupted, or a failover that failed) is resumed by the child
+            resumes = before is not None and before.phase != "done"
+            cmd = [sys.executable, "-m", "lifeboat", *command, str(rb.path), "--json", "--state", str(state.dir)]
             cmd += ["--archive", settings.archive_arg] if settings.archive_arg else []
             cmd += ["--key-file", settings.key_file] if settings.key_file else []
             logs = state.dir / "web-runs"
@@ -332,11 +341,13 @@ def create_app(settings: Settings) -> FastAPI:
                 latest = state.latest_run(rb.name)
                 if latest is not None and (before is None or latest.id != before.id):
                     return latest.id
+                if resumes and latest is not None and before is not None and latest.resumes > before.resumes:
+                    return latest.id
                 if child.poll() is not None:
                     break
                 time.sleep(0.2)
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise HTTPException(500, f"lifeboat run {rb.path.name} recorded no run: {tail}")
+            raise HTTPException(500, f"lifeboat {command[0]} {rb.path.name} recorded no run: {tail}")
         finally:
             state.close()
 
@@ -437,27 +448,66 @@ def create_app(settings: Settings) -> FastAPI:
         page_guard(request)
         return page(request, "runs.html", runs=[run_doc(r) for r in reversed(runs())])
 
-    @app.get("/runbooks", include_in_schema=False)
-    def runbooks_page(request: Request) -> HTMLResponse:
-        page_guard(request)
+    def runbooks_view(request: Request, status: int = 200, refused: tuple[str, str] | None = None) -> HTMLResponse:
+        """The Runbooks page; ``refused`` is (file, why) when an action on that runbook was refused."""
         state = api.open_state(settings.state_dir)
         try:
             latest = {r.runbook: run_doc(r) for r in api.latest_runs(state)}
         finally:
             state.close()
-        return page(request, "runbooks.html", folder=settings.runbooks, latest=latest,
+        return page(request, "runbooks.html", status, folder=settings.runbooks, latest=latest, refused=refused,
                     runbooks=[runbook_doc(p) for p in runbook_files(settings.runbooks)])
+
+    def valid_runbook(name: str) -> Runbook:
+        try:
+            return load(runbook_file(name))
+        except LifeboatError as e:
+            raise HTTPException(400, f"runbook {name} is not valid: {e}") from None
+
+    @app.get("/runbooks", include_in_schema=False)
+    def runbooks_page(request: Request) -> HTMLResponse:
+        page_guard(request)
+        return runbooks_view(request)
 
     @app.post("/runbooks/{name}/rehearse", include_in_schema=False)
     async def rehearse(request: Request, name: str) -> Response:
         await operator_form(request)
-        try:
-            rb = load(runbook_file(name))
-        except LifeboatError as e:
-            raise HTTPException(400, f"runbook {name} is not valid: {e}") from None
+        rb = valid_runbook(name)
         if rb.kind != "rehearsal":
             raise HTTPException(400, f"runbook {name} is a {rb.kind}, not a rehearsal")
-        run_id = await run_in_threadpool(start_run, rb)
+        run_id = await run_in_threadpool(start_run, rb, ["run"])
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    @app.post("/runbooks/{name}/failover", include_in_schema=False)
+    async def failover(request: Request, name: str) -> Response:
+        form = await operator_form(request)
+        rb = valid_runbook(name)
+        if rb.kind == "rehearsal":
+            raise HTTPException(400, f"runbook {name} is a rehearsal: start it as one")
+        if form.get("confirm", "").strip() != rb.name:
+            return runbooks_view(request, 400, (name, f"Not started: type the runbook's name, {rb.name}, to confirm."))
+        run_id = await run_in_threadpool(start_run, rb, ["failover", "--yes"])
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    @app.post("/runbooks/{name}/teardown", include_in_schema=False)
+    async def teardown(request: Request, name: str) -> Response:
+        form = await operator_form(request)
+        rb = valid_runbook(name)
+        if rb.kind != "rehearsal" and form.get("confirm", "").strip() != rb.name:
+            return runbooks_view(request, 400, (name, f"Not torn down: its machines may be serving; type the "
+                                                      f"runbook's name, {rb.name}, to confirm."))
+
+        def remove() -> str:
+            state = api.open_state(settings.state_dir)
+            try:
+                return api.teardown(rb, state, archive=settings.archive_arg, key_file=settings.key_file,
+                                    log=lambda _line: None).run.id
+            except LifeboatError as e:
+                raise HTTPException(409, str(e)) from None
+            finally:
+                state.close()
+
+        run_id = await run_in_threadpool(remove)
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     @app.get("/runs/{run_id}", include_in_schema=False)

@@ -70,7 +70,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # the drill's guest takes 5 s to boot: the run page opens while it runs, and follows it
     slow = machine("web01", point="web01@latest", health=[check], target={"settings": {"delay": 5}})
     write_runbook(runbooks / "drill.yaml", runbook(DRILL, [slow]))
-    failover = runbook("web-failover", [machine("web01", point="web01@latest")], kind="failover")
+    failover = runbook("web-failover", [machine("web01", point="web01@latest", health=[check])], kind="failover")
     write_runbook(runbooks / "failover.yaml", failover)
     (runbooks / "broken.yaml").write_text(BROKEN)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -216,3 +218,53 @@ def test_a_run_streams_its_events_then_done(world: World) -> None:
         assert [int(m["id"]) for m in resumed[:-1]] == ids[1:]
         assert client.get("/runs/no-such-run/events").status_code == 404
     assert httpx.get(world.url + f"/runs/{world.run_id}/events").status_code == 401
+
+
+def runs_of(world: World, runbook: str) -> list[dict[str, Any]]:
+    return [r for r in httpx.get(world.url + "/api/runs", headers=bearer(world)).json() if r["runbook"] == runbook]
+
+
+def wait_done(world: World, run_id: str) -> dict[str, Any]:
+    """The run once it has ended (its child process runs it)."""
+    for _ in range(600):
+        doc: dict[str, Any] = httpx.get(world.url + f"/api/runs/{run_id}", headers=bearer(world)).json()
+        if doc["ended"]:
+            return doc
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} never ended")
+
+
+def test_failover_needs_the_typed_name_and_teardown_removes_what_it_left(world: World) -> None:
+    with session(world, world.viewer_token) as viewer:
+        csrf = csrf_of(viewer.get("/runbooks"))
+        for action in ("failover", "teardown"):
+            r = viewer.post(f"/runbooks/failover.yaml/{action}", data={"csrf": csrf, "confirm": "web-failover"})
+            assert r.status_code == 403, action
+    assert runs_of(world, "web-failover") == []
+    with session(world, world.token) as client:
+        page = client.get("/runbooks")
+        csrf = csrf_of(page)
+        assert "Start failover" in page.text
+        for wrong in ("", "web-failover2", "WEB-FAILOVER", "failover.yaml"):
+            refused = client.post("/runbooks/failover.yaml/failover", data={"csrf": csrf, "confirm": wrong})
+            assert refused.status_code == 400 and "type the runbook&#39;s name" in refused.text, wrong
+        forged = client.post("/runbooks/failover.yaml/failover", data={"csrf": "forged", "confirm": "web-failover"})
+        assert forged.status_code == 403
+        assert client.post("/runbooks/drill.yaml/failover", data={"csrf": csrf, "confirm": DRILL}).status_code == 400
+        assert runs_of(world, "web-failover") == []
+        # nothing to tear down yet
+        assert client.post("/runbooks/failover.yaml/teardown",
+                           data={"csrf": csrf, "confirm": "web-failover"}).status_code == 409
+
+        started = client.post("/runbooks/failover.yaml/failover", data={"csrf": csrf, "confirm": "web-failover"})
+        assert started.status_code == 303
+        run_id = started.headers["location"].removeprefix("/runs/")
+        done = wait_done(world, run_id)
+        assert (done["kind"], done["status"]) == ("failover", "succeeded")
+
+        # a failover's machines serve: its teardown needs the typed name too
+        kept = client.post("/runbooks/failover.yaml/teardown", data={"csrf": csrf, "confirm": "nope"})
+        assert kept.status_code == 400 and wait_done(world, run_id)["status"] == "succeeded"
+        removed = client.post("/runbooks/failover.yaml/teardown", data={"csrf": csrf, "confirm": "web-failover"})
+        assert removed.status_code == 303 and removed.headers["location"] == f"/runs/{run_id}"
+        assert wait_done(world, run_id)["status"] == "torn-down"
