@@ -51,9 +51,14 @@ class Backend(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
 
-    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        """Whether a completed object is stored under ``key``."""
+        """Whether a completed object is stored under ``key`` (by default: whether ``size``
+        finds it; a backend with a cheaper test overrides this)."""
+        try:
+            self.size(key)
+        except KeyError:
+            return False
+        return True
 
     @abc.abstractmethod
     def size(self, key: str) -> int:

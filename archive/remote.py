@@ -213,13 +213,6 @@ class RemoteBackend(Backend):
         self._tails.pop(key, None)
         self._sizes.pop(key, None)
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except KeyError:
-            return False
-        return True
-
     def size(self, key: str) -> int:
         if key in self._sizes:
             return self._sizes[key]

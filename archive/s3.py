@@ -209,13 +209,6 @@ class S3Backend(Backend):
         self._call(f"deleting {key}", self._s3.delete_object, key, Key=self._name(key))
         self._remember(key, None)
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except KeyError:
-            return False
-        return True
-
     def size(self, key: str) -> int:
         resp = self._call(f"reading {key}", self._s3.head_object, key, Key=self._name(key))
         self._remember(key, resp.get("ETag"))

@@ -106,6 +106,20 @@ def runs(state: StateStore, runbook: str | None = None) -> list[Run]:
     return state.runs(runbook)
 
 
+def run_fields(r: Run) -> dict[str, Any]:
+    """A run's own fields as every front-end shows them (``lifeboat runs --json``, the web pane)."""
+    return {
+        "id": r.id,
+        "runbook": r.runbook,
+        "kind": r.kind,
+        "status": r.status,
+        "phase": r.phase,
+        "started": r.started,
+        "finished": r.finished,
+        "resumes": r.resumes,
+    }
+
+
 def events_after(state: StateStore, run_id: str, after: int = 0) -> list[dict[str, Any]]:
     """The events of run ``run_id`` after event id ``after`` (0: all), each with its ``id``: what a
     live view streams, resuming where it stopped."""

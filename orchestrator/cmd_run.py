@@ -242,17 +242,7 @@ def runs_cmd(runbook: str | None, state_dir: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(
             [
-                {
-                    "id": r.id,
-                    "runbook": r.runbook,
-                    "kind": r.kind,
-                    "status": r.status,
-                    "phase": r.phase,
-                    "started": r.started,
-                    "finished": r.finished,
-                    "resumes": r.resumes,
-                    "report": (r.report or {}).get("files"),
-                }
+                {**api.run_fields(r), "report": (r.report or {}).get("files")}
                 for r in rows
             ]
         )

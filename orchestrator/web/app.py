@@ -132,13 +132,7 @@ def run_doc(r: Run) -> dict[str, Any]:
         for m in report.get("machines", [])
     ]
     return {
-        "id": r.id,
-        "runbook": r.runbook,
-        "kind": r.kind,
-        "status": r.status,
-        "phase": r.phase,
-        "started": r.started,
-        "finished": r.finished,
+        **api.run_fields(r),
         "ended": run_ended(r),
         "duration_seconds": round(r.finished - r.started, 3) if r.finished else None,
         "machines": machines,
