@@ -22,7 +22,7 @@ import pytest
 from lifeboat.exporters import detect, open_image
 from lifeboat.plumbing.errors import LifeboatError
 from tests.exporters.helpers import MiB
-from tests.exporters.test_fuzz import IMAGES, fix_vhdx_checksums, hot_spots, make_images, mutate
+from tests.exporters.test_fuzz import IMAGES, hot_spots, make_images, mutant
 
 CASES_PER_IMAGE = int(os.environ.get("LIFEBOAT_DIFF_CASES", "40"))
 QEMU_FORMAT = {"qcow2": "qcow2", "vmdk": "vmdk", "vmdk-descriptor": "vmdk", "vhdx": "vhdx"}
@@ -105,14 +105,7 @@ def test_mutants_read_as_qemu_reads_them(name: str, images: dict[str, Path], tmp
     found: list[str] = []
     outcomes = {"both read": 0, "both refuse": 0, "lifeboat refuses": 0}
     for case in range(CASES_PER_IMAGE):
-        shutil.copyfile(src, work)
-        fd = os.open(work, os.O_RDWR)
-        try:
-            what = [mutate(rnd, fd, spots) for _ in range(rnd.choice([1, 1, 2, 4]))]
-            if name.endswith("vhdx") and rnd.random() < 0.5:
-                fix_vhdx_checksums(fd)
-        finally:
-            os.close(fd)
+        what = mutant(name, src, work, rnd, spots)
         kind = detect(work)
         if kind not in QEMU_FORMAT:  # the magic is gone: both read it as raw, byte for byte
             continue

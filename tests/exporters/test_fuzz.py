@@ -144,6 +144,20 @@ IMAGES = [
 ]
 
 
+def mutant(name: str, src: Path, work: Path, rnd: random.Random, spots: list[tuple[int, int]]) -> list[str]:
+    """Copy ``src`` to ``work`` and damage the copy one to four times (a VHDX's checksums are
+    fixed up half the time, so the damage reaches past them); says what was changed."""
+    shutil.copyfile(src, work)
+    fd = os.open(work, os.O_RDWR)
+    try:
+        what = [mutate(rnd, fd, spots) for _ in range(rnd.choice([1, 1, 2, 4]))]
+        if name.endswith("vhdx") and rnd.random() < 0.5:
+            fix_vhdx_checksums(fd)
+    finally:
+        os.close(fd)
+    return what
+
+
 @pytest.mark.parametrize("name", IMAGES)
 def test_mutated_images_fail_cleanly(name: str, images: dict[str, Path], tmp_path: Path) -> None:
     src = images[name]
@@ -156,14 +170,7 @@ def test_mutated_images_fail_cleanly(name: str, images: dict[str, Path], tmp_pat
     tracemalloc.start()
     try:
         for case in range(CASES_PER_IMAGE):
-            shutil.copyfile(src, work)
-            fd = os.open(work, os.O_RDWR)
-            try:
-                what = [mutate(rnd, fd, spots) for _ in range(rnd.choice([1, 1, 2, 4]))]
-                if name.endswith("vhdx") and rnd.random() < 0.5:
-                    fix_vhdx_checksums(fd)
-            finally:
-                os.close(fd)
+            what = mutant(name, src, work, rnd, spots)
             tracemalloc.reset_peak()
             try:
                 exercise(work, rnd)
