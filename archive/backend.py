@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.registry import Registry
@@ -67,6 +67,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys of completed objects starting with ``prefix``."""
+
+    def change_stamps(self, prefix: str) -> dict[str, Hashable] | None:
+        """For each folder directly under ``prefix`` (``points/``: each machine), a value that
+        changes whenever an object in it is added, replaced or removed, so that a cache of what a
+        folder holds stays valid while its stamp is equal; ``None`` when the backend cannot tell
+        without listing every key (the caller then lists them)."""
+        return None
 
     @abc.abstractmethod
     def lock(self, exclusive: bool, wait: bool = True) -> contextlib.AbstractContextManager[None]:

@@ -13,8 +13,9 @@ import fcntl
 import os
 import secrets
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 
 from lifeboat.archive.backend import Backend
@@ -23,6 +24,8 @@ from lifeboat.archive.errors import Locked, StorageError
 
 _TMP_MARK = ".tmp-"
 _MAX_OPEN = 256
+_RACY_NS = 2_000_000_000  # a folder changed more recently than this may change again unseen
+_REPLACEABLE = "points/"  # the only objects a put replaces (point manifests): never read through a kept fd
 
 
 class LocalBackend(Backend):
@@ -71,6 +74,15 @@ class LocalBackend(Backend):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
+            if key.startswith(_REPLACEABLE):  # another process may have replaced it: a kept fd reads the old one
+                try:
+                    fd = os.open(self._path(key), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise KeyError(key) from None
+                try:
+                    return os.pread(fd, length, offset)
+                finally:
+                    os.close(fd)
             return os.pread(self._fd(key), length, offset)
         except OSError as e:
             raise StorageError(f"cannot read {self._path(key)}: {e.strerror}") from e
@@ -123,6 +135,26 @@ class LocalBackend(Backend):
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    def change_stamps(self, prefix: str) -> dict[str, Hashable] | None:
+        """A folder's modification and change times (and inode): a create, rename or unlink in it
+        moves them. A folder changed less than ``_RACY_NS`` ago gets a fresh ``object()``, equal to
+        nothing: the file system's clock is coarse, so a second change within the same tick could
+        leave the same times (git's "racy" case); such a folder is re-read until it settles."""
+        horizon = time.time_ns() - _RACY_NS
+        try:
+            entries = os.scandir(self._path(prefix.rstrip("/")))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        stamps: dict[str, Hashable] = {}
+        with entries:
+            for e in entries:
+                if not e.is_dir(follow_symlinks=False):
+                    continue
+                st = e.stat(follow_symlinks=False)
+                settled = max(st.st_mtime_ns, st.st_ctime_ns) < horizon
+                stamps[e.name] = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) if settled else object()
+        return stamps
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool, wait: bool = True) -> Iterator[None]:

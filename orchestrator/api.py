@@ -4,8 +4,8 @@
 (remove what a runbook's newest run left), ``status`` (a run's report, built from its records),
 ``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
 ``latest_runs`` (the newest run of each runbook),
-``catalog`` / ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what
-the archive holds), and ``open_state`` (the state store of a state folder: the
+``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
+holds, from ``archive.catalog.Catalog``'s summaries), and ``open_state`` (the state store of a state folder: the
 one place that picks its implementation). Front-ends load and validate the runbook
 (``orchestrator/runbook.py``) and print; everything between is behind these functions.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive import Archive
+from lifeboat.archive.catalog import MachineSummary
 from lifeboat.orchestrator.console import log as console_log
 from lifeboat.orchestrator.context import archive_location
 from lifeboat.orchestrator.engine import Engine, Outcome
@@ -134,12 +135,6 @@ def latest_runs(state: StateStore) -> list[Run]:
     return [newest[name] for name in sorted(newest)]
 
 
-def catalog(archive: Archive) -> dict[str, list[PointInfo]]:
-    """Every machine of ``archive`` with its points, oldest first: read once, then summarized by
-    ``machine_states`` and ``archive_totals``."""
-    return {m: archive.points(m) for m in archive.machines()}
-
-
 RPO_STATUSES = ("compliant", "exceeded", "critical")
 
 
@@ -152,40 +147,41 @@ def rpo_status(age: float, objective: float) -> str:
 
 
 def machine_states(
-    points: dict[str, list[PointInfo]], rpo_objective: float, now: float | None = None
+    summaries: dict[str, MachineSummary],
+    rpo_objective: float,
+    now: float | None = None,
+    objectives: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Per machine (``GET /api/machines`` of shared/CLI.md): its point count, newest point and its
-    time, the newest point's age in seconds against ``rpo_objective``, and the RPO status."""
+    time, the newest point's age in seconds against its objective (``objectives``, else
+    ``rpo_objective``), and the RPO status."""
     at = time.time() if now is None else now
     out = []
-    for machine, found in sorted(points.items()):
-        if not found:
-            continue
-        newest = found[-1]
-        age = round(max(0.0, at - newest.when.timestamp()), 3)
+    for machine, s in sorted(summaries.items()):
+        objective = (objectives or {}).get(machine, rpo_objective)
+        age = round(max(0.0, at - s.newest.when.timestamp()), 3)
         out.append(
             {
                 "machine": machine,
-                "points": len(found),
-                "newest_point": newest.point,
-                "newest_time": newest.time,
+                "points": s.points,
+                "newest_point": s.newest.point,
+                "newest_time": s.newest.time,
                 "rpo_age_seconds": age,
-                "rpo_objective_seconds": rpo_objective,
-                "status": rpo_status(age, rpo_objective),
+                "rpo_objective_seconds": objective,
+                "status": rpo_status(age, objective),
             }
         )
     return out
 
 
-def archive_totals(points: dict[str, list[PointInfo]]) -> dict[str, Any]:
+def archive_totals(summaries: dict[str, MachineSummary]) -> dict[str, Any]:
     """What the archive holds: machines, points, the bytes the points describe (``logical``) and
     the bytes their captures added to the store (``stored``, after dedup and compression)."""
-    every = [p for found in points.values() for p in found]
-    logical = sum(p.size for p in every)
-    stored = sum(p.bytes_stored for p in every)
+    logical = sum(s.logical_bytes for s in summaries.values())
+    stored = sum(s.stored_bytes for s in summaries.values())
     return {
-        "machines": sum(1 for found in points.values() if found),
-        "points": len(every),
+        "machines": len(summaries),
+        "points": sum(s.points for s in summaries.values()),
         "logical_bytes": logical,
         "stored_bytes": stored,
         "reduction": round(logical / stored, 2) if stored else None,

@@ -4,7 +4,8 @@
 Every route but ``/login`` and ``/static`` needs the token: the API as ``Authorization: Bearer``
 (or the pages' session), the pages as the session cookie; without it the API answers 401 and a
 page answers 401 with the login form. Data comes from the facade (``orchestrator/api.py``) and the
-archive, read per request, so the pane shows new points and runs without a restart.
+archive, read per request (the catalog through ``archive.catalog.Catalog``, which re-reads only the
+machines whose points changed), so the pane shows new points and runs without a restart.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.catalog import Catalog, summarize
 from lifeboat.orchestrator import api
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step
@@ -225,8 +227,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(403, "the form's CSRF token is missing or wrong")
         return form
 
-    def catalog() -> dict[str, list[PointInfo]]:
-        return api.catalog(settings.archive)
+    catalog = Catalog(settings.archive)  # per-machine summaries, re-read where points changed
 
     def runs() -> list[Run]:
         state = api.open_state(settings.state_dir)
@@ -350,7 +351,7 @@ def create_app(settings: Settings) -> FastAPI:
     def api_machines(request: Request) -> list[dict[str, Any]]:
         """Every machine: its points, newest point and its time, RPO age against the objective, status."""
         api_guard(request)
-        return api.machine_states(catalog(), settings.rpo_objective)
+        return api.machine_states(catalog.summaries(), settings.rpo_objective)
 
     @app.get("/api/machines/{machine}/points", tags=["api"])
     def api_points(request: Request, machine: str) -> list[dict[str, Any]]:
@@ -362,7 +363,7 @@ def create_app(settings: Settings) -> FastAPI:
     def api_archive(request: Request) -> dict[str, Any]:
         """What the archive holds: machines, points, logical and stored bytes."""
         api_guard(request)
-        return api.archive_totals(catalog())
+        return api.archive_totals(catalog.summaries())
 
     @app.get("/api/runs", tags=["api"])
     def api_runs(request: Request) -> list[dict[str, Any]]:
@@ -417,7 +418,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def dashboard(request: Request) -> HTMLResponse:
         page_guard(request)
-        points = catalog()
+        points = catalog.summaries()
         return page(
             request, "dashboard.html", machines=api.machine_states(points, settings.rpo_objective),
             totals=api.archive_totals(points), runbooks=[run_doc(r) for r in latest_runs()],
@@ -427,13 +428,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/fragments/machines", include_in_schema=False)
     def machines_fragment(request: Request) -> HTMLResponse:
         page_guard(request)
-        return page(request, "_machines.html", machines=api.machine_states(catalog(), settings.rpo_objective))
+        return page(request, "_machines.html", machines=api.machine_states(catalog.summaries(), settings.rpo_objective))
 
     @app.get("/machines/{machine}", include_in_schema=False)
     def machine_page(request: Request, machine: str) -> HTMLResponse:
         page_guard(request)
         found = machine_points(machine)
-        state = api.machine_states({machine: found}, settings.rpo_objective)[0]
+        summary = summarize(machine, found)
+        assert summary is not None  # machine_points has refused a machine without points
+        state = api.machine_states({machine: summary}, settings.rpo_objective)[0]
         return page(request, "machine.html", machine=state, points=[point_doc(p) for p in reversed(found)],
                     total_stored=sum(p.bytes_stored for p in found))
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from lifeboat.archive import PointInfo
+from lifeboat.archive.catalog import summarize
 from lifeboat.orchestrator import api
 from tests.orchestrator.web.conftest import DRILL, World
 
@@ -124,7 +125,8 @@ def test_rpo_status_against_the_objective() -> None:
         "late": [point("late", "2026-01-01T00:00:00+00:00"), point("late", "2026-01-01T22:00:00+00:00")],
         "gone": [point("gone", "2025-12-31T00:00:00+00:00")],
     }
-    states = {s["machine"]: s for s in api.machine_states(found, 5400, now)}
+    summaries = {m: s for m, ps in found.items() if (s := summarize(m, ps))}
+    states = {s["machine"]: s for s in api.machine_states(summaries, 5400, now)}
     assert {m: s["status"] for m, s in states.items()} == {"fresh": "compliant", "late": "exceeded", "gone": "critical"}
     assert states["late"]["rpo_age_seconds"] == 7200 and states["late"]["points"] == 2
 
