@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from lifeboat.archive import Archive
 from lifeboat.orchestrator.cli import archive_location, command, key_file_option, open_archive
 from lifeboat.orchestrator.cmd_run import state_option
 from lifeboat.orchestrator.console import log
@@ -76,9 +77,16 @@ def read_token(token_file: str | None, state_dir: Path, loopback: bool) -> str:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key (PEM).")
 @click.option("--rpo-objective", default=DEFAULT_RPO, show_default=True, metavar="DURATION",
               help="Age of a machine's newest point beyond which it is 'exceeded' (twice it: 'critical').")
+@click.option("--protect-status", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Where `lifeboat protect --status-file` writes (one JSON file per machine): the dashboard "
+                   "shows whether each machine's protect loop is running.")
+@click.option("--replica", metavar="DEST",
+              help="The off-site archive `lifeboat replicate --to DEST` fills: the dashboard shows each "
+                   "machine's lag behind it.")
 @state_option
 def web_cmd(listen: str, token_file: str | None, viewer_token_file: str | None, runbooks_dir: str | None,
-            tls_cert: str | None, tls_key: str | None, rpo_objective: str, state_dir: str | None) -> None:
+            tls_cert: str | None, tls_key: str | None, rpo_objective: str, protect_status: str | None,
+            replica: str | None, state_dir: str | None) -> None:
     """Serve the web pane (dashboard, machines, runs, a JSON API under /api/) until stopped.
 
     Prints one line, the URL, on stdout once it listens.
@@ -103,6 +111,7 @@ def web_cmd(listen: str, token_file: str | None, viewer_token_file: str | None, 
     if viewer == token:
         raise UsageError("--viewer-token-file: a viewer's token must differ from the operator's")
     archive = open_archive()
+    offsite = Archive.open(replica, key_file=key_file_option()) if replica else None  # a wrong DEST fails now
 
     import uvicorn
 
@@ -110,7 +119,8 @@ def web_cmd(listen: str, token_file: str | None, viewer_token_file: str | None, 
 
     app = create_app(Settings(archive, state, objective, token, tls=bool(tls_cert), viewer_token=viewer,
                               runbooks=Path(runbooks_dir).resolve() if runbooks_dir else None,
-                              archive_arg=archive_location(), key_file=key_file_option()))
+                              archive_arg=archive_location(), key_file=key_file_option(),
+                              protect_status=Path(protect_status) if protect_status else None, replica=offsite))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -65,6 +65,7 @@ def build_report(
                 "name": m.name,
                 "status": status,
                 "point": point.get("point"),
+                "point_machine": point.get("machine"),  # the archive's name of the machine
                 "point_time": point.get("time"),
                 "rto_seconds": rto,
                 "rpo_seconds": rpo,

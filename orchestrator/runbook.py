@@ -106,6 +106,7 @@ class Machine:
     health: list[Check]
     hooks: dict[str, list[Hook]]
     rto_objective: float | None
+    rpo_objective: float | None  # the newest point's age the dashboard holds this machine to
 
 
 @dataclass
@@ -862,6 +863,7 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
                 health=checks,
                 hooks=hooks,
                 rto_objective=parse_duration(m["rto_objective"]) if "rto_objective" in m else None,
+                rpo_objective=parse_duration(m["rpo_objective"]) if "rpo_objective" in m else None,
             )
         )
     report = doc.get("report", {})

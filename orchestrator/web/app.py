@@ -37,8 +37,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
-from lifeboat.archive.catalog import Catalog, summarize
-from lifeboat.orchestrator import api
+from lifeboat.archive.catalog import Catalog, MachineSummary, summarize
+from lifeboat.orchestrator import api, overview
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step
 from lifeboat.orchestrator.web.auth import OPERATOR, Auth
@@ -47,6 +47,7 @@ from lifeboat.plumbing.errors import LifeboatError
 HERE = Path(__file__).resolve().parent
 RUNBOOK_SUFFIXES = (".yaml", ".yml")
 FOLLOW_SECONDS = 0.5  # how often a run's stream looks for new events
+REPLICA_SECONDS = 30  # how long the replica's listed catalog is shown before it is listed again
 RUN_START_SECONDS = 60  # how long a started `lifeboat run` may take to record its run
 REPORT_TYPES = {"json": "application/json", "junit": "application/xml", "html": "text/html"}
 # Our pages load only our own files: no inline script, no other origin, no framing.
@@ -72,6 +73,8 @@ class Settings:
     runbooks: Path | None = None  # --runbooks DIR
     archive_arg: str | None = None  # --archive as given, passed on to the runs it starts
     key_file: str | None = None
+    protect_status: Path | None = None  # --protect-status DIR: the status files of `lifeboat protect`
+    replica: Archive | None = None  # --replica DEST: the off-site copy `lifeboat replicate` fills
 
 
 class NeedLogin(Exception):
@@ -228,6 +231,60 @@ def create_app(settings: Settings) -> FastAPI:
         return form
 
     catalog = Catalog(settings.archive)  # per-machine summaries, re-read where points changed
+    replica = Catalog(settings.replica) if settings.replica is not None else None
+    replica_seen: list[tuple[float, dict[str, MachineSummary]]] = []  # when it was last listed, and what
+    runbook_seen: dict[Path, tuple[int, Runbook | None]] = {}  # by file: its mtime and what it held
+
+    def valid_runbooks() -> list[Runbook]:
+        """The valid runbooks of ``--runbooks``, each loaded again only once its file changed."""
+        out = []
+        for path in runbook_files(settings.runbooks):
+            mtime = path.stat().st_mtime_ns
+            seen = runbook_seen.get(path)
+            if seen is None or seen[0] != mtime:
+                try:
+                    seen = (mtime, load(path))
+                except LifeboatError:
+                    seen = (mtime, None)
+                runbook_seen[path] = seen
+            if seen[1] is not None:
+                out.append(seen[1])
+        return out
+
+    def machine_rows(now: float | None = None) -> list[dict[str, Any]]:
+        """``GET /api/machines``: each machine's RPO row against its objective (runbooks, else
+        ``--rpo-objective``)."""
+        return api.machine_states(catalog.summaries(), settings.rpo_objective, now,
+                                  overview.rpo_objectives(valid_runbooks()))
+
+    def replica_summaries() -> dict[str, MachineSummary] | None:
+        """The replica's catalog, listed again at most every ``REPLICA_SECONDS`` (an object store's
+        listing costs more than a dashboard refresh is worth)."""
+        if replica is None:
+            return None
+        now = time.monotonic()
+        if not replica_seen or now - replica_seen[0][0] > REPLICA_SECONDS:
+            replica_seen[:] = [(now, replica.summaries())]
+        return replica_seen[0][1]
+
+    def dashboard_doc() -> dict[str, Any]:
+        """The dashboard's data (``GET /api/dashboard``): each machine's RPO row with its protect
+        loop, its last verified restore and its off-site lag; the archive's totals; the newest run
+        of each runbook."""
+        now = time.time()
+        summaries = catalog.summaries()
+        rows = api.machine_states(summaries, settings.rpo_objective, now, overview.rpo_objectives(valid_runbooks()))
+        protect = overview.protect_states(settings.protect_status, now)
+        verified = overview.last_verified(runs())
+        there = replica_summaries()
+        lag = overview.offsite_lag(summaries, there) if there is not None else {}
+        for row in rows:
+            m = row["machine"]
+            row["protect"] = protect.get(m)
+            row["verified"] = verified.get(m)
+            row["offsite"] = lag.get(m)
+        return {"machines": rows, "totals": api.archive_totals(summaries), "replica": there is not None,
+                "runbooks": [run_doc(r) for r in latest_runs()], "now": now}
 
     def runs() -> list[Run]:
         state = api.open_state(settings.state_dir)
@@ -351,7 +408,15 @@ def create_app(settings: Settings) -> FastAPI:
     def api_machines(request: Request) -> list[dict[str, Any]]:
         """Every machine: its points, newest point and its time, RPO age against the objective, status."""
         api_guard(request)
-        return api.machine_states(catalog.summaries(), settings.rpo_objective)
+        return machine_rows()
+
+    @app.get("/api/dashboard", tags=["api"])
+    def api_dashboard(request: Request) -> dict[str, Any]:
+        """The dashboard: each machine's RPO row with ``protect``, ``verified`` (its last verified
+        restore) and ``offsite`` (lag behind the replica), the archive's totals, the last run of
+        each runbook."""
+        api_guard(request)
+        return dashboard_doc()
 
     @app.get("/api/machines/{machine}/points", tags=["api"])
     def api_points(request: Request, machine: str) -> list[dict[str, Any]]:
@@ -418,17 +483,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def dashboard(request: Request) -> HTMLResponse:
         page_guard(request)
-        points = catalog.summaries()
-        return page(
-            request, "dashboard.html", machines=api.machine_states(points, settings.rpo_objective),
-            totals=api.archive_totals(points), runbooks=[run_doc(r) for r in latest_runs()],
-            objective=settings.rpo_objective, now=time.time(),
-        )
+        return page(request, "dashboard.html", objective=settings.rpo_objective, **dashboard_doc())
 
     @app.get("/fragments/machines", include_in_schema=False)
     def machines_fragment(request: Request) -> HTMLResponse:
         page_guard(request)
-        return page(request, "_machines.html", machines=api.machine_states(catalog.summaries(), settings.rpo_objective))
+        return page(request, "_machines.html", **dashboard_doc())
 
     @app.get("/machines/{machine}", include_in_schema=False)
     def machine_page(request: Request, machine: str) -> HTMLResponse:
@@ -436,7 +496,8 @@ def create_app(settings: Settings) -> FastAPI:
         found = machine_points(machine)
         summary = summarize(machine, found)
         assert summary is not None  # machine_points has refused a machine without points
-        state = api.machine_states({machine: summary}, settings.rpo_objective)[0]
+        state = api.machine_states({machine: summary}, settings.rpo_objective, None,
+                                   overview.rpo_objectives(valid_runbooks()))[0]
         return page(request, "machine.html", machine=state, points=[point_doc(p) for p in reversed(found)],
                     total_stored=sum(p.bytes_stored for p in found))
 

@@ -37,6 +37,7 @@ class World:
     runbooks: Path
     points: dict[str, list[dict[str, object]]]  # machine -> `lifeboat points --json`
     run_id: str
+    replica: Path
 
 
 @pytest.fixture(scope="session")
@@ -68,18 +69,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     runbooks = root / "runbooks"
     runbooks.mkdir()
     # the drill's guest takes 5 s to boot: the run page opens while it runs, and follows it
-    slow = machine("web01", point="web01@latest", health=[check], target={"settings": {"delay": 5}})
+    slow = machine("web01", point="web01@latest", health=[check], target={"settings": {"delay": 5}},
+                   rpo_objective="12h")
     write_runbook(runbooks / "drill.yaml", runbook(DRILL, [slow]))
     failover = runbook("web-failover", [machine("web01", point="web01@latest", health=[check])], kind="failover")
     write_runbook(runbooks / "failover.yaml", failover)
     (runbooks / "broken.yaml").write_text(BROKEN)
+
+    replica, protect = root / "replica", root / "protect"
+    lifeboat("replicate", "web01", "--to", str(replica), "--archive", str(archive), check=True)
+    protect.mkdir()
+    for m, loop in (("web01", "capturing"), ("db01", "stopped")):  # states that do not age with the clock
+        (protect / f"{m}.json").write_text(json.dumps({"machine": m, "state": loop, "updated": points[m][-1]["time"],
+                                                      "last_error": None, "rpo_target_seconds": 3600}))
 
     token_file, viewer_file = root / "token", root / "viewer-token"
     token_file.write_text(TOKEN + "\n")
     viewer_file.write_text(VIEWER_TOKEN + "\n")
     proc = subprocess.Popen(
         [*LIFEBOAT, "web", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--viewer-token-file",
-         str(viewer_file), "--runbooks", str(runbooks), "--archive", str(archive), "--state", str(state)],
+         str(viewer_file), "--runbooks", str(runbooks), "--archive", str(archive), "--state", str(state),
+         "--protect-status", str(protect), "--replica", str(replica)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **ENV}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
@@ -87,7 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else url
-        yield World(archive, state, url.rstrip("/"), TOKEN, VIEWER_TOKEN, runbooks, points, run_id)
+        yield World(archive, state, url.rstrip("/"), TOKEN, VIEWER_TOKEN, runbooks, points, run_id, replica)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)

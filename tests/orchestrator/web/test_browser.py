@@ -65,8 +65,14 @@ def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page,
     rows = page.locator("#machines tbody tr")
     assert rows.count() == 2
     assert [rows.nth(i).locator("td").first.inner_text() for i in range(2)] == ["db01", "web01"]
-    assert rows.nth(1).locator(".badge").inner_text() == "compliant"
-    assert str(world.points["web01"][-1]["point"]) in rows.nth(1).inner_text()
+    db01, web01 = rows.nth(0), rows.nth(1)
+    assert web01.locator("td").nth(1).inner_text() == "compliant"
+    assert str(world.points["web01"][-1]["point"]) in web01.inner_text()
+    assert "/ 12 h" in web01.inner_text() and "/ 1 d" in db01.inner_text()  # the runbook's objective, the default
+    assert web01.locator(".protect").inner_text() == "capturing" and db01.locator(".protect").inner_text() == "stopped"
+    assert "ago" in web01.locator(".verified").inner_text() and db01.locator(".verified").inner_text() == "never"
+    assert web01.locator(".offsite").inner_text() == "up to date"
+    assert db01.locator(".offsite").inner_text() == "not off-site"
     assert "rehearse-web" in page.locator("#runbooks").inner_text()
     assert world.token not in page.content()
     shot(page, tmp_path, "dashboard")
