@@ -144,6 +144,9 @@ CASES = [
          2, "--viewer-token-file"),
     case("web-runbooks-absent", "web", "--token-file {token} --runbooks {tmp}/no-runbooks --archive {arc}", 2,
          "{tmp}/no-runbooks"),
+    case("web-protect-status-absent", "web", "--token-file {token} --protect-status {tmp}/no-status --archive {arc}",
+         2, "{tmp}/no-status"),
+    case("web-replica-absent", "web", "--token-file {token} --replica {missing} --archive {arc}", 2, "{missing}"),
     # verify, prune
     case("verify-no-archive", "verify", "--archive {missing}", 2, "{missing}"),
     case("verify-server-down", "verify", "--archive {url}", 1, "127.0.0.1"),
