@@ -41,6 +41,7 @@ from lifeboat.archive.catalog import Catalog, MachineSummary, summarize
 from lifeboat.orchestrator import api, overview
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step
+from lifeboat.orchestrator.web import charts
 from lifeboat.orchestrator.web.auth import OPERATOR, Auth
 from lifeboat.plumbing.errors import LifeboatError
 
@@ -48,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 RUNBOOK_SUFFIXES = (".yaml", ".yml")
 FOLLOW_SECONDS = 0.5  # how often a run's stream looks for new events
 REPLICA_SECONDS = 30  # how long the replica's listed catalog is shown before it is listed again
+KEEP_LOGS = 50  # the newest output logs of started runs and teardowns kept in STATE/web-runs/
 RUN_START_SECONDS = 60  # how long a started `lifeboat run` may take to record its run
 REPORT_TYPES = {"json": "application/json", "junit": "application/xml", "html": "text/html"}
 # Our pages load only our own files: no inline script, no other origin, no framing.
@@ -163,6 +165,13 @@ def runbook_files(folder: Path | None) -> list[Path]:
     if folder is None:
         return []
     return sorted(p for p in folder.iterdir() if p.suffix in RUNBOOK_SUFFIXES and p.is_file())
+
+
+def prune_logs(folder: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` logs of ``folder``."""
+    logs = sorted(folder.glob("*.log"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    for old in logs[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def local_path(target: str) -> str:
@@ -306,8 +315,10 @@ def create_app(settings: Settings) -> FastAPI:
             found = state.run(run_id)
             if found is None:
                 raise HTTPException(404, f"no run {run_id}")
-            return {**run_doc(found), "steps": [step_doc(s) for s in state.steps(run_id)],
-                    "events": state.events(run_id)}
+            doc = {**run_doc(found), "steps": [step_doc(s) for s in state.steps(run_id)],
+                   "events": state.events(run_id), "teardown": teardown_doc(run_id)}
+            doc["ended"] = doc["ended"] and not tearing_down(run_id)
+            return doc
         finally:
             state.close()
 
@@ -317,7 +328,8 @@ def create_app(settings: Settings) -> FastAPI:
         state = api.open_state(settings.state_dir)
         try:
             found = state.run(run_id)
-            return api.events_after(state, run_id, after), found is None or run_ended(found)
+            ended = found is None or run_ended(found) and not tearing_down(run_id)
+            return api.events_after(state, run_id, after), ended
         finally:
             state.close()
 
@@ -367,10 +379,26 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no runbook {name!r} in --runbooks")
         return found
 
+    def spawn(rb: Runbook, command: list[str], state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``lifeboat COMMAND RUNBOOK`` as a child in its own session, its output in a new log
+        of ``STATE/web-runs/`` (the newest ``KEEP_LOGS`` are kept). A child rather than a thread of
+        this server: it outlives a restart or a crash of the pane, and records its own output."""
+        cmd = [sys.executable, "-m", "lifeboat", *command, str(rb.path), "--json", "--state", str(state_dir)]
+        cmd += ["--archive", settings.archive_arg] if settings.archive_arg else []
+        cmd += ["--key-file", settings.key_file] if settings.key_file else []
+        logs = state_dir / "web-runs"
+        logs.mkdir(parents=True, exist_ok=True)
+        prune_logs(logs, KEEP_LOGS - 1)
+        log_path = logs / f"{rb.name}-{command[0]}-{time.time_ns()}.log"
+        with log_path.open("wb") as out:
+            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        threading.Thread(target=child.wait, daemon=True).start()  # reaped when it ends
+        return child, log_path
+
     def start_run(rb: Runbook, command: list[str]) -> str:
-        """Start ``lifeboat COMMAND`` (``run``, ``failover --yes``) on ``rb`` as a child in its own
-        session and return its run's id once recorded. A child rather than a thread of this server:
-        the run then outlives a restart or a crash of the pane, and records its own output."""
+        """Start ``lifeboat COMMAND`` (``run``, ``failover --yes``) on ``rb`` and return its run's id
+        once recorded."""
         state = api.open_state(settings.state_dir)
         try:
             before = state.latest_run(rb.name)
@@ -378,16 +406,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(409, f"runbook {rb.name!r} has a run going, {before.id}: see its page")
             # an open run (interrupted, or a failover that failed) is resumed by the child
             resumes = before is not None and before.phase != "done"
-            cmd = [sys.executable, "-m", "lifeboat", *command, str(rb.path), "--json", "--state", str(state.dir)]
-            cmd += ["--archive", settings.archive_arg] if settings.archive_arg else []
-            cmd += ["--key-file", settings.key_file] if settings.key_file else []
-            logs = state.dir / "web-runs"
-            logs.mkdir(parents=True, exist_ok=True)
-            log_path = logs / f"{rb.name}-{time.time():.0f}.log"
-            with log_path.open("wb") as out:
-                child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-            threading.Thread(target=child.wait, daemon=True).start()  # reaped when it ends
+            child, log_path = spawn(rb, command, state.dir)
             deadline = time.monotonic() + RUN_START_SECONDS
             while time.monotonic() < deadline:
                 latest = state.latest_run(rb.name)
@@ -402,6 +421,45 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(500, f"lifeboat {command[0]} {rb.path.name} recorded no run: {tail}")
         finally:
             state.close()
+
+    teardowns: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}  # run id -> the teardown child this pane started
+
+    def start_teardown(rb: Runbook) -> str:
+        """Start ``lifeboat teardown`` of ``rb``'s newest run in the background and return that
+        run's id: its page shows the teardown's steps as they go."""
+        state = api.open_state(settings.state_dir)
+        try:
+            latest = state.latest_run(rb.name)
+            if latest is None:
+                raise HTTPException(409, f"runbook {rb.name!r} has no runs in {state.dir}")
+            if not run_ended(latest) or tearing_down(latest.id):
+                raise HTTPException(409, f"runbook {rb.name!r} has a run or a teardown going, {latest.id}")
+            teardowns[latest.id] = spawn(rb, ["teardown", "--yes"], state.dir)
+            return latest.id
+        finally:
+            state.close()
+
+    def tearing_down(run_id: str) -> bool:
+        found = teardowns.get(run_id)
+        return found is not None and found[0].poll() is None
+
+    def teardown_doc(run_id: str) -> dict[str, Any] | None:
+        """The teardown this pane started for ``run_id``: running, done, or failed with the end of
+        its output."""
+        found = teardowns.get(run_id)
+        if found is None:
+            return None
+        child, log_path = found
+        code = child.poll()
+        if code is None:
+            return {"state": "running"}
+        if code == 0:
+            return {"state": "done"}
+        try:
+            tail = log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            tail = ""
+        return {"state": "failed", "output": tail}
 
     # ------------------------------------------------------------------ API
     @app.get("/api/machines", tags=["api"])
@@ -504,7 +562,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/runs", include_in_schema=False)
     def runs_page(request: Request) -> HTMLResponse:
         page_guard(request)
-        return page(request, "runs.html", runs=[run_doc(r) for r in reversed(runs())])
+        docs = [run_doc(r) for r in reversed(runs())]
+        return page(request, "runs.html", runs=docs,
+                    rto_chart=charts.time_chart(charts.run_series(docs, "rto_seconds"), "RTO per machine over time"),
+                    rpo_chart=charts.time_chart(charts.run_series(docs, "rpo_seconds"), "RPO per machine over time"))
 
     def runbooks_view(request: Request, status: int = 200, refused: tuple[str, str] | None = None) -> HTMLResponse:
         """The Runbooks page; ``refused`` is (file, why) when an action on that runbook was refused."""
@@ -555,17 +616,7 @@ def create_app(settings: Settings) -> FastAPI:
             return runbooks_view(request, 400, (name, f"Not torn down: its machines may be serving; type the "
                                                       f"runbook's name, {rb.name}, to confirm."))
 
-        def remove() -> str:
-            state = api.open_state(settings.state_dir)
-            try:
-                return api.teardown(rb, state, archive=settings.archive_arg, key_file=settings.key_file,
-                                    log=lambda _line: None).run.id
-            except LifeboatError as e:
-                raise HTTPException(409, str(e)) from None
-            finally:
-                state.close()
-
-        run_id = await run_in_threadpool(remove)
+        run_id = await run_in_threadpool(start_teardown, rb)
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     @app.get("/runs/{run_id}", include_in_schema=False)

@@ -284,4 +284,9 @@ def test_failover_needs_the_typed_name_and_teardown_removes_what_it_left(world: 
         assert kept.status_code == 400 and wait_done(world, run_id)["status"] == "succeeded"
         removed = client.post("/runbooks/failover.yaml/teardown", data={"csrf": csrf, "confirm": "web-failover"})
         assert removed.status_code == 303 and removed.headers["location"] == f"/runs/{run_id}"
-        assert wait_done(world, run_id)["status"] == "torn-down"
+        # the teardown runs in the background; the run has not ended until it is over
+        torn = wait_done(world, run_id)
+        assert torn["status"] == "torn-down" and torn["teardown"] == {"state": "done"}
+        assert any(s["step"] == "teardown" and s["status"] == "done" for s in torn["steps"])
+        logs = list((world.state / "web-runs").glob("web-failover-*.log"))
+        assert {p.name.split("-")[2] for p in logs} == {"failover", "teardown"}

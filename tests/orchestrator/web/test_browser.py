@@ -133,6 +133,19 @@ def test_an_operator_starts_a_rehearsal_and_sees_it_succeed(world: World, page: 
     statuses = page.locator("#steps tbody .badge").all_inner_texts()
     assert statuses and set(statuses) == {"done"}
     shot(page, tmp_path, "run")
+    run_url = page.url
     with page.expect_navigation():
         page.locator("#run-reports a", has_text="HTML").click()
     assert DRILL in page.content()
+
+    page.goto(world.url + "/runs")  # the drill's RTO and RPO are on the charts
+    for chart in ("#rto-chart", "#rpo-chart"):
+        assert page.locator(f"{chart} svg circle").count() >= 2 and "web01" in page.locator(chart).inner_text()
+    shot(page, tmp_path, "runs-charts")
+
+    page.click("nav >> text=Runbooks")  # a teardown goes on in the background; the run page follows it
+    page.locator('[id="runbook-drill.yaml"]').get_by_role("button", name="Tear down last run").click()
+    page.wait_for_url(run_url)
+    page.locator("#teardown", has_text="Torn down").wait_for(timeout=60_000)
+    assert page.locator("#run-status").inner_text() == "torn-down"
+    shot(page, tmp_path, "run-torn-down")
