@@ -87,9 +87,9 @@ def time_chart(series: dict[str, list[tuple[float, float]]], what: str) -> Marku
             line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in ordered)
             parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
         for t, v in ordered:
-            at = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            taken = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             parts.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3.5" fill="{colour}">'
-                         f'<title>{escape(label)}: {escape(seconds_label(round(v, 1)))} at {at}</title></circle>')
+                         f'<title>{escape(label)}: {escape(seconds_label(round(v, 1)))} at {taken}</title></circle>')
     parts.append("</svg>")
     legend = "".join(f'<span class="key"><span class="swatch swatch-{n % len(PALETTE)}"></span>{escape(label)}</span>'
                      for n, label in enumerate(sorted(series)))
