@@ -20,7 +20,7 @@ from lifeboat.orchestrator import api
 from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, key_file_option
 from lifeboat.orchestrator.console import log
 from lifeboat.orchestrator.engine import Outcome
-from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
+from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load, with_points
 from lifeboat.orchestrator.state import default_state_dir
 from lifeboat.plumbing.errors import UsageError
 
@@ -90,8 +90,9 @@ def summary(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _execute(path: str, *, dry_run: bool, as_json: bool, state_dir: str | None, yes: bool, on_call: bool) -> None:
-    rb = load_or_exit(path)
+def _execute(path: str, *, dry_run: bool, as_json: bool, state_dir: str | None, yes: bool, on_call: bool,
+             points: tuple[str, ...] = ()) -> None:
+    rb = with_points(load_or_exit(path), point_options(points))
     if on_call and rb.kind == "rehearsal":
         raise UsageError(f"{path}: this runbook is a rehearsal; run it with 'lifeboat run'")
     if rb.kind == "failover" and not dry_run and not yes:
@@ -166,11 +167,27 @@ def print_plan(plan: dict[str, Any]) -> None:
 @click.argument("runbook", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; change nothing.")
 @click.option("--yes", is_flag=True, help="Confirm a failover runbook (as 'lifeboat failover --yes').")
+@click.option("--point", "points", multiple=True, metavar="NAME=MACHINE@WHEN",
+              help="Boot machine NAME of the runbook from this point instead of its own (repeatable).")
 @state_option
 @json_option
-def run_cmd(runbook: str, dry_run: bool, yes: bool, state_dir: str | None, as_json: bool) -> None:
+def run_cmd(runbook: str, dry_run: bool, yes: bool, points: tuple[str, ...], state_dir: str | None,
+            as_json: bool) -> None:
     """Run RUNBOOK (or resume its interrupted run); exit 0 only if every machine succeeded."""
-    _execute(runbook, dry_run=dry_run, as_json=as_json, state_dir=state_dir, yes=yes, on_call=False)
+    _execute(runbook, dry_run=dry_run, as_json=as_json, state_dir=state_dir, yes=yes, on_call=False, points=points)
+
+
+def point_options(values: tuple[str, ...]) -> dict[str, str]:
+    """``--point NAME=SELECTOR`` values by machine name."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, selector = value.partition("=")
+        if not sep or not name or not selector:
+            raise UsageError(f"--point {value!r}: expected NAME=MACHINE@WHEN, e.g. web01=web01@2026-11-25T09:00")
+        if name in out:
+            raise UsageError(f"--point: machine {name!r} is given twice")
+        out[name] = selector
+    return out
 
 
 @command(name="failover")

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -894,3 +894,25 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
         formats=report.get("formats", ["json", "junit", "html"]),
         webhook=report.get("webhook"),
     )
+
+
+def with_points(rb: Runbook, points: dict[str, str]) -> Runbook:
+    """``rb`` with some machines booting other points for one run (``lifeboat run --point
+    NAME=MACHINE@WHEN``): machine name -> point selector. Its digest changes with them, so an
+    interrupted run is resumed only with the same points."""
+    if not points:
+        return rb
+    names = {m.name for m in rb.machines}
+    for name, selector in points.items():
+        if name not in names:
+            raise UsageError(f"--point {name}={selector}: runbook {rb.name!r} has no machine {name!r} "
+                             f"(it has: {', '.join(sorted(names))})")
+        try:
+            _machine, when = parse_selector(selector)
+            if when != "latest" and not _POINT_ID.match(when):
+                parse_when(selector, when)
+        except UsageError as e:
+            raise UsageError(f"--point {name}={selector}: {e}") from None
+    machines = [replace(m, selector=points.get(m.name, m.selector)) for m in rb.machines]
+    salt = json.dumps(sorted(points.items())).encode()
+    return replace(rb, machines=machines, digest=hashlib.sha256(rb.digest.encode() + salt).hexdigest())

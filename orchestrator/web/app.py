@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,11 +39,13 @@ from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import Catalog, MachineSummary, summarize
+from lifeboat.archive.points import parse_selector
 from lifeboat.orchestrator import api, overview
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
-from lifeboat.orchestrator.state import Run, Step
+from lifeboat.orchestrator.state import Run, Step, default_state_dir
 from lifeboat.orchestrator.web import charts
 from lifeboat.orchestrator.web.auth import OPERATOR, Auth
+from lifeboat.orchestrator.web.points import Serves, export_formats, export_response
 from lifeboat.plumbing.errors import LifeboatError
 
 HERE = Path(__file__).resolve().parent
@@ -186,12 +189,23 @@ def local_path(target: str) -> str:
 def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings``; ``lifeboat web`` serves it with uvicorn."""
     auth = Auth(settings.token, settings.viewer_token, secure_cookies=settings.tls)
+    archive_args = ["--archive", settings.archive_arg] if settings.archive_arg else []
+    archive_args += ["--key-file", settings.key_file] if settings.key_file else []
+    state_dir = settings.state_dir or default_state_dir()
+    serves = Serves(archive_args, state_dir / "web-runs")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        serves.stop_all()  # the NBD exports the pane started end with it
+
     app = FastAPI(
         title="lifeboat",
         summary="The state of a lifeboat archive and its runs",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        lifespan=lifespan,
     )
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time, ratio=fmt_ratio)
@@ -383,9 +397,8 @@ def create_app(settings: Settings) -> FastAPI:
         """Start ``lifeboat COMMAND RUNBOOK`` as a child in its own session, its output in a new log
         of ``STATE/web-runs/`` (the newest ``KEEP_LOGS`` are kept). A child rather than a thread of
         this server: it outlives a restart or a crash of the pane, and records its own output."""
-        cmd = [sys.executable, "-m", "lifeboat", *command, str(rb.path), "--json", "--state", str(state_dir)]
-        cmd += ["--archive", settings.archive_arg] if settings.archive_arg else []
-        cmd += ["--key-file", settings.key_file] if settings.key_file else []
+        cmd = [sys.executable, "-m", "lifeboat", *command, str(rb.path), "--json", "--state", str(state_dir),
+               *archive_args]
         logs = state_dir / "web-runs"
         logs.mkdir(parents=True, exist_ok=True)
         prune_logs(logs, KEEP_LOGS - 1)
@@ -557,7 +570,86 @@ def create_app(settings: Settings) -> FastAPI:
         state = api.machine_states({machine: summary}, settings.rpo_objective, None,
                                    overview.rpo_objectives(valid_runbooks()))[0]
         return page(request, "machine.html", machine=state, points=[point_doc(p) for p in reversed(found)],
-                    total_stored=sum(p.bytes_stored for p in found))
+                    total_stored=sum(p.bytes_stored for p in found), serving=serves.current())
+
+    def point_info(machine: str, point: str) -> PointInfo:
+        found = next((p for p in machine_points(machine) if p.point == point), None)
+        if found is None:
+            raise HTTPException(404, f"machine {machine!r} has no point {point!r}")
+        return found
+
+    def rehearsals_of(machine: str) -> dict[str, list[str]]:
+        """The rehearsal runbooks (by file name) with the names of their machines that boot a
+        point of archive machine ``machine``."""
+        out: dict[str, list[str]] = {}
+        for path in runbook_files(settings.runbooks):
+            try:
+                rb = load(path)
+            except LifeboatError:
+                continue
+            names = [m.name for m in rb.machines if parse_selector(m.selector)[0] == machine]
+            if rb.kind == "rehearsal" and names:
+                out[path.name] = names
+        return out
+
+    def point_view(request: Request, machine: str, point: str, status: int = 200,
+                   problem: str | None = None) -> HTMLResponse:
+        info = point_info(machine, point)
+        return page(request, "point.html", status, point=point_doc(info), machine=machine,
+                    formats=export_formats(), serving=serves.current().get(f"{machine}@{point}"),
+                    rehearsals=rehearsals_of(machine), problem=problem)
+
+    @app.get("/machines/{machine}/points/{point}", include_in_schema=False)
+    def point_page(request: Request, machine: str, point: str) -> HTMLResponse:
+        page_guard(request)
+        return point_view(request, machine, point)
+
+    @app.post("/machines/{machine}/points/{point}/export", include_in_schema=False)
+    async def export_point(request: Request, machine: str, point: str) -> Response:
+        form = await operator_form(request)
+        fmt = form.get("format", "")
+        if fmt not in export_formats():
+            raise HTTPException(400, f"no export format {fmt!r} (known: {', '.join(export_formats())})")
+        info = await run_in_threadpool(point_info, machine, point)
+        try:
+            return await run_in_threadpool(export_response, settings.archive, info, fmt, state_dir / "web-exports")
+        except LifeboatError as e:
+            return point_view(request, machine, point, 400, f"Not exported: {e}")
+
+    @app.post("/machines/{machine}/points/{point}/serve", include_in_schema=False)
+    async def serve_point(request: Request, machine: str, point: str) -> Response:
+        await operator_form(request)
+        info = await run_in_threadpool(point_info, machine, point)
+        try:
+            await run_in_threadpool(serves.start, info)
+        except LifeboatError as e:
+            return point_view(request, machine, point, 500, f"Not served: {e}")
+        return RedirectResponse(f"/machines/{machine}/points/{point}", status_code=303)
+
+    @app.post("/machines/{machine}/points/{point}/unserve", include_in_schema=False)
+    async def unserve_point(request: Request, machine: str, point: str) -> Response:
+        await operator_form(request)
+        await run_in_threadpool(serves.stop, machine, point)
+        return RedirectResponse(f"/machines/{machine}/points/{point}", status_code=303)
+
+    @app.post("/machines/{machine}/points/{point}/rehearse", include_in_schema=False)
+    async def rehearse_point(request: Request, machine: str, point: str) -> Response:
+        form = await operator_form(request)
+        await run_in_threadpool(point_info, machine, point)
+        names = (await run_in_threadpool(rehearsals_of, machine)).get(form.get("runbook", ""))
+        if not names:
+            raise HTTPException(400, f"{form.get('runbook', '')!r} is not a rehearsal runbook of machine {machine!r}")
+        rb = valid_runbook(form["runbook"])
+        command = ["run"] + [arg for n in names for arg in ("--point", f"{n}={machine}@{point}")]
+        run_id = await run_in_threadpool(start_run, rb, command)
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    @app.get("/machines/{machine}/points/{point}/files", include_in_schema=False)
+    def point_files(request: Request, machine: str, point: str) -> HTMLResponse:
+        """The place of the point's file browser: it comes with ``lifeboat files`` (single-item
+        restore), which this pane does not have yet."""
+        page_guard(request)
+        return page(request, "files.html", 501, point=point_doc(point_info(machine, point)), machine=machine)
 
     @app.get("/runs", include_in_schema=False)
     def runs_page(request: Request) -> HTMLResponse:

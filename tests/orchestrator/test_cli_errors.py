@@ -169,6 +169,11 @@ CASES = [
     # runbooks
     case("run-malformed", "run", "{bad_rb}", 2, "{bad_rb}"),
     case("run-absent", "run", "{tmp}/absent.yaml", 2, "{tmp}/absent.yaml"),
+    case("run-point-not-in-runbook", "run", "{rehearsal_rb} --point db09=db09@latest --dry-run", 2, "db09"),
+    case("run-point-malformed", "run", "{rehearsal_rb} --point web01 --dry-run", 2, "NAME=MACHINE@WHEN"),
+    case("run-point-bad-selector", "run", "{rehearsal_rb} --point web01=web01@someday --dry-run", 2, "someday"),
+    case("run-point-twice", "run", "{rehearsal_rb} --point web01=web01 --point web01=web01@latest --dry-run", 2,
+         "twice"),
     case("run-planned-driver", "run", "{pxe_rb} --state {state} --archive {arc}", 2, "pxe"),
     case("run-dry-planned-driver", "run", "--dry-run {pxe_rb} --archive {arc}", 2, "pxe"),
     case("failover-no-yes", "failover", "{pxe_rb}", 2, "--yes"),

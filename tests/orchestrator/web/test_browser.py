@@ -87,6 +87,16 @@ def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page,
     assert points.nth(1).locator("td").last.inner_text() == "full"
     shot(page, tmp_path, "machine")
 
+    points.nth(0).locator("a").click()  # the point's page: download, serve, rehearse, files
+    page.wait_for_url(world.url + f"/machines/web01/points/{incremental['point']}")
+    assert page.get_by_label("image format").input_value() == "qcow2"
+    assert "drill.yaml (web01)" in page.get_by_label("rehearsal runbook").inner_text()
+    page.locator("#serve").get_by_role("button", name="Serve").click()
+    assert page.locator("#nbd-url").inner_text().startswith("nbd://127.0.0.1:")
+    shot(page, tmp_path, "point-serving")
+    page.locator("#serve").get_by_role("button", name="Stop serving").click()
+    assert page.locator("#nbd-url").count() == 0
+
     page.click("nav >> text=Runs")
     page.wait_for_url(world.url + "/runs")
     run = page.locator("#runs tbody tr", has_text=world.run_id)  # other tests start runs too
