@@ -582,14 +582,10 @@ def create_app(settings: Settings) -> FastAPI:
         """The rehearsal runbooks (by file name) with the names of their machines that boot a
         point of archive machine ``machine``."""
         out: dict[str, list[str]] = {}
-        for path in runbook_files(settings.runbooks):
-            try:
-                rb = load(path)
-            except LifeboatError:
-                continue
+        for rb in valid_runbooks():
             names = [m.name for m in rb.machines if parse_selector(m.selector)[0] == machine]
             if rb.kind == "rehearsal" and names:
-                out[path.name] = names
+                out[rb.path.name] = names
         return out
 
     def point_view(request: Request, machine: str, point: str, status: int = 200,

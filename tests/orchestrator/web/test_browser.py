@@ -87,7 +87,7 @@ def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page,
     assert points.nth(1).locator("td").last.inner_text() == "full"
     shot(page, tmp_path, "machine")
 
-    points.nth(0).locator("a").click()  # the point's page: download, serve, rehearse, files
+    points.nth(0).locator("a").first.click()  # the point's page: download, serve, rehearse, files
     page.wait_for_url(world.url + f"/machines/web01/points/{incremental['point']}")
     assert page.get_by_label("image format").input_value() == "qcow2"
     assert "drill.yaml (web01)" in page.get_by_label("rehearsal runbook").inner_text()
