@@ -15,8 +15,9 @@ import threading
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from lifeboat.archive.points import POINT_PREFIX, PointInfo
+from lifeboat.archive.points import POINT_PREFIX, PointInfo, check_machine
 from lifeboat.archive.store import Archive
+from lifeboat.plumbing.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ class Catalog:
                 keys.setdefault(key.split("/")[1], set()).add(key)
         return {m: frozenset(k) for m, k in keys.items()}
 
+    def _read(self, machine: str) -> MachineSummary | None:
+        """A machine's summary from its manifests; a folder that is no machine's (``lost+found``)
+        has none."""
+        try:
+            check_machine(machine)
+        except UsageError:
+            return None
+        return summarize(machine, self.archive.points(machine))
+
     def summaries(self) -> dict[str, MachineSummary]:
         """Every machine with at least one point, by name, with its summary as of now."""
         with self._lock:
@@ -68,7 +78,7 @@ class Catalog:
             for machine, stamp in stamps.items():
                 entry = known.get(machine)
                 if entry is None or entry[0] != stamp:
-                    known[machine] = (stamp, summarize(machine, self.archive.points(machine)))
+                    known[machine] = (stamp, self._read(machine))
                     self.reads += 1
             self._known = known
             return {m: summary for m, (_, summary) in sorted(known.items()) if summary is not None}

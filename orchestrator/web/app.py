@@ -280,15 +280,18 @@ def create_app(settings: Settings) -> FastAPI:
         return api.machine_states(catalog.summaries(), settings.rpo_objective, now,
                                   overview.rpo_objectives(valid_runbooks()))
 
-    def replica_summaries() -> dict[str, MachineSummary] | None:
+    def replica_summaries() -> tuple[dict[str, MachineSummary] | None, str | None]:
         """The replica's catalog, listed again at most every ``REPLICA_SECONDS`` (an object store's
-        listing costs more than a dashboard refresh is worth)."""
+        listing costs more than a dashboard refresh is worth), or why it cannot be read now."""
         if replica is None:
-            return None
+            return None, None
         now = time.monotonic()
         if not replica_seen or now - replica_seen[0][0] > REPLICA_SECONDS:
-            replica_seen[:] = [(now, replica.summaries())]
-        return replica_seen[0][1]
+            try:
+                replica_seen[:] = [(now, replica.summaries())]
+            except LifeboatError as e:
+                return None, f"the replica cannot be read: {e}"
+        return replica_seen[0][1], None
 
     def dashboard_doc() -> dict[str, Any]:
         """The dashboard's data (``GET /api/dashboard``): each machine's RPO row with its protect
@@ -299,14 +302,15 @@ def create_app(settings: Settings) -> FastAPI:
         rows = api.machine_states(summaries, settings.rpo_objective, now, overview.rpo_objectives(valid_runbooks()))
         protect = overview.protect_states(settings.protect_status, now)
         verified = overview.last_verified(runs())
-        there = replica_summaries()
+        there, replica_error = replica_summaries()
         lag = overview.offsite_lag(summaries, there) if there is not None else {}
         for row in rows:
             m = row["machine"]
             row["protect"] = protect.get(m)
             row["verified"] = verified.get(m)
             row["offsite"] = lag.get(m)
-        return {"machines": rows, "totals": api.archive_totals(summaries), "replica": there is not None,
+        return {"machines": rows, "totals": api.archive_totals(summaries), "replica": replica is not None,
+                "replica_error": replica_error,
                 "runbooks": [run_doc(r) for r in latest_runs()], "now": now}
 
     def runs() -> list[Run]:
