@@ -208,6 +208,7 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
             "depends_on": m.depends_on,
             "source": m.source_kind,
             "rto_objective": m.rto_objective,
+            "rpo_objective": m.rpo_objective,
             "health": [{"name": c.name, "kind": c.kind, **c.spec, "timeout": c.timeout} for c in m.health],
             "hooks": {w: [h.name for h in hs] for w, hs in m.hooks.items()},
         }

@@ -79,12 +79,13 @@ def test_log_in_see_the_machines_open_one_and_the_runs(world: World, page: Page,
 
     page.click("text=web01")
     page.wait_for_url(world.url + "/machines/web01")
-    points = page.locator("#points tbody tr")
+    points = page.locator("#points tbody tr.point")
     assert points.count() == 2
     full, incremental = world.points["web01"]
     assert str(incremental["point"]) in points.nth(0).inner_text()
     assert str(full["point"]) in points.nth(0).locator("td").last.inner_text()  # its parent
     assert points.nth(1).locator("td").last.inner_text() == "full"
+    assert page.locator("#points tr.day").first.inner_text() == str(incremental["time"])[:10]  # grouped by date
     shot(page, tmp_path, "machine")
 
     points.nth(0).locator("a").first.click()  # the point's page: download, serve, rehearse, files
