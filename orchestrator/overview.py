@@ -10,7 +10,8 @@ off-site copy lags.
   stopped moving for ``PROTECT_SILENT_SECONDS`` (and is not in a capture, which writes nothing
   until it ends) is ``silent``: killed, or its host is down.
 - **Verified restorable.** The newest rehearsal in which the machine succeeded: booted from a
-  point and passed its health checks. Its point and measured RTO are shown.
+  point and passed its health checks. Its point and measured RTO are shown, and the newest
+  rehearsal's result when it did not succeed.
 - **Off-site lag.** The newest local point's time minus the newest replicated point's time, read
   from the replica's own catalog (``lifeboat replicate`` copies manifests last, so a listed point
   is complete there).
@@ -75,17 +76,20 @@ def protect_states(folder: Path | None, now: float) -> dict[str, dict[str, Any]]
 
 def last_verified(runs: list[Run]) -> dict[str, dict[str, Any]]:
     """Archive machine -> the newest rehearsal (of ``runs``, oldest first) in which it succeeded:
-    the run, when it ended, the point it booted and its RTO."""
+    the run, when it ended, the point it booted and its RTO; and, as ``latest``, the newest
+    rehearsal that booted it at all with the machine's status there (a drill that failed since the
+    last success shows)."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         if r.kind != "rehearsal" or not r.report:
             continue
         for m in r.report.get("machines", []):
-            if m.get("status") != "succeeded":
-                continue
-            machine = m.get("point_machine") or m.get("name")
-            out[str(machine)] = {"run": r.id, "runbook": r.runbook, "when": r.finished or r.started,
-                                 "point": m.get("point"), "rto_seconds": m.get("rto_seconds")}
+            machine = str(m.get("point_machine") or m.get("name"))
+            entry = out.setdefault(machine, {"run": None})
+            entry["latest"] = {"run": r.id, "status": m.get("status"), "when": r.finished or r.started}
+            if m.get("status") == "succeeded":
+                entry.update({"run": r.id, "runbook": r.runbook, "when": r.finished or r.started,
+                              "point": m.get("point"), "rto_seconds": m.get("rto_seconds")})
     return out
 
 

@@ -11,6 +11,7 @@ from lifeboat.archive import PointInfo
 from lifeboat.archive.catalog import summarize
 from lifeboat.orchestrator import overview
 from lifeboat.orchestrator.runbook import load
+from lifeboat.orchestrator.state import Run
 from tests.orchestrator.test_engine import machine, runbook, write_runbook
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
@@ -61,3 +62,22 @@ def test_offsite_lag() -> None:
     lag = overview.offsite_lag(here, there)  # type: ignore[arg-type]
     assert lag["a"] == {"newest_point": "a1", "newest_time": iso(7200), "lag_seconds": 7140}
     assert lag["b"]["lag_seconds"] == 0 and lag["c"] == {"newest_point": None, "newest_time": None, "lag_seconds": None}
+
+
+def test_last_verified_and_a_drill_that_failed_since() -> None:
+    def run(rid: str, kind: str, at: float, *machines: tuple[str, str, str]) -> Run:
+        report = {"machines": [{"name": n, "point_machine": pm, "status": st, "point": "p" + rid, "rto_seconds": 9.5}
+                               for n, pm, st in machines]}
+        return Run(rid, "drill", "/r.yaml", "d", kind, "x", "done", at, at + 60, 0, None, report)
+
+    runs = [
+        run("1", "rehearsal", 100, ("app", "web01", "succeeded"), ("db", "db01", "succeeded")),
+        run("2", "failover", 200, ("app", "web01", "failed")),  # not a rehearsal: not a verification
+        run("3", "rehearsal", 300, ("app", "web01", "failed"), ("db", "db01", "succeeded")),
+        run("4", "rehearsal", 400, ("x", "new01", "blocked")),
+    ]
+    found = overview.last_verified(runs)
+    assert found["web01"]["run"] == "1" and found["web01"]["point"] == "p1" and found["web01"]["when"] == 160
+    assert found["web01"]["latest"] == {"run": "3", "status": "failed", "when": 360}
+    assert found["db01"]["run"] == "3" and found["db01"]["latest"]["status"] == "succeeded"
+    assert found["new01"]["run"] is None and found["new01"]["latest"]["status"] == "blocked"
