@@ -493,6 +493,13 @@ def create_app(settings: Settings) -> FastAPI:
         api_guard(request)
         return dashboard_doc()
 
+    @app.get("/api/serves", tags=["api"])
+    def api_serves(request: Request) -> list[dict[str, Any]]:
+        """The points this pane serves over NBD (started from a point's page): machine, point, URL."""
+        api_guard(request)
+        return [{"machine": x.machine, "point": x.point, "url": x.url, "started": x.started}
+                for _, x in sorted(serves.current().items())]
+
     @app.get("/api/machines/{machine}/points", tags=["api"])
     def api_points(request: Request, machine: str) -> list[dict[str, Any]]:
         """The points of one machine, newest first."""

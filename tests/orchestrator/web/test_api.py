@@ -28,6 +28,7 @@ def bearer(world: World) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("path", ["/api/machines", "/api/runs", "/api/archive", "/api/machines/web01/points",
+                                  "/api/dashboard", "/api/serves",
                                   "/api/openapi.json"])
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Basic d2ViOnRva2Vu", "Bearer"])
 def test_the_api_answers_401_without_the_token(world: World, path: str, auth: str | None) -> None:

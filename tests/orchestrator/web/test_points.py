@@ -69,8 +69,11 @@ def test_a_point_is_served_over_nbd_then_stopped(world: World) -> None:
         assert url.startswith("nbd://127.0.0.1:") and url.endswith(f"/web01-{newest}")
         assert "serving" in client.get("/machines/web01").text
         same_disk(url, "raw", world.archive.parent / "web01.img")  # qemu-img reads NBD URLs
+        listed = httpx.get(world.url + "/api/serves", headers={"Authorization": f"Bearer {world.token}"}).json()
+        assert [(x["machine"], x["point"], x["url"]) for x in listed] == [("web01", newest, url)]
         stopped = client.post(f"/machines/web01/points/{newest}/unserve", data={"csrf": csrf})
         assert stopped.status_code == 303 and 'id="nbd-url"' not in client.get(stopped.headers["location"]).text
+        assert client.get("/api/serves").json() == []
         gone = subprocess.run(["qemu-img", "info", url], capture_output=True, text=True)
         assert gone.returncode != 0
 
