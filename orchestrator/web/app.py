@@ -191,7 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
     auth = Auth(settings.token, settings.viewer_token, secure_cookies=settings.tls)
     archive_args = ["--archive", settings.archive_arg] if settings.archive_arg else []
     archive_args += ["--key-file", settings.key_file] if settings.key_file else []
-    state_dir = settings.state_dir or default_state_dir()
+    state_dir = (settings.state_dir or default_state_dir()).resolve()  # as the state store resolves it
     serves = Serves(archive_args, state_dir / "web-runs")
 
     @asynccontextmanager
@@ -274,11 +274,10 @@ def create_app(settings: Settings) -> FastAPI:
                 out.append(seen[1])
         return out
 
-    def machine_rows(now: float | None = None) -> list[dict[str, Any]]:
+    def machine_rows(summaries: dict[str, MachineSummary], now: float | None = None) -> list[dict[str, Any]]:
         """``GET /api/machines``: each machine's RPO row against its objective (runbooks, else
         ``--rpo-objective``)."""
-        return api.machine_states(catalog.summaries(), settings.rpo_objective, now,
-                                  overview.rpo_objectives(valid_runbooks()))
+        return api.machine_states(summaries, settings.rpo_objective, now, overview.rpo_objectives(valid_runbooks()))
 
     def replica_summaries() -> tuple[dict[str, MachineSummary] | None, str | None]:
         """The replica's catalog, listed again at most every ``REPLICA_SECONDS`` (an object store's
@@ -299,7 +298,7 @@ def create_app(settings: Settings) -> FastAPI:
         of each runbook."""
         now = time.time()
         summaries = catalog.summaries()
-        rows = api.machine_states(summaries, settings.rpo_objective, now, overview.rpo_objectives(valid_runbooks()))
+        rows = machine_rows(summaries, now)
         protect = overview.protect_states(settings.protect_status, now)
         verified = overview.last_verified(runs())
         there, replica_error = replica_summaries()
@@ -397,7 +396,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no runbook {name!r} in --runbooks")
         return found
 
-    def spawn(rb: Runbook, command: list[str], state_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    def spawn(rb: Runbook, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         """Start ``lifeboat COMMAND RUNBOOK`` as a child in its own session, its output in a new log
         of ``STATE/web-runs/`` (the newest ``KEEP_LOGS`` are kept). A child rather than a thread of
         this server: it outlives a restart or a crash of the pane, and records its own output."""
@@ -423,7 +422,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(409, f"runbook {rb.name!r} has a run going, {before.id}: see its page")
             # an open run (interrupted, or a failover that failed) is resumed by the child
             resumes = before is not None and before.phase != "done"
-            child, log_path = spawn(rb, command, state.dir)
+            child, log_path = spawn(rb, command)
             deadline = time.monotonic() + RUN_START_SECONDS
             while time.monotonic() < deadline:
                 latest = state.latest_run(rb.name)
@@ -451,7 +450,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(409, f"runbook {rb.name!r} has no runs in {state.dir}")
             if not run_ended(latest) or tearing_down(latest.id):
                 raise HTTPException(409, f"runbook {rb.name!r} has a run or a teardown going, {latest.id}")
-            teardowns[latest.id] = spawn(rb, ["teardown", "--yes"], state.dir)
+            teardowns[latest.id] = spawn(rb, ["teardown", "--yes"])
             return latest.id
         finally:
             state.close()
@@ -483,7 +482,7 @@ def create_app(settings: Settings) -> FastAPI:
     def api_machines(request: Request) -> list[dict[str, Any]]:
         """Every machine: its points, newest point and its time, RPO age against the objective, status."""
         api_guard(request)
-        return machine_rows()
+        return machine_rows(catalog.summaries())
 
     @app.get("/api/dashboard", tags=["api"])
     def api_dashboard(request: Request) -> dict[str, Any]:
@@ -578,8 +577,7 @@ def create_app(settings: Settings) -> FastAPI:
         found = machine_points(machine)
         summary = summarize(machine, found)
         assert summary is not None  # machine_points has refused a machine without points
-        state = api.machine_states({machine: summary}, settings.rpo_objective, None,
-                                   overview.rpo_objectives(valid_runbooks()))[0]
+        state = machine_rows({machine: summary})[0]
         return page(request, "machine.html", machine=state, points=[point_doc(p) for p in reversed(found)],
                     total_stored=sum(p.bytes_stored for p in found), serving=serves.current())
 
