@@ -53,6 +53,7 @@ RUNBOOK_SUFFIXES = (".yaml", ".yml")
 FOLLOW_SECONDS = 0.5  # how often a run's stream looks for new events
 REPLICA_SECONDS = 30  # how long the replica's listed catalog is shown before it is listed again
 KEEP_LOGS = 50  # the newest output logs of started runs and teardowns kept in STATE/web-runs/
+RUNS_SHOWN = 200  # rows of the Runs page's table (its charts and /api/runs have every run)
 RUN_START_SECONDS = 60  # how long a started `lifeboat run` may take to record its run
 REPORT_TYPES = {"json": "application/json", "junit": "application/xml", "html": "text/html"}
 # Our pages load only our own files: no inline script, no other origin, no framing.
@@ -660,7 +661,7 @@ def create_app(settings: Settings) -> FastAPI:
     def runs_page(request: Request) -> HTMLResponse:
         page_guard(request)
         docs = [run_doc(r) for r in reversed(runs())]
-        return page(request, "runs.html", runs=docs,
+        return page(request, "runs.html", runs=docs[:RUNS_SHOWN], total=len(docs),
                     rto_chart=charts.time_chart(charts.run_series(docs, "rto_seconds"), "RTO per machine over time"),
                     rpo_chart=charts.time_chart(charts.run_series(docs, "rpo_seconds"), "RPO per machine over time"))
 
