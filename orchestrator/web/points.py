@@ -95,6 +95,7 @@ class Serves:
         self.archive_args = archive_args  # --archive/--key-file as the pane was given them
         self.logs = logs
         self._lock = threading.Lock()
+        self._starting = threading.Lock()
         self._serving: dict[str, Serving] = {}
 
     def current(self) -> dict[str, Serving]:
@@ -107,6 +108,10 @@ class Serves:
 
     def start(self, info: PointInfo) -> Serving:
         """Serve ``info`` read-only on a free loopback port (or return its running export)."""
+        with self._starting:  # two clicks on Serve start one child
+            return self._start(info)
+
+    def _start(self, info: PointInfo) -> Serving:
         key = f"{info.machine}@{info.point}"
         running = self.current().get(key)
         if running is not None:
