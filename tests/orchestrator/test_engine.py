@@ -289,7 +289,9 @@ def test_sigterm_interrupts_then_the_same_command_resumes(tiny_archive: Path, tm
 
 def test_changed_runbook_abandons_an_open_rehearsal_but_stops_a_failover(tiny_archive: Path, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    slow = machine("db1", target={"settings": {"delay": 3}})
+    # the guest boots only after 20 s (the SIGTERM cuts it short): a loaded machine must not let
+    # the health check pass before the signal lands
+    slow = machine("db1", target={"settings": {"delay": 20}})
     rb = write_runbook(tmp_path / "rb.yaml", runbook("changing", [slow]))
     proc = start_run(rb, tiny_archive, state_dir)
     wait_for_step(state_dir, "db1", "health")
