@@ -10,6 +10,7 @@ APT_PACKAGES=(
   syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio busybox-static
   restic borgbackup rclone python3-venv python3-dev gcc qemu-guest-agent
   chromium
+  golang-go golang-github-vmware-govmomi-dev  # issue 14: the vCenter simulator (tests/targets/vcsim)
 )
 
 # apt-get, waiting while another package manager holds its lock (the dpkg frontend lock, or the

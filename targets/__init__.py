@@ -17,12 +17,16 @@ from lifeboat.targets.base import Target, TargetError, TargetUnavailable
 # Designed in shared/DESIGN.md, driver to come, with the kind of machine each brings back:
 # runbooks naming them validate (against the schema when one is written), and a run stops
 # before creating anything.
-PLANNED_KINDS = {"pxe": "physical", "aws": "virtual", "vmware": "virtual", "openstack": "virtual"}
+PLANNED_KINDS = {"pxe": "physical", "aws": "virtual", "openstack": "virtual"}
 
 TARGETS: Registry[type[Target]] = Registry(
     "targets",
     "target driver",
-    {"qemu": "lifeboat.targets.qemu:QemuTarget", "kvm": "lifeboat.targets.kvm:KvmTarget"},
+    {
+        "qemu": "lifeboat.targets.qemu:QemuTarget",
+        "kvm": "lifeboat.targets.kvm:KvmTarget",
+        "vmware": "lifeboat.targets.vmware:VmwareTarget",
+    },
     planned=PLANNED_KINDS,
     base=Target,
 )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.vcsim import vcsim  # noqa: F401  (session fixture: the vCenter simulator, issue 14)
+
 LIBVIRT_URI = "qemu:///system"
 
 

@@ -44,6 +44,12 @@ class Peer(ABC):
         """Everything of this guest that exists on the host: machines, networks, and every path
         in the places the driver writes to (the suite tells apart the engine's own files)."""
 
+    def held_disk(self, guest: Guest, folder: Path) -> Path | None:
+        """For a target that cannot really boot the guest here (no console to watch it): the
+        machine's disk as the host holds it, fetched into ``folder`` (an image ``qemu-img``
+        reads); None for peers whose guests really boot."""
+        return None
+
     def __repr__(self) -> str:
         return self.id
 
@@ -133,4 +139,101 @@ class KvmPeer(Peer):
         return found + hypervisor_processes(guest.token) + paths_under(guest.workdir, self.storage_dir / guest.token)
 
 
-PEERS: list[Peer] = [QemuPeer("nbd"), QemuPeer("image"), KvmPeer()]
+class VmwarePeer(Peer):
+    """govmomi's vCenter simulator (``tests/vcsim.py``): real vSphere API calls and datastore
+    HTTP, but a VM that is powered on runs nothing, so the suite judges the disk it holds."""
+
+    id = driver = "vmware"
+
+    def __init__(self) -> None:
+        from tests.vcsim import DATACENTER, DATASTORE
+
+        # placeholders until start() points them at the session's simulator (the schema test
+        # needs no server)
+        self.settings = {
+            "host": "127.0.0.1:1",
+            "user": "user",
+            "password_file": "/nonexistent",
+            "datacenter": DATACENTER,
+            "datastore": DATASTORE,
+            "memory_mib": 256,
+            "isolated_port_group": "DC0_DVPG0",
+        }
+        self.vcenter: Any = None
+
+    def start(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """The session's simulator."""
+        self.vcenter = request.getfixturevalue("vcsim")
+        self.settings = self.vcenter.settings(memory_mib=256, isolated_port_group="DC0_DVPG0")
+
+    def _vms(self, si: Any) -> list[Any]:
+        from pyVmomi import vim
+
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            return list(view.view)
+        finally:
+            view.Destroy()
+
+    def is_running(self, guest: Guest) -> bool:
+        """A VM named by the guest's token is powered on."""
+        si = self.vcenter.connect()
+        return any(vm.name == guest.token and vm.runtime.powerState == "poweredOn" for vm in self._vms(si))
+
+    def leftovers(self, guest: Guest) -> list[Leftover]:
+        """VMs named by the guest's token, VM folders of its run, the datastore's files of the
+        guest (read in the datastore's folder on this host), the guest's workdir."""
+        from pyVmomi import vim
+
+        from lifeboat.targets.vmware import run_folder_name
+
+        if self.vcenter is None:
+            return paths_under(guest.workdir)
+        si = self.vcenter.connect()
+        found: list[Leftover] = [("vm", vm.name) for vm in self._vms(si) if vm.name == guest.token]
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Folder], True)
+        found += [("folder", f.name) for f in view.view if f.name == run_folder_name(guest.run_id)]
+        view.Destroy()
+        stores = [Path(ds.info.url) for dc in content.rootFolder.childEntity for ds in dc.datastore]
+        return found + paths_under(*(store / guest.token for store in stores), guest.workdir)
+
+    def held_disk(self, guest: Guest, folder: Path) -> Path | None:
+        """The VM's disk files (descriptor and extents, as its configuration names them),
+        downloaded over the datastore's HTTP access."""
+        import http.client
+        import ssl
+        from urllib.parse import quote, urlencode
+
+        from pyVmomi import vim
+
+        si = self.vcenter.connect()
+        vm = next(vm for vm in self._vms(si) if vm.name == guest.token)
+        disk: Any = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
+        ds_name, _, path = disk.backing.fileName.partition("] ")
+        ds_name = ds_name.lstrip("[")
+        host, _, port = self.vcenter.host.rpartition(":")
+        cookie = si._stub.cookie.split(";", 1)[0]
+        context = ssl.create_default_context(cafile=str(self.vcenter.ca_file))
+
+        def get(name: str) -> bytes:
+            conn = http.client.HTTPSConnection(host, int(port), context=context)
+            query = urlencode({"dcPath": "DC0", "dsName": ds_name})
+            conn.request("GET", f"/folder/{quote(name)}?{query}", headers={"Cookie": cookie})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200, f"GET [{ds_name}] {name}: {resp.status}"
+            return body
+
+        descriptor = get(path)
+        out = folder / Path(path).name
+        out.write_bytes(descriptor)
+        for line in descriptor.decode().splitlines():
+            if line.startswith(("RW ", "RDONLY ")):
+                extent = line.split('"')[1]
+                (folder / extent).write_bytes(get(str(Path(path).parent / extent)))
+        return out
+
+
+PEERS: list[Peer] = [QemuPeer("nbd"), QemuPeer("image"), KvmPeer(), VmwarePeer()]

@@ -16,7 +16,9 @@ driver's name:
   the hydrated disk and keep running once the NBD server stops; then a *fresh* driver instance with
   a fresh ``SqliteState`` tears down from the database alone (as after a ``kill -9``): the guest's write
   is on its disk, nothing the driver created is left, teardown is idempotent, and a file in the
-  workdir that the driver did not create is untouched.
+  workdir that the driver did not create is untouched. A driver without a console (``vmware``
+  on govmomi's simulator, whose VMs run nothing) is judged instead by the disk its host holds:
+  the peer fetches it (``held_disk``) and ``qemu-img compare`` finds it equal to the point.
 
 How a new target driver is added: write the driver (a ``Target`` subclass deriving from the
 capability classes of ``targets/base.py`` it has, with its settings schema in
@@ -63,6 +65,7 @@ from lifeboat.targets.base import (
     destroy_generic,
 )
 from tests.targets.peers import PEERS, Peer
+from tests.targets.realpeers import lifeboat
 
 POINT = "sample-guest@latest"
 
@@ -183,6 +186,19 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
             )
         assert peer.is_running(guest)
 
+    if not isinstance(target, HasConsole):
+        # no console: the guest cannot be watched (a simulator runs nothing), so judge what the
+        # target holds: the machine's disk, fetched from the host, equals the point
+        held = tmp_path / "held"
+        held.mkdir()
+        image = peer.held_disk(guest, held)
+        assert image is not None, "a target without a console must let the suite fetch the disk it holds"
+        point = tmp_path / "point.raw"
+        lifeboat("restore", POINT, str(point), "--archive", str(sample_archive), check=True)
+        compare = ["qemu-img", "compare", "-F", "raw", str(image), str(point)]
+        same = subprocess.run(compare, capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
+
     # tear down from a fresh process's point of view: new database handle, new driver instance
     state2 = SqliteState(tmp_path / "state")
     fresh = driver_for(peer)(peer.settings, TargetContext())
@@ -197,7 +213,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     # the guest's write is on the disk it ended on
     if isinstance(target, Localizes):
         assert disk.local_path is not None and read_record(disk.local_path) == (1, "sample-guest")
-    if isinstance(target, TakesImage):
+    if isinstance(target, TakesImage) and isinstance(target, HasConsole):
         assert disk.image_path is not None and disk.image_format is not None
         raw = tmp_path / "written.raw"
         qemu_format = EXPORTERS.get(disk.image_format).qemu_format
