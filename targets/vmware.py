@@ -263,7 +263,7 @@ class VmwareTarget(TakesImage):
             memoryMB=st["memory_mib"],
             firmware=st["firmware"],
             annotation=f"lifeboat run {guest.run_id}, machine {guest.name}",
-            files=vim.vm.FileInfo(vmPathName=f"{vm_dir}/"),
+            files=vim.vm.FileInfo(vmPathName=f"{vm_dir}/{guest.token}.vmx"),
             deviceChange=devices,
         )
 
