@@ -23,6 +23,7 @@ MODE_FULL = "full"  # everything read and hashed (first backup, or a fallback)
 MODE_HASH_SCAN = "hash-scan"  # everything read and hashed; only chunks new to the archive stored
 MODE_BITMAP = "incremental-bitmap"  # only the extents a QEMU dirty bitmap marks were read
 MODE_CHECKPOINT = "incremental-checkpoint"  # the same through libvirt's checkpoints
+MODE_CBT = "incremental-cbt"  # the extents vSphere's changed-block tracking gives (QueryChangedDiskAreas)
 
 
 class CaptureError(LifeboatError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -161,7 +162,7 @@ class Session:
         deadline = time.monotonic() + limit
         delay = 0.05
         while True:
-            info = self._task_info(task)
+            info = self.properties(task, ["info.state", "info.error", "info.result"])
             if info["info.state"] == "success":
                 return info.get("info.result")
             if info["info.state"] == "error":
@@ -175,16 +176,17 @@ class Session:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _task_info(self, task: Any) -> dict[str, Any]:
-        """The task's state, error and result only: ``task.info`` as a whole also carries the
-        task's entity, which some servers fill with a non-entity (govmomi's simulator: the
-        FileManager) that pyvmomi refuses to decode."""
+    def properties(self, obj: Any, paths: list[str]) -> dict[str, Any]:
+        """Some properties of ``obj`` by one ``RetrieveContents``; an unset one is absent. Why not
+        ``obj.prop``: a task's whole ``info`` also carries its entity, which govmomi's simulator
+        fills with a non-entity (the FileManager) that pyvmomi refuses to decode, and the
+        simulator's ``Fetch`` of an unset property (a VM's ``snapshot``) breaks the connection."""
         from pyVmomi import vmodl
 
         pc = vmodl.query.PropertyCollector
         spec = pc.FilterSpec(
-            objectSet=[pc.ObjectSpec(obj=task)],
-            propSet=[pc.PropertySpec(type=type(task), pathSet=["info.state", "info.error", "info.result"])],
+            objectSet=[pc.ObjectSpec(obj=obj)],
+            propSet=[pc.PropertySpec(type=type(obj), pathSet=paths)],
         )
         found = self.content.propertyCollector.RetrieveContents([spec])
         return {p.name: p.val for obj in found for p in obj.propSet}
@@ -222,6 +224,10 @@ class Session:
         finally:
             conn.close()
 
+    def ranged(self, dc: str, ds: str, path: str) -> DatastoreFile:
+        """The datastore file ``[ds] path`` for reads at any offset (HTTP range requests)."""
+        return DatastoreFile(self, dc, ds, path)
+
     def download(
         self, dc: str, ds: str, path: str, out: BinaryIO, progress: Callable[[int], None] = lambda n: None
     ) -> int:
@@ -238,6 +244,58 @@ class Session:
             return total
         finally:
             conn.close()
+
+
+class DatastoreFile:
+    """Reads of one datastore file at any offset, by HTTP range requests on one kept-alive
+    connection per thread (the archive reads with several threads)."""
+
+    def __init__(self, session: Session, dc: str, ds: str, path: str) -> None:
+        self.session, self.dc, self.ds, self.path = session, dc, ds, path
+        self._local = threading.local()
+        self._all: list[http.client.HTTPSConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> http.client.HTTPSConnection:
+        conn: http.client.HTTPSConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            name, port = split_host(self.session.host)
+            conn = http.client.HTTPSConnection(name, port, context=self.session.context, timeout=self.session.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+        url = f"/folder/{quote(self.path)}?{urlencode({'dcPath': self.dc, 'dsName': self.ds})}"
+        headers = {"Cookie": self.session._cookie(), "Range": f"bytes={offset}-{offset + length - 1}"}
+        for attempt in (1, 2):  # a kept-alive connection the server closed is opened again once
+            conn = self._conn()
+            try:
+                conn.request("GET", url, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                break
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self._local.conn = None
+                if attempt == 2:
+                    where = f"[{self.ds}] {self.path}"
+                    raise VsphereError(f"vSphere at {self.session.host}: reading {where}: {e}") from None
+        if resp.status == 206 or (resp.status == 200 and offset == 0 and len(data) <= length):
+            return data
+        raise VsphereError(
+            f"vSphere at {self.session.host}: range read of [{self.ds}] {self.path} at {offset} answered "
+            f"{resp.status} {resp.reason}"
+        )
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
 
 
 def fault_text(fault: Any) -> str:

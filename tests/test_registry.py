@@ -28,7 +28,10 @@ def test_every_kind_has_one_registry() -> None:
     assert listed["targets"] == {"available": ["qemu", "kvm", "vmware"], "planned": ["pxe", "aws", "openstack"]}
     assert listed["exporters"]["available"] == ["raw", "qcow2", "vmdk", "vmdk-stream", "vhdx"]
     assert listed["backends"] == {"available": ["file", "http", "https", "s3"], "planned": []}
-    assert listed["sources"] == {"available": ["qmp+unix", "libvirt", "lvm", "file"], "planned": ["vsphere", "ebs"]}
+    assert listed["sources"] == {
+        "available": ["qmp+unix", "libvirt", "lvm", "file", "vsphere"],
+        "planned": ["ebs"],
+    }
 
 
 def entries() -> list[tuple[str, str]]:

@@ -2,10 +2,12 @@
 
 ``tests/targets/vcsim/main.go`` is a small Go ``main`` around ``simulator.VPX()`` (one datacenter
 ``DC0``, a host and a cluster, datastore ``LocalDS_0``, port groups ``VM Network`` and
-``DC0_DVPG0``). It is built with Debian's ``golang-go`` against Debian's
-``golang-github-vmware-govmomi-dev`` (``GO111MODULE=off GOPATH=/usr/share/gocode``) once, cached
-under ``~/.cache/lifeboat-tests/`` by the source's content hash, and started once per session on
-loopback with https (a certificate of the test CA, ``tests/pki.py``) and one user whose password
+``DC0_DVPG0``), extended with changed-block tracking (``cbt.go``: change IDs on snapshots and
+``QueryChangedDiskAreas``, which the simulator lacks; ``-cbt=false`` leaves it out). It is built
+with Debian's ``golang-go`` against Debian's ``golang-github-vmware-govmomi-dev``
+(``GO111MODULE=off GOPATH=/usr/share/gocode``) once, cached under ``~/.cache/lifeboat-tests/`` by
+the sources' content hash, and started once per session on loopback with https (a certificate of
+the test CA, ``tests/pki.py``) and one user whose password
 is in a file. A missing Go toolchain or govmomi fails the tests that need it (never a skip).
 """
 
@@ -27,7 +29,7 @@ import pytest
 
 from tests.pki import make_pki
 
-SOURCE = Path(__file__).resolve().parent / "targets" / "vcsim" / "main.go"
+SOURCE = Path(__file__).resolve().parent / "targets" / "vcsim"  # main.go, cbt.go
 GOPATH = Path("/usr/share/gocode")
 GOVMOMI = GOPATH / "src/github.com/vmware/govmomi/simulator"
 CACHE = Path.home() / ".cache" / "lifeboat-tests"
@@ -43,7 +45,7 @@ def build() -> Path:
         pytest.fail(
             "the vCenter simulator needs Debian's golang-go and golang-github-vmware-govmomi-dev (scripts/setup.sh)"
         )
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCE.glob("*.go")))).hexdigest()[:16]
     binary = CACHE / f"vcsim-{digest}" / "vcsim"
     if binary.exists():
         return binary
@@ -51,7 +53,7 @@ def build() -> Path:
     tmp = binary.with_name(f"vcsim.{os.getpid()}.tmp")
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH), "GOCACHE": str(CACHE / "go-build"), "GOFLAGS": ""}
     done = subprocess.run(
-        [go, "build", "-o", str(tmp), "."], cwd=SOURCE.parent, env=env, capture_output=True, text=True, timeout=600
+        [go, "build", "-o", str(tmp), "."], cwd=SOURCE, env=env, capture_output=True, text=True, timeout=600
     )
     if done.returncode != 0:
         pytest.fail(f"building the vCenter simulator failed:\n{done.stderr}")
@@ -98,15 +100,17 @@ class VCenter:
         )
 
 
-def start(folder: Path) -> Iterator[VCenter]:
-    """Run the simulator until the generator is closed."""
+def start(folder: Path, *, cbt: bool = True) -> Iterator[VCenter]:
+    """Run the simulator until the generator is closed (without changed-block tracking: as
+    govmomi ships it)."""
     binary = build()
     pki = make_pki(folder)
     password = "vcsim-" + hashlib.sha256(os.urandom(16)).hexdigest()[:12]
     password_file = folder / "password"
     password_file.write_text(password + "\n")
     proc = subprocess.Popen(
-        [str(binary), "-cert", pki["cert"], "-key", pki["key"], "-user", USER, "-password", password],
+        [str(binary), "-cert", pki["cert"], "-key", pki["key"], "-user", USER, "-password", password]
+        + [f"-cbt={str(cbt).lower()}"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -26,6 +26,7 @@ import pytest
 
 from lifeboat.agent.plan import (
     MODE_BITMAP,
+    MODE_CBT,
     MODE_CHECKPOINT,
     MODE_FULL,
     MODE_HASH_SCAN,
@@ -47,6 +48,7 @@ from tests.agent.guest import Domain, Guest, make_disk
 MiB = 1024 * 1024
 MACHINE = "m"
 CHANGED_AT_MOST = 8 * MiB  # what an incremental after one small change may read, tracking granularity included
+INCREMENTAL = (MODE_BITMAP, MODE_CHECKPOINT, MODE_CBT)
 
 
 class Peer:
@@ -262,7 +264,98 @@ class LibvirtPeer(Peer):
             c.delete(0)
 
 
-KINDS = ["file", "image", "lvm", "qmp", "libvirt"]
+class VspherePeer(Peer):
+    """A VM on govmomi's vCenter simulator (``tests/vcsim.py``, with its changed-block tracking),
+    its flat disk uploaded by the vmware target. The simulator's VMs run nothing, so the peer writes
+    the disk's datastore file itself, as ESXi would: while a snapshot exists, writes go to a delta
+    (kept here) and reach the disk file when the snapshot is removed, so the file the snapshot
+    names stays frozen."""
+
+    def __init__(self, vcsim: Any, root: Path) -> None:
+        from lifeboat.targets.base import Disk, MemoryLog, NetworkSpec, TargetContext
+        from lifeboat.targets.base import Guest as TargetGuest
+        from lifeboat.targets.vmware import VmwareTarget, run_folder_name
+
+        self.vcsim = vcsim
+        rng = random.Random(15)
+        image = root / "seed.raw"
+        with open(image, "wb") as f:
+            f.write(rng.randbytes(4 * MiB))
+            f.seek(10 * MiB)  # a hole
+            f.write(rng.randbytes(6 * MiB))
+        self.target = VmwareTarget(vcsim.settings(), TargetContext())
+        self.guest = TargetGuest("src", "20260101T000000-5a5a5a", root, NetworkSpec("none"))
+        self.log = MemoryLog("vmware")
+        self.target.provision(self.guest, Disk(16 * MiB, image_path=image, image_format="raw"), self.log)
+        image.unlink()
+        token = self.guest.token
+        self.spec = f"vsphere://{vcsim.host}/DC0/vm/{run_folder_name(self.guest.run_id)}/{token}?disk=0"
+        content = vcsim.connect().RetrieveContent()
+        store = Path(next(ds.info.url for dc in content.rootFolder.childEntity for ds in dc.datastore))
+        self.flat = store / token / f"{token}-flat.vmdk"
+        self.pending: list[tuple[int, bytes]] = []
+        self.rng = random.Random(16)
+
+    def _vm(self) -> Any:
+        vm = self.target._vm(self.guest)
+        assert vm is not None
+        return vm
+
+    def _flush(self) -> None:
+        """Writes held in the delta reach the disk file once no snapshot remains."""
+        if self.pending and not self._snapshots():
+            with open(self.flat, "r+b") as f:
+                for at, data in self.pending:
+                    f.seek(at)
+                    f.write(data)
+            self.pending = []
+
+    def _snapshots(self) -> list[str]:
+        from lifeboat.agent.vsphere import snapshot_tree
+
+        stack = snapshot_tree(self.target.session(), self._vm())
+        names = []
+        while stack:
+            node = stack.pop()
+            names.append(node.name)
+            stack.extend(node.childSnapshotList or [])
+        return names
+
+    def change(self) -> None:
+        self._flush()
+        writes = [(self.rng.randrange(0, 16 * MiB // 4096) * 4096, self.rng.randbytes(64 * 1024)) for _ in range(3)]
+        self.pending += writes
+        self._flush()
+
+    def disk(self, dest: Path) -> None:
+        self._flush()
+        shutil.copyfile(self.flat, dest)
+        with open(dest, "r+b") as f:  # the VM's view: the disk file with the delta over it
+            for at, data in self.pending:
+                f.seek(at)
+                f.write(data)
+
+    def break_tracking(self) -> None:
+        """Changed-block tracking turned off on the VM (vSphere then drops its change IDs)."""
+        from pyVmomi import vim
+
+        vm = self._vm()
+        self.target.session().wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=False)), "cbt off")
+
+    def tracking(self) -> list[str]:
+        return ["changeTrackingEnabled"] if self._vm().config.changeTrackingEnabled else []
+
+    def leftovers(self) -> list[str]:
+        return self._snapshots()
+
+    def reset(self) -> None:
+        self.break_tracking()
+
+    def close(self) -> None:
+        self.target.teardown(self.log)
+
+
+KINDS = ["file", "image", "lvm", "qmp", "libvirt", "vsphere"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -287,6 +380,16 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                 yield QmpPeer(g, scratch)
             finally:
                 g.kill()
+        elif request.param == "vsphere":
+            vcsim = request.getfixturevalue("vcsim")
+            mp.setenv("LIFEBOAT_VSPHERE_USER", vcsim.user)
+            mp.setenv("LIFEBOAT_VSPHERE_PASSWORD_FILE", str(vcsim.password_file))
+            mp.setenv("LIFEBOAT_VSPHERE_CA_FILE", str(vcsim.ca_file))
+            vpeer = VspherePeer(vcsim, root)
+            try:
+                yield vpeer
+            finally:
+                vpeer.close()
         else:
             request.getfixturevalue("libvirtd")
             d = Domain(request.getfixturevalue("sample_guest_image"))
@@ -345,7 +448,7 @@ def test_change_then_incremental(arc: Archive, src_peer: Peer, tmp_path: Path) -
     info, plan, stated = quiet_capture(arc, src_peer, tmp_path / "real2.raw")
     assert not filecmp.cmp(tmp_path / "real1.raw", tmp_path / "real2.raw", shallow=False), "the change changed nothing"
     if stated.tracks_changes:
-        assert plan.mode in (MODE_BITMAP, MODE_CHECKPOINT) and plan.fallback_reason is None, plan
+        assert plan.mode in INCREMENTAL and plan.fallback_reason is None, plan
         assert plan.base is not None and plan.base.point == first.point and info.parent == first.point
         assert plan.changed and 0 < info.bytes_read <= CHANGED_AT_MOST, info.bytes_read
     else:  # read again and hashed
@@ -372,7 +475,7 @@ def test_interrupted_tracking_falls_back_to_full(arc: Archive, src_peer: Peer, t
     assert_clean(src_peer, stated)
     src_peer.change()
     after, plan, _ = quiet_capture(arc, src_peer, tmp_path / "real3.raw")  # the chain is whole again
-    assert plan.mode in (MODE_BITMAP, MODE_CHECKPOINT) and plan.base and plan.base.point == info.point
+    assert plan.mode in INCREMENTAL and plan.base and plan.base.point == info.point
     assert_reads_back(arc, after, tmp_path / "real3.raw")
 
 
@@ -417,5 +520,5 @@ def test_failed_capture_leaves_nothing_behind(arc: Archive, src_peer: Peer, tmp_
     assert_clean(src_peer, stated)
     info, plan, _ = quiet_capture(arc, src_peer, tmp_path / "real2.raw")
     if stated.tracks_changes:  # the failed try kept the chain: the next capture reads only the change
-        assert plan.mode in (MODE_BITMAP, MODE_CHECKPOINT) and plan.base and plan.base.point == first.point
+        assert plan.mode in INCREMENTAL and plan.base and plan.base.point == first.point
     assert_reads_back(arc, info, tmp_path / "real2.raw")

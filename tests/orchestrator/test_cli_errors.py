@@ -98,6 +98,9 @@ CASES = [
     case("backup-qmp-socket-absent", "backup", "web01 qmp+unix://{tmp}/no-qmp.sock?node=drive0 --archive {arc}", 1,
          "{tmp}/no-qmp.sock"),
     case("backup-bad-libvirt-url", "backup", "web01 libvirt:///dom --archive {arc}", 2, "disk"),
+    case("backup-bad-vsphere-url", "backup", "web01 vsphere://127.0.0.1:1/DC0/vm/x --archive {arc}", 2, "disk=N"),
+    case("backup-vsphere-no-user", "backup", "web01 vsphere://127.0.0.1:1/DC0/vm/x?disk=0 --archive {arc}", 2,
+         "LIFEBOAT_VSPHERE_USER"),
     case("backup-server-down", "backup", "web01 {img} --archive {url}", 1, "127.0.0.1"),
     # points
     case("points-no-archive", "points", "web01 --archive {missing}", 2, "{missing}"),
