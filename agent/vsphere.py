@@ -243,9 +243,10 @@ class VsphereSource:
         folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
         self._file = self.session.ranged(self.dc.name, ds, folder + extent)
 
-    def data_extents(self) -> list[tuple[int, int]] | None:
-        """The extents holding data (CBT with change ID ``*``), so a full read skips holes."""
-        return self._extents
+    def data_extents(self) -> list[tuple[int, int]]:
+        """The extents holding data (CBT with change ID ``*``), so a full read skips holes; the
+        whole disk when the server cannot say."""
+        return self._extents if self._extents is not None else [(0, self.size)]
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the frozen disk file."""
