@@ -19,7 +19,7 @@ import os
 import shutil
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,10 +100,11 @@ class VCenter:
         )
 
 
-def start(folder: Path, *, cbt: bool = True) -> Iterator[VCenter]:
+def start(folder: Path, *, cbt: bool = True) -> Generator[VCenter, None, None]:
     """Run the simulator until the generator is closed (without changed-block tracking: as
     govmomi ships it)."""
     binary = build()
+    folder.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder)
     password = "vcsim-" + hashlib.sha256(os.urandom(16)).hexdigest()[:12]
     password_file = folder / "password"
