@@ -151,6 +151,44 @@ def test_missing_objects_and_failed_tasks_are_named(
     assert on_simulator(vcsim, guest.run_id) == []
 
 
+def test_a_datastore_too_full_is_named_before_any_upload(vcsim: VCenter, tmp_path: Path) -> None:
+    from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec
+
+    target = VmwareTarget(vcsim.settings(), TargetContext())
+    guest = Guest("full", "20260101T000000-0f0f0f", tmp_path, NetworkSpec("none"))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\1" * 4096)
+    log = MemoryLog("vmware")
+    full = "datastore 'LocalDS_0' is too full: .* bytes free, the disk needs 1152921504606846976"
+    with pytest.raises(VsphereError, match=full):
+        target.provision(guest, Disk(1 << 60, image_path=image, image_format="raw"), log)
+    VmwareTarget(vcsim.settings(), TargetContext()).teardown(log)
+    assert on_simulator(vcsim, guest.run_id) == []
+
+
+def test_a_task_that_hangs_is_cancelled_after_the_step_timeout(
+    vcsim: VCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator finishes every task at once, so a task stuck running is a stand-in: its state
+    as the server would keep answering it."""
+    from lifeboat.plumbing.vsphere import connect
+
+    session = connect(vcsim.host, vcsim.user, vcsim.password, ca_file=str(vcsim.ca_file), timeout=0.3)
+
+    class StuckTask:
+        cancelled = False
+
+        def CancelTask(self) -> None:  # noqa: N802 - the vSphere method's name
+            self.cancelled = True
+
+    task = StuckTask()
+    monkeypatch.setattr(session, "properties", lambda obj, paths: {"info.state": "running"})
+    with pytest.raises(VsphereError, match="powering on the VM x did not finish within 0.3 s") as err:
+        session.wait(task, "powering on the VM x")
+    assert err.value.exit_code == 1 and task.cancelled
+    session.close()
+
+
 def datastore_dir(vcsim: VCenter) -> Path:
     """Where the simulator keeps LocalDS_0's files on this host."""
     content = vcsim.connect().RetrieveContent()
