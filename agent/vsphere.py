@@ -88,10 +88,10 @@ class VsphereSource:
         user = params.get("user") or os.environ.get("LIFEBOAT_VSPHERE_USER")
         if not user:
             raise UsageError(f"source {spec}: set LIFEBOAT_VSPHERE_USER (or add &user=NAME)")
-        password = read_password(
-            os.environ.get("LIFEBOAT_VSPHERE_PASSWORD_FILE"),
-            "LIFEBOAT_VSPHERE_PASSWORD" if os.environ.get("LIFEBOAT_VSPHERE_PASSWORD") else None,
-        )
+        password_file = os.environ.get("LIFEBOAT_VSPHERE_PASSWORD_FILE")
+        if not password_file and not os.environ.get("LIFEBOAT_VSPHERE_PASSWORD"):
+            raise UsageError(f"source {spec}: set LIFEBOAT_VSPHERE_PASSWORD_FILE (or LIFEBOAT_VSPHERE_PASSWORD)")
+        password = read_password(password_file, None if password_file else "LIFEBOAT_VSPHERE_PASSWORD")
         ca = params.get("ca_file") or os.environ.get("LIFEBOAT_VSPHERE_CA_FILE")
         self.session: Session = connect(self.host, user, password, ca_file=ca)
         try:

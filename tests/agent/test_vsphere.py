@@ -147,4 +147,7 @@ def test_wrong_credentials_and_missing_vm_exit_clearly(vcsim: VCenter, archive: 
     assert done.returncode == 1 and "login as 'administrator@vsphere.local' refused" in done.stderr
     done = lifeboat("backup", "x", spec, "--archive", str(archive), env=env_for(vcsim))
     assert done.returncode == 2 and "no virtual machine 'no-such-vm' in datacenter 'DC0'" in done.stderr
+    no_password = {k: v for k, v in env_for(vcsim).items() if k != "LIFEBOAT_VSPHERE_PASSWORD_FILE"}
+    done = lifeboat("backup", "x", spec, "--archive", str(archive), env=no_password)
+    assert done.returncode == 2 and "set LIFEBOAT_VSPHERE_PASSWORD_FILE" in done.stderr
     assert not os.environ.get("LIFEBOAT_VSPHERE_PASSWORD")

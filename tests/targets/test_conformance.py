@@ -3,8 +3,8 @@
 
 One suite, parametrized over test peers (``tests/targets/peers.py``), one peer per driver *mode*:
 ``qemu`` (boots from NBD), ``qemu-image`` (``boot: image``: boots from an exported qcow2 file),
-``kvm`` (a real libvirtd). The tests branch only on capabilities (``isinstance``), never on a
-driver's name:
+``kvm`` (a real libvirtd), ``vmware`` (govmomi's vCenter simulator). The tests branch only on
+capabilities (``isinstance``), never on a driver's name:
 
 - the settings schema is valid, the defaults satisfy it, unknown and mistyped settings are
   rejected with an error naming the setting;
