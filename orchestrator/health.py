@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifeboat.orchestrator.runbook import Check
-from lifeboat.targets.base import ExecInGuest, Guest, HasConsole, ResourceLog, Target, TargetError
+from lifeboat.targets.base import EndpointPending, ExecInGuest, Guest, HasConsole, ResourceLog, Target, TargetError
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[^\[])")
 
@@ -120,7 +120,10 @@ def _attempt(check: Check, target: Target, guest: Guest, log: ResourceLog, env: 
         if "host" in spec:
             host, real_port = str(spec["host"]), port
         else:
-            endpoint = target.guest_endpoint(guest, log, port)
+            try:
+                endpoint = target.guest_endpoint(guest, log, port)
+            except EndpointPending as e:
+                return False, str(e)
             if endpoint is None:
                 raise TargetError(f"the {target.name} target cannot reach port {port} of {guest.name}; give tcp.host")
             host, real_port = endpoint

@@ -50,6 +50,10 @@ class TargetUnavailable(TargetError):
     """The driver cannot work on this host (missing binary, daemon down, no permission)."""
 
 
+class EndpointPending(TargetError):
+    """The guest's address is not known yet (``guest_endpoint``): not a failure, ask again."""
+
+
 class InvalidSettings(TargetError, UsageError):
     """A driver's settings do not satisfy its schema (exit status 2: the runbook is at fault)."""
 
@@ -245,7 +249,9 @@ class Target(ABC):
             raise TargetError(f"{guest.name}: the machine is not running")
 
     def guest_endpoint(self, guest: Guest, log: ResourceLog, port: int) -> tuple[str, int] | None:
-        """Where the orchestrator host reaches the guest's TCP ``port``; None if it cannot."""
+        """Where the orchestrator host reaches the guest's TCP ``port``; None if it cannot. Raise
+        ``EndpointPending`` when it will know later (an address the guest has not reported yet):
+        the health check asks again until its timeout."""
         return None
 
     def teardown(self, log: ResourceLog) -> None:

@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.vsphere import PIECE, Session, VsphereError, connect, read_password
-from lifeboat.targets.base import Disk, Guest, Resource, ResourceLog, TakesImage, TargetError, destroy_generic
+from lifeboat.targets.base import (
+    Disk,
+    EndpointPending,
+    Guest,
+    Resource,
+    ResourceLog,
+    TakesImage,
+    TargetError,
+    destroy_generic,
+)
 
 SECTOR = 512
 CONTROLLERS = {
@@ -290,12 +299,17 @@ class VmwareTarget(TakesImage):
         return vm is not None and vm.runtime.powerState == "poweredOn"
 
     def guest_endpoint(self, guest: Guest, log: ResourceLog, port: int) -> tuple[str, int] | None:
-        """The IP address VMware Tools report, once they do (on a mapped or isolated network)."""
+        """The IP address VMware Tools report (on a mapped or isolated network); pending until
+        they do."""
         if guest.network.mode == "none":
             return None
         vm = self._vm(guest)
-        ip = vm.guest.ipAddress if vm is not None and vm.guest is not None else None
-        return (str(ip), port) if ip else None
+        if vm is None:
+            return None
+        ip = self.session().properties(vm, ["guest.ipAddress"]).get("guest.ipAddress")
+        if not ip:
+            raise EndpointPending(f"{guest.name}: VMware Tools have not reported the VM's IP address yet")
+        return str(ip), port
 
     def destroy(self, resource: Resource) -> None:
         """VMs (powered off, then destroyed with their files), datastore folders, the run's

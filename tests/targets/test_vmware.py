@@ -7,6 +7,8 @@ status 1, nothing left behind after teardown.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +66,47 @@ def on_simulator(vcsim: VCenter, run_id: str) -> list[str]:
     return found
 
 
-def test_rehearsal_creates_checks_and_removes_everything(vcsim: VCenter, sample_archive: Path, tmp_path: Path) -> None:
-    done, out = run(rehearsal(vcsim, cpus=2, firmware="efi", disk_controller="pvscsi"), tmp_path, sample_archive)
+def tools_report(vcsim: VCenter, ip: str, stop: threading.Event) -> None:
+    """Play VMware Tools for every powered-on VM of a lifeboat run: report ``ip`` as the guest's
+    address (the simulator's ``SET.guest.ipAddress`` extraConfig; its VMs run no Tools)."""
+    from pyVmomi import vim
+
+    si = vcsim.connect()
+    content = si.RetrieveContent()
+    done: set[str] = set()
+    while not stop.wait(0.2):
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        for vm in view.view:
+            if vm.name.startswith("lifeboat-") and vm.name not in done and vm.runtime.powerState == "poweredOn":
+                spec = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key="SET.guest.ipAddress", value=ip)])
+                vm.ReconfigVM_Task(spec=spec)
+                done.add(vm.name)
+        view.Destroy()
+
+
+def test_rehearsal_waits_for_the_guests_address_checks_it_and_removes_everything(
+    vcsim: VCenter, sample_archive: Path, tmp_path: Path
+) -> None:
+    """The TCP check has no host: the engine asks the driver, which answers the address VMware
+    Tools report; the check connects there (a listener of this test stands in for the guest)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    doc = rehearsal(vcsim, cpus=2, firmware="efi", disk_controller="pvscsi")
+    doc["machines"][0]["health"].append({"name": "guest port", "tcp": {"port": port}, "timeout": "2m"})
+    stop = threading.Event()
+    tools = threading.Thread(target=tools_report, args=(vcsim, "127.0.0.1", stop), daemon=True)
+    tools.start()
+    try:
+        done, out = run(doc, tmp_path, sample_archive)
+    finally:
+        stop.set()
+        tools.join()
+        listener.close()
     assert done.returncode == 0, done.stderr
     assert out is not None and out["status"] == "succeeded", out
     assert "powered on" in done.stderr and "uploading the disk" in done.stderr
+    report = json.loads(Path(out["report"]["json"]).read_text())
+    assert [c["ok"] for c in report["machines"][0]["health"]] == [True, True]
     assert on_simulator(vcsim, out["run_id"]) == []
 
 
