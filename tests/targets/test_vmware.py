@@ -69,7 +69,7 @@ def on_simulator(vcsim: VCenter, run_id: str) -> list[str]:
 def tools_report(vcsim: VCenter, ip: str, stop: threading.Event) -> None:
     """Play VMware Tools for every powered-on VM of a lifeboat run: report ``ip`` as the guest's
     address (the simulator's ``SET.guest.ipAddress`` extraConfig; its VMs run no Tools)."""
-    from pyVmomi import vim
+    from pyVmomi import vim, vmodl
 
     si = vcsim.connect()
     content = si.RetrieveContent()
@@ -77,10 +77,13 @@ def tools_report(vcsim: VCenter, ip: str, stop: threading.Event) -> None:
     while not stop.wait(0.2):
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
         for vm in view.view:
-            if vm.name.startswith("lifeboat-") and vm.name not in done and vm.runtime.powerState == "poweredOn":
-                spec = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key="SET.guest.ipAddress", value=ip)])
-                vm.ReconfigVM_Task(spec=spec)
-                done.add(vm.name)
+            try:
+                if vm.name.startswith("lifeboat-") and vm.name not in done and vm.runtime.powerState == "poweredOn":
+                    option = vim.option.OptionValue(key="SET.guest.ipAddress", value=ip)
+                    vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(extraConfig=[option]))
+                    done.add(vm.name)
+            except (vim.fault.VimFault, vmodl.fault.ManagedObjectNotFound):
+                pass  # removed meanwhile by the run's teardown
         view.Destroy()
 
 
