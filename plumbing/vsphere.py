@@ -12,8 +12,8 @@ knows nothing else of lifeboat.
   the host and user for a refused login, the datastore, port group, resource pool or folder that
   does not exist, the task and its object for a task that failed or did not finish in time.
 - Datastore files move over vSphere's documented HTTP file access (``/folder/PATH?dcPath=DC&
-  dsName=DS``, authenticated by the session's ``vmware_soap_session`` cookie), streamed in 1 MiB
-  pieces both ways.
+  dsName=DS``, authenticated by the session's ``vmware_soap_session`` cookie): uploads streamed in
+  1 MiB pieces, reads at any offset by range requests.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from lifeboat.plumbing.errors import LifeboatError, UsageError
@@ -155,10 +154,10 @@ class Session:
         return found
 
     # -- tasks ----------------------------------------------------------------------------
-    def wait(self, task: Any, what: str, timeout: float | None = None) -> Any:
-        """Wait for a task; its result. A failed task, or one still running after ``timeout``
-        seconds (default: the session's), is a ``VsphereError`` naming ``what``."""
-        limit = self.timeout if timeout is None else timeout
+    def wait(self, task: Any, what: str) -> Any:
+        """Wait for a task; its result. A failed task, or one still running after the session's
+        timeout (the step's), is a ``VsphereError`` naming ``what`` (the running task is cancelled)."""
+        limit = self.timeout
         deadline = time.monotonic() + limit
         delay = 0.05
         while True:
@@ -227,23 +226,6 @@ class Session:
     def ranged(self, dc: str, ds: str, path: str) -> DatastoreFile:
         """The datastore file ``[ds] path`` for reads at any offset (HTTP range requests)."""
         return DatastoreFile(self, dc, ds, path)
-
-    def download(
-        self, dc: str, ds: str, path: str, out: BinaryIO, progress: Callable[[int], None] = lambda n: None
-    ) -> int:
-        """GET the datastore file ``[ds] path`` into ``out``; the number of bytes."""
-        conn, resp = self._request("GET", dc, ds, path)
-        try:
-            if resp.status != 200:
-                raise VsphereError(f"vSphere at {self.host}: no file [{ds}] {path} ({resp.status} {resp.reason})")
-            total = 0
-            while piece := resp.read(PIECE):
-                out.write(piece)
-                total += len(piece)
-                progress(len(piece))
-            return total
-        finally:
-            conn.close()
 
 
 class DatastoreFile:
@@ -355,15 +337,3 @@ def connect(
     except OSError as e:
         raise VsphereError(f"vSphere at {host}: cannot connect: {e}") from None
     return Session(host, si, context, timeout)
-
-
-@contextmanager
-def session(
-    host: str, user: str, password: str, *, ca_file: str | None = None, insecure: bool = False, timeout: float = 600
-) -> Iterator[Session]:
-    """``connect``, logged out at the end of the block."""
-    s = connect(host, user, password, ca_file=ca_file, insecure=insecure, timeout=timeout)
-    try:
-        yield s
-    finally:
-        s.close()
