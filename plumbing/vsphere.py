@@ -18,20 +18,22 @@ knows nothing else of lifeboat.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 PIECE = 1 << 20
+T = TypeVar("T")
 
 
 class VsphereError(LifeboatError):
@@ -280,6 +282,27 @@ class DatastoreFile:
             self._all.clear()
 
 
+def guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """A driver method whose pyvmomi calls may fail on the wire (a timeout, a reset connection) or
+    with a fault the code did not expect: either becomes a ``VsphereError`` naming the host and the
+    step, not an internal error. ``self.settings["host"]`` names the host."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, http.client.HTTPException) as e:
+            raise VsphereError(f"vSphere at {self.settings['host']}: {method.__name__}: {e!r}") from None
+        except Exception as e:
+            from pyVmomi import vmodl
+
+            if isinstance(e, vmodl.MethodFault):
+                raise VsphereError(f"vSphere at {self.settings['host']}: {method.__name__}: {fault_text(e)}") from None
+            raise
+
+    return wrapper
+
+
 def fault_text(fault: Any) -> str:
     """A vSphere fault as one line: its message, else its type's name."""
     msg = getattr(fault, "localizedMessage", None) or getattr(fault, "msg", None)
@@ -309,7 +332,8 @@ def connect(
     timeout: float = 600,
 ) -> Session:
     """Log in to vCenter/ESXi at ``host`` (``HOST[:PORT]``) over https, the certificate verified
-    unless ``insecure``."""
+    unless ``insecure``; every call of the session gives up after ``timeout`` seconds without an
+    answer (a hung server is an error, not a wait forever)."""
     from pyVim.connect import SmartConnect
     from pyVmomi import vim
 
@@ -324,8 +348,15 @@ def connect(
             raise VsphereSettingsError(f"vSphere CA file {ca_file}: {e}") from None
     name, port = split_host(host)
     try:
+        # pyvmomi asks for the API versions with no timeout at all: ask first, with one
+        probe = http.client.HTTPSConnection(name, port, context=context, timeout=timeout)
+        try:
+            probe.request("GET", "/sdk/vimServiceVersions.xml")
+            probe.getresponse().read()
+        finally:
+            probe.close()
         si = SmartConnect(
-            host=name, port=port, user=user, pwd=password, sslContext=context, connectionPoolTimeout=int(timeout)
+            host=name, port=port, user=user, pwd=password, sslContext=context, httpConnectionTimeout=timeout
         )
     except vim.fault.InvalidLogin:
         raise VsphereError(f"vSphere at {host}: login as {user!r} refused (wrong user name or password)") from None
@@ -334,6 +365,6 @@ def connect(
             f"vSphere at {host}: its TLS certificate is not trusted ({e.verify_message}); "
             "give ca_file, or (only if you mean it) insecure: true in the runbook"
         ) from None
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:
         raise VsphereError(f"vSphere at {host}: cannot connect: {e}") from None
     return Session(host, si, context, timeout)

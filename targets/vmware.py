@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lifeboat.plumbing.vsphere import PIECE, Session, VsphereError, connect, read_password
+from lifeboat.plumbing.vsphere import PIECE, Session, VsphereError, connect, guarded, read_password
 from lifeboat.targets.base import (
     Disk,
     EndpointPending,
@@ -163,6 +163,7 @@ class VmwareTarget(TakesImage):
         return None if folder is None else self.session().find_vm(folder, guest.token)
 
     # -- lifecycle ------------------------------------------------------------------------
+    @guarded
     def prepare(self) -> None:
         """Log in; the datacenter, datastore, resource pool, folder and port groups exist."""
         dc = self._dc()
@@ -173,6 +174,7 @@ class VmwareTarget(TakesImage):
         if self.settings.get("isolated_port_group"):
             s.network(dc, self.settings["isolated_port_group"])
 
+    @guarded
     def provision(self, guest: Guest, disk: Disk, log: ResourceLog) -> None:
         """The run's folder, the disk on the datastore, the VM (powered off)."""
         if disk.image_path is None:
@@ -276,6 +278,7 @@ class VmwareTarget(TakesImage):
             deviceChange=devices,
         )
 
+    @guarded
     def boot(self, guest: Guest, log: ResourceLog) -> None:
         """Power on and wait for the power state; a VM already on is adopted."""
         vm = self._vm(guest)
@@ -293,11 +296,13 @@ class VmwareTarget(TakesImage):
             time.sleep(0.5)
         self.context.log(f"{guest.name}: VM {guest.token} powered on")
 
+    @guarded
     def is_running(self, guest: Guest, log: ResourceLog) -> bool:
         """The VM exists and is powered on."""
         vm = self._vm(guest)
         return vm is not None and vm.runtime.powerState == "poweredOn"
 
+    @guarded
     def guest_endpoint(self, guest: Guest, log: ResourceLog, port: int) -> tuple[str, int] | None:
         """The IP address VMware Tools report (on a mapped or isolated network); pending until
         they do."""
@@ -311,6 +316,7 @@ class VmwareTarget(TakesImage):
             raise EndpointPending(f"{guest.name}: VMware Tools have not reported the VM's IP address yet")
         return str(ip), port
 
+    @guarded
     def destroy(self, resource: Resource) -> None:
         """VMs (powered off, then destroyed with their files), datastore folders, the run's
         folder once empty; "not found" is success."""

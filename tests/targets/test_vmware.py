@@ -239,15 +239,19 @@ def datastore_dir(vcsim: VCenter) -> Path:
 def test_login_and_certificate_errors(vcsim: VCenter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password\n")
+    silent = socket.create_server(("127.0.0.1", 0))
     cases = [
         (vcsim.settings(password_file=str(wrong)), "login as 'administrator@vsphere.local' refused"),
         ({k: v for k, v in vcsim.settings().items() if k != "ca_file"}, "TLS certificate is not trusted"),
         (vcsim.settings(host="127.0.0.1:1"), "cannot connect"),
+        # a server that accepts and never answers: the step's timeout ends the wait
+        (vcsim.settings(host=f"127.0.0.1:{silent.getsockname()[1]}", task_timeout_seconds=0.5), "connect.*timed out"),
     ]
     for settings, message in cases:
         with pytest.raises(VsphereError, match=message) as err:
             VmwareTarget(settings, TargetContext()).prepare()
         assert err.value.exit_code == 1
+    silent.close()
     # insecure only when the runbook says so; the password from the environment
     settings = {k: v for k, v in vcsim.settings().items() if k not in ("ca_file", "password_file")}
     monkeypatch.setenv("VC_PASS", vcsim.password)
