@@ -21,7 +21,6 @@ import fcntl
 import functools
 import gzip
 import hashlib
-import lzma
 import os
 import re
 import shutil
@@ -31,9 +30,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lifeboat.plumbing import initramfs
+from lifeboat.plumbing.initramfs import cpio_newc, is_static_elf, resolve_modules
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -288,118 +289,12 @@ def kernel_package() -> tuple[str, str]:
     raise RuntimeError(f"apt knows no {KERNEL_META_PACKAGE} (apt-get update did not help)")
 
 
-def _elf_sections(data: bytes) -> dict[str, bytes]:
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError("not a little-endian ELF64 file")
-    shoff = struct.unpack_from("<Q", data, 0x28)[0]
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    headers = []
-    for i in range(shnum):
-        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
-        headers.append((name, offset, size))
-    str_off, str_size = headers[shstrndx][1], headers[shstrndx][2]
-    strtab = data[str_off : str_off + str_size]
-    sections = {}
-    for name, offset, size in headers:
-        sname = strtab[name : strtab.index(b"\0", name)].decode()
-        sections[sname] = data[offset : offset + size]
-    return sections
-
-
-def _is_static_elf(path: Path) -> bool:
-    data = path.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return False
-    phoff = struct.unpack_from("<Q", data, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    pt_interp = 3
-    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != pt_interp for i in range(phnum))
-
-
-def _module_bytes(path: Path) -> bytes:
-    name = path.name
-    if name.endswith(".ko.xz"):
-        return lzma.decompress(path.read_bytes())
-    if name.endswith(".ko.gz"):
-        return gzip.decompress(path.read_bytes())
-    if name.endswith(".ko.zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
-    return path.read_bytes()
-
-
-def _module_name(path: Path) -> str:
-    return path.name.split(".ko", 1)[0].replace("-", "_")
-
-
-def _module_depends(ko: bytes) -> list[str]:
-    modinfo = _elf_sections(ko).get(".modinfo", b"")
-    for item in modinfo.split(b"\0"):
-        if item.startswith(b"depends="):
-            return [d.replace("-", "_") for d in item[len(b"depends=") :].decode().split(",") if d]
-    return []
-
-
-def resolve_modules(moddir: Path, wanted: Iterable[str]) -> list[tuple[str, bytes]]:
-    """The modules (name, uncompressed .ko) needed for ``wanted``, dependencies first.
-
-    Modules built into the kernel (modules.builtin) are left out.
-    """
-    index: dict[str, Path] = {}
-    for p in sorted((moddir / "kernel").rglob("*.ko*")):
-        if re.search(r"\.ko(\.xz|\.gz|\.zst)?$", p.name):
-            index.setdefault(_module_name(p), p)
-    builtin: set[str] = set()
-    if (moddir / "modules.builtin").exists():
-        for line in (moddir / "modules.builtin").read_text().split():
-            builtin.add(_module_name(Path(line)))
-    order: list[tuple[str, bytes]] = []
-    done: set[str] = set()
-
-    def visit(name: str, chain: tuple[str, ...]) -> None:
-        if name in done or name in builtin:
-            return
-        if name in chain:
-            raise RuntimeError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
-        if name not in index:
-            raise RuntimeError(f"kernel module {name} not found under {moddir}")
-        ko = _module_bytes(index[name])
-        for dep in _module_depends(ko):
-            visit(dep, chain + (name,))
-        done.add(name)
-        order.append((name, ko))
-
-    for name in wanted:
-        visit(name, ())
-    return order
-
-
 # --------------------------------------------------------------------------- initramfs
-
-
-def _cpio_newc(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
-    """A newc (``cpio -H newc``) archive; entries are (name, mode, data, (rdev major, minor))."""
-    out = bytearray()
-
-    def add(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> None:
-        namez = name.encode() + b"\0"
-        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0)
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
-        out.extend(namez)
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for ino, (name, mode, data, rdev) in enumerate(entries, start=1):
-        add(ino, name, mode, data, rdev)
-    add(0, "TRAILER!!!", 0, b"", (0, 0))
-    return bytes(out)
 
 
 def make_initramfs(modules: list[tuple[str, bytes]]) -> bytes:
     """The gzip-compressed initramfs: static busybox, the virtio modules, and ``init``."""
-    if not BUSYBOX.exists() or not _is_static_elf(BUSYBOX):
+    if not BUSYBOX.exists() or not is_static_elf(BUSYBOX):
         raise RuntimeError(f"{BUSYBOX} is missing or not static: install busybox-static")
     d, f, lnk, chr_ = 0o040755, 0o100644, 0o120777, 0o020600
     init = INIT_SCRIPT.replace("@MODULES@", " ".join(name for name, _ in modules))
@@ -413,7 +308,7 @@ def make_initramfs(modules: list[tuple[str, bytes]]) -> bytes:
         ("init", 0o100755, init.encode(), (0, 0)),
     ]
     entries += [(f"lib/modules/{name}.ko", f, ko, (0, 0)) for name, ko in modules]
-    return gzip.compress(_cpio_newc(entries), compresslevel=9, mtime=0)
+    return gzip.compress(cpio_newc(entries), compresslevel=9, mtime=0)
 
 
 # --------------------------------------------------------------------------- disk image
@@ -514,15 +409,17 @@ def _is_pristine(image: Path) -> bool:
 def build(cache_dir: Path | None = None) -> Path:
     """Build the sample guest image once and return its cached path.
 
-    The cache key is a hash of this file and the kernel package's version, so a change to either
-    builds a new image. Do not boot the returned file directly: copy it (``copy_image``) or boot it
-    with ``-snapshot``; a cached image whose record was changed is rebuilt.
+    The cache key is a hash of this file, ``plumbing/initramfs.py`` and the kernel package's
+    version, so a change to any of them builds a new image. Do not boot the returned file
+    directly: copy it (``copy_image``) or boot it with ``-snapshot``; a cached image whose record
+    was changed is rebuilt.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     package, version = kernel_package()
     key = hashlib.sha256()
     key.update(Path(__file__).read_bytes())
+    key.update(Path(initramfs.__file__).read_bytes())
     key.update(f"\0{package}\0{version}".encode())
     image = cache / f"{_IMAGE_PREFIX}{key.hexdigest()[:16]}.img"
     if _is_pristine(image):

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   restic borgbackup rclone python3-venv python3-dev gcc qemu-guest-agent
   chromium
   golang-go golang-github-vmware-govmomi-dev  # issue 14: the vCenter simulator (tests/targets/vcsim)
+  linux-image-amd64 ipxe-qemu dnsmasq-base  # issue 13 (pxe): recovery kernel, iPXE ROMs, libvirt DHCP
 )
 
 # apt-get, waiting while another package manager holds its lock (the dpkg frontend lock, or the

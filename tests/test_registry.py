@@ -25,7 +25,7 @@ KINDS = ["targets", "exporters", "backends", "sources"]
 def test_every_kind_has_one_registry() -> None:
     assert list(registries()) == KINDS
     listed = list_plugins()
-    assert listed["targets"] == {"available": ["qemu", "kvm", "vmware"], "planned": ["pxe", "aws", "openstack"]}
+    assert listed["targets"] == {"available": ["qemu", "kvm", "vmware", "pxe"], "planned": ["aws", "openstack"]}
     assert listed["exporters"]["available"] == ["raw", "qcow2", "vmdk", "vmdk-stream", "vhdx"]
     assert listed["backends"] == {"available": ["file", "http", "https", "s3"], "planned": []}
     assert listed["sources"] == {
@@ -63,8 +63,8 @@ def test_planned_names_fail_with_one_clear_error(kind: str, name: str) -> None:
 
 
 def test_planned_targets_go_through_the_same_path() -> None:
-    with pytest.raises(UsageError, match="the pxe target driver is planned but not available in this version"):
-        TARGETS.get("pxe")
+    with pytest.raises(UsageError, match="the aws target driver is planned but not available in this version"):
+        TARGETS.get("aws")
     assert driver_kind("pxe") == "physical" and driver_kind("aws") == "virtual" and driver_kind("nope") is None
     assert driver_schema("pxe") is not None and driver_schema("aws") is None and driver_schema("qemu") is not None
 
@@ -75,7 +75,7 @@ def test_planned_forms_of_the_other_kinds() -> None:
 
 
 def test_unknown_names_list_what_is_available() -> None:
-    with pytest.raises(UsageError, match=r"unknown target driver 'nope' \(available: qemu, kvm, vmware\)"):
+    with pytest.raises(UsageError, match=r"unknown target driver 'nope' \(available: qemu, kvm, vmware, pxe\)"):
         TARGETS.get("nope")
     with pytest.raises(UsageError, match="unknown archive backend 'ftp'.*file, http, https, s3"):
         open_backend("ftp://host/x")
@@ -91,14 +91,14 @@ def test_source_forms(tmp_path: Any) -> None:
 def test_environment_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIFEBOAT_PLUGINS", " targets:proc=tests.orchestrator.procdriver:ProcTarget ,"
                                            "exporters:other=pkg.mod:Cls")
-    assert TARGETS.names() == ["qemu", "kvm", "vmware", "proc"] and "proc" in TARGETS
+    assert TARGETS.names() == ["qemu", "kvm", "vmware", "pxe", "proc"] and "proc" in TARGETS
     from tests.orchestrator.procdriver import ProcTarget
 
     assert TARGETS.get("proc") is ProcTarget
     with pytest.raises(LifeboatError, match=r"the other export format \(pkg.mod:Cls\) cannot be loaded"):
         registries()["exporters"].get("other")
-    monkeypatch.setenv("LIFEBOAT_PLUGINS", "targets:pxe=tests.orchestrator.procdriver:ProcTarget")
-    assert TARGETS.get("pxe") is ProcTarget and "pxe" not in TARGETS.planned()  # a plug-in fills a planned name
+    monkeypatch.setenv("LIFEBOAT_PLUGINS", "targets:aws=tests.orchestrator.procdriver:ProcTarget")
+    assert TARGETS.get("aws") is ProcTarget and "aws" not in TARGETS.planned()  # a plug-in fills a planned name
     monkeypatch.setenv("LIFEBOAT_PLUGINS", "proc=tests.orchestrator.procdriver:ProcTarget")
     with pytest.raises(UsageError, match=r"\$LIFEBOAT_PLUGINS: .* is not KIND:NAME=MODULE:ATTR"):
         TARGETS.names()

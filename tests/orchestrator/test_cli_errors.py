@@ -27,7 +27,7 @@ import lifeboat
 from lifeboat.orchestrator.cli import PLANNED, cli
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import LifeboatError
-from tests.runbooks.cases import BASE
+from tests.runbooks.cases import BASE, base
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,11 +177,12 @@ CASES = [
     case("run-point-bad-selector", "run", "{rehearsal_rb} --point web01=web01@someday --dry-run", 2, "someday"),
     case("run-point-twice", "run", "{rehearsal_rb} --point web01=web01 --point web01=web01@latest --dry-run", 2,
          "twice"),
-    case("run-planned-driver", "run", "{pxe_rb} --state {state} --archive {arc}", 2, "pxe"),
-    case("run-dry-planned-driver", "run", "--dry-run {pxe_rb} --archive {arc}", 2, "pxe"),
-    case("failover-no-yes", "failover", "{pxe_rb}", 2, "--yes"),
+    case("run-planned-driver", "run", "{planned_rb} --state {state} --archive {arc}", 2, "aws"),
+    case("run-dry-planned-driver", "run", "--dry-run {planned_rb} --archive {arc}", 2, "aws"),
+    case("run-pxe-bmc-down", "run", "{pxe_rb} --state {tmp}/pxe-state --archive {arc}", 1, "{url} does not answer"),
+    case("failover-no-yes", "failover", "{planned_rb}", 2, "--yes"),
     case("failover-rehearsal", "failover", "{rehearsal_rb} --yes", 2, "rehearsal"),
-    case("failover-planned-driver", "failover", "{pxe_rb} --yes --state {state} --archive {arc}", 2, "pxe"),
+    case("failover-planned-driver", "failover", "{planned_rb} --yes --state {state} --archive {arc}", 2, "aws"),
     case("teardown-no-runs", "teardown", "{rehearsal_rb} --state {state}", 2, "no runs"),
     case("teardown-malformed", "teardown", "{bad_rb} --state {state}", 2, "{bad_rb}"),
     case("validate-malformed", "validate", "{bad_rb}", 2, "{bad_rb}"),
@@ -266,7 +267,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     bad_rb.write_text(BASE.replace("settings: {memory_mib: 256}", "settings: {memory_mib: 256"))
     rehearsal_rb = tmp / "rehearsal.yaml"
     rehearsal_rb.write_text(BASE)
+    planned_rb = tmp / "planned.yaml"  # a driver still planned: a run stops before creating anything
+    planned_rb.write_text(base(**{"kind: rehearsal": "kind: recovery", "  driver: qemu": "  driver: aws",
+                                  "  settings: {memory_mib: 256}": "  settings: {}"}))
     refusing, busy = free_port_refusing(), socket.socket()
+    pxe_rb = tmp / "pxe.yaml"  # a server whose BMC does not answer
+    pxe_rb.write_text(base(**{"kind: rehearsal": "kind: recovery", "  driver: qemu": "  driver: pxe",
+                              "  settings: {memory_mib: 256}":
+                              f"  settings: {{bmc: {{address: 'https://127.0.0.1:{refusing.getsockname()[1]}'}},"
+                              " http_listen: '127.0.0.1:9', console_log: /dev/null}"}))
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     with refusing, busy:
@@ -279,7 +288,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
             "token": str(tmp / "token"),
             "bad_rb": str(bad_rb),
             "rehearsal_rb": str(rehearsal_rb),
-            "pxe_rb": str(REPO / "runbooks" / "v2p.yaml"),
+            "planned_rb": str(planned_rb),
+            "pxe_rb": str(pxe_rb),
             "state": str(tmp / "state"),
             "url": f"https://127.0.0.1:{refusing.getsockname()[1]}",
             "busy": f"127.0.0.1:{busy.getsockname()[1]}",

@@ -9,6 +9,7 @@ machine runs (processes, libvirt domains), and what the driver might have left b
 
 from __future__ import annotations
 
+import subprocess
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import lifeboat.targets.qemu
 from lifeboat.targets.base import Guest
 from lifeboat.targets.kvm import network_name
 from lifeboat.targets.qemu import socket_dir
+from tests.targets.pxeserver import DOMAIN as PXE_DOMAIN
+from tests.targets.pxeserver import PxeServer
 from tests.targets.realpeers import qemu_processes
 
 Leftover = tuple[str, str]  # (kind, ident): ("process", "PID EXE"), ("file", PATH), ("domain", NAME), ...
@@ -48,6 +51,10 @@ class Peer(ABC):
         """For a target that cannot really boot the guest here (no console to watch it): the
         machine's disk as the host holds it, fetched into ``folder`` (an image ``qemu-img``
         reads); None for peers whose guests really boot."""
+        return None
+
+    def server_disk(self, guest: Guest) -> Path | None:
+        """A physical machine's local disk as a file on the host (None: not a physical peer)."""
         return None
 
     def __repr__(self) -> str:
@@ -236,4 +243,36 @@ class VmwarePeer(Peer):
         return out
 
 
-PEERS: list[Peer] = [QemuPeer("nbd"), QemuPeer("image"), KvmPeer(), VmwarePeer()]
+class PxePeer(Peer):
+    """A blank libvirt domain standing in for a bare-metal server, its Redfish BMC a real
+    sushy-emulator (``tests/targets/pxeserver.py``)."""
+
+    id = driver = "pxe"
+
+    def __init__(self) -> None:
+        self.server: PxeServer | None = None
+        self.settings = {"bmc": {"protocol": "redfish", "address": "http://127.0.0.1:9"}, "http_listen": "127.0.0.1:9"}
+
+    def start(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """The session's server and BMC, the server off with a blank disk."""
+        self.server = request.getfixturevalue("pxe_server")
+        self.server.blank()
+        self.settings = self.server.settings()
+
+    def is_running(self, guest: Guest) -> bool:
+        """libvirt says the server's domain runs."""
+        done = subprocess.run(["virsh", "-c", "qemu:///system", "domstate", PXE_DOMAIN], capture_output=True, text=True)
+        return done.stdout.strip() == "running"
+
+    def leftovers(self, guest: Guest) -> list[Leftover]:
+        """Processes carrying the guest's token (the HTTP server), the guest's workdir; the server
+        itself is the site's, not the driver's (``is_running`` says whether it was left on)."""
+        procs: list[Leftover] = [("process", str(pid)) for pid in qemu_processes(guest.token)]
+        return procs + paths_under(guest.workdir)
+
+    def server_disk(self, guest: Guest) -> Path | None:
+        """The domain's disk file."""
+        return self.server.disk if self.server else None
+
+
+PEERS: list[Peer] = [QemuPeer("nbd"), QemuPeer("image"), KvmPeer(), VmwarePeer(), PxePeer()]

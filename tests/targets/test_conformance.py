@@ -57,6 +57,7 @@ from lifeboat.targets.base import (
     HasConsole,
     Localizes,
     NetworkSpec,
+    Physical,
     ResourceLog,
     TakesImage,
     Target,
@@ -134,7 +135,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     ctx = TargetContext()
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
     state = SqliteState(tmp_path / "state")
-    guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("isolated"))
+    guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("none" if issubclass(cls, Physical) else "isolated"))
     target = cls(peer.settings, ctx)
     target.prepare()
 
@@ -158,8 +159,12 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     if isinstance(target, HasConsole):
         console = target.console_path(guest, tlog)
         assert console is not None
+        boot_time = 900 if isinstance(target, Physical) else 240  # a physical server restores its disk first
         wait_for(
-            lambda: "LIFEBOAT-GUEST: alive" in console_text(console), lambda: console_text(console)[-2000:], 240, poll
+            lambda: "LIFEBOAT-GUEST: alive" in console_text(console),
+            lambda: console_text(console)[-3000:],
+            boot_time,
+            poll,
         )
         text = console_text(console)
         assert "LIFEBOAT-GUEST: disk-record 0 sample-guest" in text and "LIFEBOAT-GUEST: disk-write-ok 1" in text
@@ -213,7 +218,10 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     # the guest's write is on the disk it ended on
     if isinstance(target, Localizes):
         assert disk.local_path is not None and read_record(disk.local_path) == (1, "sample-guest")
-    if isinstance(target, TakesImage) and isinstance(target, HasConsole):
+    if isinstance(target, Physical):  # on the server's own disk, not on the image it was restored from
+        server_disk = peer.server_disk(guest)
+        assert server_disk is not None and read_record(server_disk) == (1, "sample-guest")
+    elif isinstance(target, TakesImage) and isinstance(target, HasConsole):
         assert disk.image_path is not None and disk.image_format is not None
         raw = tmp_path / "written.raw"
         qemu_format = EXPORTERS.get(disk.image_format).qemu_format

@@ -1,0 +1,250 @@
+"""The pxe target beyond the driver suite (which restores the sample guest onto a larger disk and
+boots it, ``test_conformance.py``): the recovery environment's disk rule run by busybox against a
+fake ``/sys/block``, the extent map and the grown MBR on the sample guest's image, the recovery
+environment's content, and the errors with the real BMC emulator: wrong credentials, a BMC that does
+not answer, a server that never netboots, a failure reported by the environment."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from examples.sample_guest import IMAGE_SIZE, PARTITION2_START_SECTOR, copy_image, read_record
+from lifeboat.targets import TARGETS, pxeenv
+from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext
+from lifeboat.targets.bmc import BmcError
+from lifeboat.targets.pxe import PxeTarget, RestoreFailed, read_events
+from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr
+from tests.targets.pxeserver import DOMAIN, PxeServer
+from tests.targets.realpeers import REPO, lifeboat
+
+GiB = 1024**3
+
+
+def choose(tmp_path: Path, disks: dict[str, tuple[int, str]], need: int, path: str = "", serial: str = "",
+           size: str = "") -> tuple[int, str]:  # fmt: skip
+    """Run the environment's ``choose_disk`` with busybox over a fake /sys/block of ``disks``
+    (name: (bytes, serial)); (exit status, output)."""
+    root = tmp_path / "block"
+    for name, (nbytes, ser) in disks.items():
+        (root / name / "device").mkdir(parents=True)
+        (root / name / "size").write_text(f"{nbytes // 512}\n")
+        if ser:
+            (root / name / "serial").write_text(ser + "\n")
+    script = tmp_path / "choose.sh"
+    script.write_text(pxeenv.CHOOSE_DISK + 'choose_disk "$@"\n')
+    done = subprocess.run(
+        [str(pxeenv.BUSYBOX), "sh", str(script), str(root), str(need), path, serial, size],
+        capture_output=True,
+        text=True,
+    )
+    return done.returncode, done.stdout.strip()
+
+
+def test_the_disk_rule_chooses_by_path_serial_or_size_and_refuses_a_smaller_disk(tmp_path: Path) -> None:
+    disks = {"sda": (100 * GiB, "S1"), "sdb": (20 * GiB, "S2"), "nvme0n1": (50 * GiB, ""), "loop0": (GiB, "")}
+    assert choose(tmp_path / "a", disks, 10 * GiB, path="/dev/sdb") == (0, f"sdb {20 * GiB}")
+    assert choose(tmp_path / "b", disks, 10 * GiB, serial="S1") == (0, f"sda {100 * GiB}")
+    assert choose(tmp_path / "c", disks, 10 * GiB, size="smallest") == (0, f"sdb {20 * GiB}")
+    assert choose(tmp_path / "d", disks, 30 * GiB, size="smallest") == (0, f"nvme0n1 {50 * GiB}")
+    assert choose(tmp_path / "e", disks, 10 * GiB, size="largest") == (0, f"sda {100 * GiB}")
+    rc, out = choose(tmp_path / "f", disks, 30 * GiB, path="/dev/sdb")
+    assert rc == 1 and out == f"disk /dev/sdb ({20 * GiB} bytes) is smaller than the point ({30 * GiB} bytes)"
+    rc, out = choose(tmp_path / "g", disks, 10 * GiB, serial="NOPE")
+    assert rc == 1 and "no disk matches the rule" in out and "serial=NOPE" in out
+    assert "/dev/sda (107374182400 bytes, serial S1)" in out and "loop0" not in out
+    rc, out = choose(tmp_path / "h", disks, 200 * GiB, size="largest")
+    assert rc == 1 and "no disk matches the rule" in out
+
+
+def test_extents_cover_the_image_once_and_the_mbr_grows_its_last_partition(
+    tmp_path: Path, sample_guest_image: Path
+) -> None:
+    image = copy_image(sample_guest_image, tmp_path / "guest.img")
+    runs = extents(image)
+    pos = SECTOR
+    for _kind, off, length in runs:
+        assert off == pos and length > 0
+        pos += length
+    assert pos == IMAGE_SIZE
+    with open(image, "rb") as f:  # what the environment writes as zeros is zeros in the image
+        for _kind, off, length in (r for r in runs if r[0] == "zero"):
+            assert not os.pread(f.fileno(), length, off).strip(b"\0"), off
+        sector = os.pread(f.fileno(), SECTOR, 0)
+
+    def partition(mbr: bytes, i: int) -> tuple[int, int]:
+        start, count = struct.unpack_from("<II", mbr, 446 + 16 * i + 8)
+        return start, count
+
+    assert grown_mbr(sector, IMAGE_SIZE, IMAGE_SIZE) == sector
+    grown = grown_mbr(sector, IMAGE_SIZE, 4 * IMAGE_SIZE)
+    assert partition(grown, 0) == partition(sector, 0)
+    start, count = partition(grown, 1)
+    old_end = sum(partition(sector, 1))
+    assert start == PARTITION2_START_SECTOR and start + count == 4 * IMAGE_SIZE // SECTOR - (
+        IMAGE_SIZE // SECTOR - old_end
+    )
+    assert grown[:446] == sector[:446] and grown[510:] == sector[510:]
+    gpt = bytearray(sector)
+    gpt[446 + 4] = 0xEE
+    assert grown_mbr(bytes(gpt), IMAGE_SIZE, 4 * IMAGE_SIZE) == bytes(gpt)  # a GPT is left as is
+    assert read_record(image) == (0, "sample-guest")
+
+
+def test_the_recovery_environment_is_built_once_with_its_drivers() -> None:
+    env = pxeenv.build()
+    assert pxeenv.build() == env and env.kernel.stat().st_size > 1_000_000
+    cpio = gzip.decompress(env.initrd.read_bytes())
+    for name in (b"init", b"lib/choose-disk.sh", b"lib/dhcp.sh", b"bin/busybox", b"virtio_net.ko", b"nvme.ko"):
+        assert name in cpio, name
+
+
+def driver(server: PxeServer, **overrides: object) -> tuple[PxeTarget, Guest, MemoryLog, list[str]]:
+    """The pxe driver for the session's server, found as the engine finds it, and what it logs."""
+    settings = server.settings(**overrides)
+    said: list[str] = []
+    target = TARGETS.get("pxe").variant(settings)(settings, TargetContext(log=said.append))
+    assert isinstance(target, PxeTarget)
+    return (
+        target,
+        Guest("srv", "20260101T000000-abcdef", Path("/nonexistent"), NetworkSpec("none")),
+        MemoryLog("pxe"),
+        said,
+    )
+
+
+def domstate() -> str:
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domstate", DOMAIN], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_a_bmc_that_refuses_the_credentials_or_does_not_answer_names_the_server(
+    pxe_server: PxeServer, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    settings = pxe_server.settings()
+    target, *_ = driver(pxe_server, bmc={**settings["bmc"], "password_file": str(wrong)})
+    with pytest.raises(BmcError, match=r"^server at BMC http://127\.0\.0\.1:\d+, MAC .*refused the credentials") as e:
+        target.prepare()
+    assert e.value.exit_code == 1
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    target, *_ = driver(pxe_server, bmc={**settings["bmc"], "address": down})
+    with pytest.raises(BmcError, match=f"the Redfish BMC at {down} does not answer"):
+        target.prepare()
+    target, *_ = driver(pxe_server, bmc={**settings["bmc"], "password_file": str(tmp_path / "absent")})
+    with pytest.raises(BmcError, match="cannot read the BMC password file"):
+        target.prepare()
+
+
+def test_a_server_that_never_netboots_and_a_reported_failure_power_it_off(
+    pxe_server: PxeServer, tmp_path: Path
+) -> None:
+    pxe_server.blank()
+    image = tmp_path / "point.raw"
+    with open(image, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    # lifeboat listens on another port than the one the site's DHCP points PXE at: no netboot
+    other = f"10.214.0.1:{pxe_server.http_port + 1 if pxe_server.http_port < 65535 else 1024}"
+    for case in ("never netboots", "reported failure"):
+        work = tmp_path / case.replace(" ", "-")
+        work.mkdir()
+        target, guest, log, said = driver(pxe_server, http_listen=other, netboot_timeout=0.5)
+        guest.workdir = work
+        target.prepare()
+        target.provision(guest, Disk(size=image.stat().st_size, image_path=image, image_format="raw"), log)
+        target.boot(guest, log)
+        assert domstate() == "running"
+        if case == "reported failure":  # as the environment reports it (the rule's words: test above)
+            events = work / "pxe" / "events.jsonl"
+            with open(events, "a") as f:
+                f.write('{"event": "netboot"}\n{"event": "fail", "reason": "no disk matches the rule (serial=X)"}\n')
+            assert [e["event"] for e in read_events(events)][-2:] == ["netboot", "fail"]
+        time.sleep(0.6)
+        with pytest.raises(RestoreFailed) as e:
+            target.poll(guest, log)
+        message = str(e.value)
+        assert message.startswith("srv (server at BMC http://127.0.0.1:") and "the server is powered off" in message
+        if case == "never netboots":
+            assert "did not netboot within 0.5 s" in message and "boot.ipxe" in message
+        else:
+            assert "the recovery environment failed: no disk matches the rule (serial=X)" in message
+        assert domstate() == "shut off" and e.value.exit_code == 1
+        target.teardown(log)
+        assert log.resources() == [] and not (work / "pxe").exists()
+
+
+def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
+    pxe_server: PxeServer, sample_archive: Path, tmp_path: Path
+) -> None:
+    """``runbooks/p2p.yaml`` run by the engine (``lifeboat run``), its target pointed at this server
+    and BMC and its health checks at the console: the rule ``size: smallest`` picks the only disk,
+    larger than the point; the report says succeeded and the guest's write is on the server's disk."""
+    pxe_server.blank()
+    doc = yaml.safe_load((REPO / "runbooks" / "p2p.yaml").read_text())
+    ours = pxe_server.settings()
+    doc["target"]["settings"].update(
+        {k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "netboot_timeout")}
+    )
+    doc["target"]["settings"].pop("http_url")
+    (machine,) = doc["machines"]
+    machine.update({"name": "files02", "point": "sample-guest@latest", "rto_objective": "30m"})
+    machine["health"] = [
+        {"name": "restored and booted", "console": "LIFEBOAT-GUEST: booted", "timeout": "15m"},
+        {"name": "alive", "console": "LIFEBOAT-GUEST: alive", "timeout": "2m"},
+    ]
+    rb = tmp_path / "p2p.yaml"
+    rb.write_text(yaml.safe_dump(doc))
+    done = lifeboat("run", str(rb), "--archive", str(sample_archive), "--state", str(tmp_path / "state"), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["status"] == "succeeded", out
+    assert "netbooted the recovery environment" in done.stderr and "restore complete" in done.stderr
+    pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
+    assert read_record(pxe_server.disk) == (1, "sample-guest")
+
+
+def boot_dev() -> str:
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", DOMAIN], capture_output=True, text=True
+    )
+    return ",".join(re.findall(r"<boot dev='(\w+)'/>", xml.stdout))
+
+
+def test_ipmi_sets_the_boot_device_and_the_power_and_refuses_a_wrong_password(
+    pxe_server: PxeServer, ipmi_bmc: str, tmp_path: Path
+) -> None:
+    pxe_server.blank()
+    settings = {**pxe_server.settings()["bmc"], "protocol": "ipmi", "address": ipmi_bmc}
+    settings.pop("system")
+    target, guest, log, _ = driver(pxe_server, bmc=settings)
+    target.prepare()
+    bmc = target.bmc(guest)
+    assert bmc.power_state() == "off"
+    bmc.set_next_boot("disk")
+    assert boot_dev() == "hd"
+    bmc.set_next_boot("network")
+    assert boot_dev() == "network"
+    bmc.power_on()
+    assert bmc.power_state() == "on" and domstate() == "running"
+    bmc.power_off()
+    assert bmc.power_state() == "off" and domstate() == "shut off"
+    bmc.set_next_boot("disk")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    target, *_ = driver(pxe_server, bmc={**settings, "password_file": str(wrong)})
+    with pytest.raises(BmcError, match=f"the IPMI BMC at {ipmi_bmc} refused the credentials"):
+        target.prepare()
