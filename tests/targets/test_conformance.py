@@ -3,7 +3,10 @@
 
 One suite, parametrized over test peers (``tests/targets/peers.py``), one peer per driver *mode*:
 ``qemu`` (boots from NBD), ``qemu-image`` (``boot: image``: boots from an exported qcow2 file),
-``kvm`` (a real libvirtd), ``vmware`` (govmomi's vCenter simulator). The tests branch only on
+``kvm`` (a real libvirtd), ``vmware`` (govmomi's vCenter simulator), ``pxe`` (a blank libvirt
+domain standing in for a bare-metal server, its BMC a real sushy-emulator: a ``Physical`` target
+restores the point onto the server's own disk, then boots it; the guest's write is judged on that
+disk, and the server has longer to come up). The tests branch only on
 capabilities (``isinstance``), never on a driver's name:
 
 - the settings schema is valid, the defaults satisfy it, unknown and mistyped settings are
