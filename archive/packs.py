@@ -26,6 +26,7 @@ from lifeboat.archive.formats import (
 
 PACK_PREFIX = "packs/"
 DEFAULT_PACK_TARGET = 32 * 1024 * 1024
+INDEX_THREADS = 16  # pack indexes read at once when the chunk index is loaded
 
 
 def new_pack_key() -> str:
@@ -87,13 +88,20 @@ class ChunkIndex:
         listed = set(backend.list(PACK_PREFIX))
         if not self.packs <= listed:
             return False
-        for key in sorted(listed - self.packs - set(self.bad_packs)):
+        def read(key: str) -> list[PackEntry] | str:
             try:
-                entries = read_pack_index(backend, key)
+                return read_pack_index(backend, key)
             except (FormatError, KeyError) as e:
-                self.bad_packs[key] = str(e)
-                continue
-            self.add(key, entries)
+                return str(e)
+
+        new = sorted(listed - self.packs - set(self.bad_packs))
+        # two round trips per pack: many in flight, else opening a remote archive waits on each
+        with ThreadPoolExecutor(min(INDEX_THREADS, max(1, len(new)))) as pool:
+            for key, entries in zip(new, pool.map(read, new), strict=True):
+                if isinstance(entries, str):
+                    self.bad_packs[key] = entries
+                else:
+                    self.add(key, entries)
         return True
 
     def add(self, pack: str, entries: list[PackEntry]) -> None:

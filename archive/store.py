@@ -39,6 +39,7 @@ from lifeboat.archive.formats import (
     parse_point_header,
     slot_length,
 )
+from lifeboat.archive.packcache import PackCache
 from lifeboat.archive.packs import ChunkIndex, PackWriter
 from lifeboat.archive.points import (
     POINT_PREFIX,
@@ -158,6 +159,7 @@ class Archive:
         self._index_lock = threading.Lock()
         self._table: tuple[str, ChunkTable] | None = None
         self.cache = ChunkCache(DEFAULT_CACHE_BYTES)
+        self.pack_cache: PackCache | None = None  # pack blocks on local disk (serving a remote archive)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -326,15 +328,21 @@ class Archive:
             if loc is None:
                 raise MissingChunk(f"chunk {chunk_id.hex()} is in no pack of the archive")
         try:
-            blob = self.backend.get_range(loc.pack, loc.entry.offset, loc.entry.length)
+            blob = self._blob(loc.pack, loc.entry.offset, loc.entry.length)
         except KeyError:
             loc = self.reload_index().get(chunk_id)
             if loc is None:
                 raise MissingChunk(f"chunk {chunk_id.hex()} is in no pack of the archive") from None
-            blob = self.backend.get_range(loc.pack, loc.entry.offset, loc.entry.length)
+            blob = self._blob(loc.pack, loc.entry.offset, loc.entry.length)
         data = self.codec.decode(chunk_id, blob, loc.entry.raw_length)
         self.cache.put(chunk_id, data)
         return data
+
+    def _blob(self, pack: str, offset: int, length: int) -> bytes:
+        """A stored blob, through the pack cache when there is one."""
+        if self.pack_cache is not None:
+            return self.pack_cache.read(self.backend, pack, offset, length)
+        return self.backend.get_range(pack, offset, length)
 
     # -- backup --------------------------------------------------------------------------
     def _plan(self, size: int, changed: Iterable[tuple[int, int]] | None, base: PointInfo | None) -> list[Job]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from lifeboat.archive.local import LocalBackend
+from lifeboat.archive.packcache import PackCache
 from lifeboat.archive.throttle import ThrottledBackend
 from lifeboat.nbdserver import Export, open_volume, serve_until_signal
 from lifeboat.orchestrator.cli import command, open_archive, parse_size
@@ -50,6 +52,11 @@ def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | 
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
               help="Accept only clients with a certificate signed by this CA.")
 @click.option("--cache-size", default="1G", show_default=True, help="Memory for decoded archive chunks.")
+@click.option("--pack-cache-size", default="2G", show_default=True,
+              help="Local disk for blocks of packs read from a remote (S3, server) archive: each GET brings "
+                   "a block and reads ahead (0: one ranged GET per chunk).")
+@click.option("--pack-cache-dir", type=click.Path(file_okay=False, exists=True),
+              help="Where the pack cache's directory is made (default: the temporary directory).")
 @click.option("--memory-limit", default="256M", show_default=True,
               help="Most request and reply data held for all clients: beyond it, requests wait "
                    "(a client that never reads its replies cannot grow the server).")
@@ -58,11 +65,13 @@ def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | 
 @click.option("--archive-rate", hidden=True, help="Throttle archive reads to this many bytes/s (benchmarks, tests).")
 def serve_cmd(selector: str, listen: str, export_name: str | None, writable: bool, hydrate_to: str | None,
               overlay: str | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
-              cache_size: str, memory_limit: str, client_memory_limit: str, archive_rate: str | None) -> None:
+              cache_size: str, pack_cache_size: str, pack_cache_dir: str | None, memory_limit: str,
+              client_memory_limit: str, archive_rate: str | None) -> None:
     """Serve a recovery point over NBD until SIGINT/SIGTERM; prints nbd://HOST:PORT/EXPORT once listening."""
     host, port = parse_listen(listen, "--listen")
     tls = _tls(tls_cert, tls_key, tls_ca)
     cache_bytes = parse_size(cache_size, "--cache-size")
+    pack_cache_bytes = parse_size(pack_cache_size, "--pack-cache-size")
     memory = parse_size(memory_limit, "--memory-limit")
     client_memory = parse_size(client_memory_limit, "--client-memory-limit")
     arc = open_archive()
@@ -75,6 +84,9 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
         raise UsageError("--name: the export name must be 1 to 4096 bytes")
 
     with ExitStack() as stack:
+        if pack_cache_bytes and not isinstance(arc.backend, LocalBackend | ThrottledBackend):
+            arc.pack_cache = PackCache(pack_cache_bytes, pack_cache_dir)
+            stack.callback(arc.pack_cache.close)
         report = None
         if hydrate_to:
             bar: list[Callable[[int], None]] = []

@@ -143,7 +143,7 @@ class Served:
         self.proc.wait(timeout=30)
 
 
-def start_serve(archive: Path, *args: str, timeout: float = 30) -> Served:
+def start_serve(archive: Path | str, *args: str, timeout: float = 30) -> Served:
     """Start ``lifeboat serve`` on a free loopback port and wait for its URL line."""
     cmd = [*LIFEBOAT, "--archive", str(archive), "serve", *args]
     if "--listen" not in args:
@@ -176,7 +176,7 @@ def serve() -> Iterator[Callable[..., Served]]:
     """Factory for ``lifeboat serve`` processes; each is stopped (and must exit 0) at teardown."""
     started: list[Served] = []
 
-    def factory(archive: Path, *args: str) -> Served:
+    def factory(archive: Path | str, *args: str) -> Served:
         s = start_serve(archive, *args)
         started.append(s)
         return s

@@ -126,6 +126,8 @@ CASES = [
     case("serve-bad-listen", "serve", "web01 --listen nowhere --archive {arc}", 2, "--listen"),
     case("serve-port-busy", "serve", "web01 --listen {busy} --archive {arc}", 1, "{busy}"),
     case("serve-bad-cache-size", "serve", "web01 --cache-size lots --archive {arc}", 2, "lots"),
+    case("serve-bad-pack-cache-size", "serve", "web01 --pack-cache-size huge --archive {arc}", 2, "huge"),
+    case("serve-pack-cache-dir-absent", "serve", "web01 --pack-cache-dir {tmp}/nowhere --archive {arc}", 2, "nowhere"),
     case("serve-bad-selector", "serve", "web01@someday --archive {arc}", 2, "someday"),
     case("serve-unknown-machine", "serve", "db99 --archive {arc}", 2, "db99"),
     case("serve-no-archive", "serve", "web01 --archive {missing}", 2, "{missing}"),
