@@ -37,6 +37,7 @@ ENDPOINT_ENV = "LIFEBOAT_S3_ENDPOINT"
 LOCK_TTL_ENV = "LIFEBOAT_S3_LOCK_TTL"
 DEFAULT_LOCK_TTL = 60.0
 LOCK_PREFIX = ".locks/"  # lease objects, below the archive's prefix; never listed
+DEFAULT_ATTEMPTS = 8  # tries per request (AWS_MAX_ATTEMPTS sets it): rides out a minute of faults
 PART_SIZE = 16 * 1024 * 1024  # multipart part size (S3 wants >= 5 MiB but for the last)
 _MAX_ETAGS = 65536
 _MISSING = ("NoSuchKey", "404", "NotFound")
@@ -58,8 +59,15 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = os.environ.get(ENDPOINT_ENV) or None
+        mode = os.environ.get("AWS_RETRY_MODE") or "standard"
+        attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_ATTEMPTS)
+        if mode not in ("standard", "adaptive", "legacy") or not attempts.isdigit() or int(attempts) < 1:
+            raise UsageError(f"archive {location}: AWS_RETRY_MODE={mode!r} or AWS_MAX_ATTEMPTS={attempts!r} is not "
+                             "valid (standard or adaptive; a count of at least 1)")
         config = botocore.config.Config(
-            retries={"mode": "standard"},  # back-off on 500/503/throttling; AWS_MAX_ATTEMPTS sets the count
+            # back-off with jitter on dropped connections, 500/503 and throttling (SlowDown);
+            # AWS_RETRY_MODE=adaptive also paces requests after throttling answers
+            retries={"mode": mode, "total_max_attempts": int(attempts)},
             connect_timeout=10,
             read_timeout=60,
             max_pool_connections=32,
