@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from lifeboat.agent.offsite import Replicator, prom_label
 from lifeboat.agent.plan import capture
 from lifeboat.archive import Archive
 from lifeboat.archive.points import now_utc
@@ -49,7 +50,8 @@ class Protector:
     def __init__(self, open_archive: Callable[[], Archive], open_source: Callable[[str], Any], machine: str,
                  spec: str, rpo: float, *, status_file: Path | None = None, metrics_file: Path | None = None,
                  max_backoff: float = 300.0, log: Callable[[str], None] = lambda _m: None,
-                 max_captures: int | None = None) -> None:
+                 max_captures: int | None = None,
+                 replicator: Callable[[Callable[[], datetime | None]], Replicator] | None = None) -> None:
         self.open_archive = open_archive
         self.open_source = open_source
         self.machine = machine
@@ -76,6 +78,8 @@ class Protector:
         self.duration_est = 0.0
         self.state = "starting"
         self.started = now_utc()
+        self._replicator_factory = replicator
+        self.replicator: Replicator | None = None  # started by ``run``
 
     # -- reporting -----------------------------------------------------------------------------
     def age(self) -> float | None:
@@ -86,6 +90,7 @@ class Protector:
 
     def status(self) -> dict[str, Any]:
         """The JSON status document."""
+        off = {"replication": self.replicator.status()} if self.replicator else {}  # takes self.lock itself
         with self.lock:
             age = self.age()
             peaks = list(self.peaks)
@@ -113,12 +118,12 @@ class Protector:
                     "p99_seconds": round(percentile(peaks, 99), 3) if peaks else None,
                     "max_seconds": round(max(peaks), 3) if peaks else None,
                 },
-            }
+            } | off
 
     def metrics(self) -> str:
         """The Prometheus text exposition of the loop's state."""
         doc = self.status()
-        m = f'machine="{_label(self.machine)}"'
+        m = f'machine="{prom_label(self.machine)}"'
         age = doc["rpo_seconds"]
         lines = [
             "# HELP lifeboat_rpo_seconds Age of the newest recovery point (the achieved RPO now).",
@@ -165,6 +170,8 @@ class Protector:
             "# TYPE lifeboat_protect_up gauge",
             f"lifeboat_protect_up{{{m}}} {0 if self.state == 'stopped' else 1}",
         ]
+        if self.replicator:
+            lines += self.replicator.metrics(m)
         return "\n".join(lines) + "\n"
 
     def write_reports(self) -> None:
@@ -186,6 +193,8 @@ class Protector:
         arc: Archive | None = None
         src: Any = None
         backoff = 1.0
+        if self._replicator_factory is not None:
+            self.replicator = self._replicator_factory(self._newest)
         try:
             while not stop.is_set():
                 try:
@@ -231,6 +240,8 @@ class Protector:
                         self.log(f"protect {self.machine}: full read instead of an incremental: {plan.fallback_reason}")
                     self.log(f"protect {self.machine}: {plan.mode} point {info.point} in {elapsed:.2f} s, "
                              f"{info.bytes_read} bytes read")
+                    if self.replicator:
+                        self.replicator.request()
                     self.write_reports()
                     if self.max_captures is not None and self.captures >= self.max_captures:
                         break
@@ -257,9 +268,15 @@ class Protector:
         finally:
             if src is not None:
                 src.close()
+            if self.replicator:
+                self.replicator.close()
             with self.lock:
                 self.state = "stopped"
             self.write_reports()
+
+    def _newest(self) -> datetime | None:
+        with self.lock:
+            return self.newest_time
 
 
 class MetricsServer:
@@ -296,10 +313,6 @@ class MetricsServer:
         """Stop serving."""
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _atomic_write(path: Path, text: str) -> None:

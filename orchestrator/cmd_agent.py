@@ -6,19 +6,33 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from lifeboat.archive.points import check_machine
 from lifeboat.archive.store import CONFIG_KEY, resolve_location
-from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, open_archive
+from lifeboat.orchestrator.cli import (
+    archive_location,
+    command,
+    emit_json,
+    json_option,
+    key_file_option,
+    open_archive,
+    parse_size,
+)
 from lifeboat.orchestrator.cmd_archive import archive_group
 from lifeboat.orchestrator.console import log
 from lifeboat.plumbing.errors import UsageError
 from lifeboat.plumbing.listen import is_loopback, parse_listen
 from lifeboat.plumbing.tls import server_context
+
+if TYPE_CHECKING:
+    from lifeboat.agent.offsite import Replicator
 
 DEFAULT_SERVE = "127.0.0.1:10810"
 
@@ -58,9 +72,14 @@ class _Signals:
 @click.option("--max-backoff", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Longest wait between retries after errors (seconds).")
 @click.option("--max-captures", type=click.IntRange(min=1), help="Stop after this many points (tests).")
+@click.option("--replicate-to", metavar="DEST",
+              help="Replicate the machine's points to DEST (as 'lifeboat replicate --to') after each capture, "
+                   "in the background; the lag is in the status and the metrics.")
+@click.option("--replicate-bwlimit", metavar="RATE", help="Bandwidth limit of --replicate-to (e.g. 20M, bytes/s).")
 @json_option
 def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None, metrics_listen: str | None,
-                metrics_file: Path | None, max_backoff: float, max_captures: int | None, as_json: bool) -> None:
+                metrics_file: Path | None, max_backoff: float, max_captures: int | None, replicate_to: str | None,
+                replicate_bwlimit: str | None, as_json: bool) -> None:
     """Capture MACHINE from SOURCE continuously, keeping the newest point younger than --rpo.
 
     Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
@@ -73,8 +92,10 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
     metrics_host = metrics_port = None
     if metrics_listen:
         metrics_host, metrics_port = parse_listen(metrics_listen, "--metrics-listen")
+    replicator = _replicator(machine, replicate_to, replicate_bwlimit, max_backoff)
     prot = Protector(open_archive, open_source, machine, source, rpo, status_file=status_file,
-                     metrics_file=metrics_file, max_backoff=max_backoff, log=log, max_captures=max_captures)
+                     metrics_file=metrics_file, max_backoff=max_backoff, log=log, max_captures=max_captures,
+                     replicator=replicator)
     server = MetricsServer(prot, metrics_host, metrics_port) if metrics_host is not None and metrics_port is not None \
         else None
     if server is not None:
@@ -87,6 +108,29 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
             server.close()
     if as_json:
         emit_json(prot.status())
+
+
+def _replicator(machine: str, dest: str | None, bwlimit: str | None,
+                max_backoff: float) -> Callable[[Callable[[], datetime | None]], Replicator] | None:
+    """What starts protect's replication to ``dest`` (None without one); a malformed DEST or
+    rate fails now, with exit 2, not in the loop."""
+    if dest is None:
+        if bwlimit is not None:
+            raise UsageError("--replicate-bwlimit needs --replicate-to DEST")
+        return None
+    from lifeboat.agent.offsite import Replicator
+    from lifeboat.archive.backend import open_backend
+    from lifeboat.archive.replicate import replicate
+
+    open_backend(dest).close()
+    rate = parse_size(bwlimit, "--replicate-bwlimit") if bwlimit is not None else None
+    location, key_file = resolve_location(archive_location()), key_file_option()
+
+    def start(newest: Callable[[], datetime | None]) -> Replicator:
+        return Replicator(dest, lambda: replicate(location, dest, [machine], key_file=key_file, bwlimit=rate),
+                          newest, max_backoff=max_backoff, log=log)
+
+    return start
 
 
 @command(archive_group, name="serve")

@@ -171,6 +171,12 @@ CASES = [
     case("protect-bad-metrics-listen", "protect", "web01 {img} --rpo 1 --metrics-listen nowhere --archive {arc}", 2,
          "--metrics-listen"),
     case("protect-no-archive", "protect", "web01 {img} --rpo 1 --archive {missing}", 2, "{missing}"),
+    case("protect-bad-replicate-to", "protect", "web01 {img} --rpo 1 --replicate-to s3x://b --archive {arc}", 2,
+         "s3x"),
+    case("protect-bwlimit-alone", "protect", "web01 {img} --rpo 1 --replicate-bwlimit 1M --archive {arc}", 2,
+         "--replicate-to"),
+    case("protect-bad-bwlimit", "protect", "web01 {img} --rpo 1 --replicate-to {tmp}/r --replicate-bwlimit fast "
+         "--archive {arc}", 2, "fast"),
     # runbooks
     case("run-malformed", "run", "{bad_rb}", 2, "{bad_rb}"),
     case("run-absent", "run", "{tmp}/absent.yaml", 2, "{tmp}/absent.yaml"),

@@ -1,0 +1,138 @@
+"""Replication after each point of ``lifeboat protect --replicate-to DEST``.
+
+A disaster that takes the backup server takes its points too: what counts is how old the newest
+point is that is *off-site*. ``Replicator`` runs ``archive.replicate`` of the protected machine
+in a thread of its own, woken after each capture, so a slow link never delays the next capture
+(several captures during one replication are copied together by the next run). Failures back
+off exponentially (1 s doubling up to ``max_backoff``), reset by a success.
+
+The lag it reports is the age of the newest point not yet off-site (0 when the destination has
+the newest point): the same figure as ``lifeboat replicate --json``'s ``lag_seconds``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from lifeboat.archive.points import now_utc
+from lifeboat.archive.replicate import ReplicationReport
+
+Newest = Callable[[], datetime | None]  # when the newest point of the machine was frozen
+
+
+class Replicator:
+    """Replicates on request in a background thread; ``close()`` finishes a pending run."""
+
+    def __init__(self, to: str, run: Callable[[], ReplicationReport], newest: Newest, *,
+                 max_backoff: float = 300.0, log: Callable[[str], None] = lambda _m: None) -> None:
+        self.to = to
+        self._run = run
+        self._newest = newest
+        self.max_backoff = max_backoff
+        self.log = log
+        self.lock = threading.Lock()
+        self.offsite_time: datetime | None = None  # the newest point known to be at ``to``
+        self.runs = 0
+        self.failures = 0
+        self.bytes_copied = 0
+        self.last_error: str | None = None
+        self.last_report: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="replicate")
+        self._wake.set()  # catch up once at start
+        self._thread.start()
+
+    def request(self) -> None:
+        """Replicate soon (after a capture): at most one run is pending."""
+        self._wake.set()
+
+    def lag(self) -> float | None:
+        """Seconds: the age of the newest point not yet off-site; 0 in step; None without points."""
+        newest = self._newest()
+        if newest is None:
+            return None
+        with self.lock:
+            if self.offsite_time is not None and newest <= self.offsite_time:
+                return 0.0
+        return max(0.0, (now_utc() - newest).total_seconds())
+
+    def _loop(self) -> None:
+        backoff = 1.0
+        while True:
+            if not self._wake.wait(0.5):
+                if self._closing.is_set():
+                    return  # nothing is pending
+                continue
+            self._wake.clear()
+            target = self._newest()
+            if target is None:
+                continue  # no point yet: nothing to copy
+            try:
+                report = self._run()
+            except Exception as e:  # keep protecting: report, back off, try again
+                with self.lock:
+                    self.failures += 1
+                    self.last_error = f"{type(e).__name__}: {e}"
+                self.log(f"replicate to {self.to} failed ({e}); retrying in {backoff:.0f} s")
+                if not self._closing.wait(backoff):
+                    self._wake.set()
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            backoff = 1.0
+            with self.lock:
+                self.runs += 1
+                self.bytes_copied += report.bytes_copied
+                self.last_report = report.to_json()
+                if report.ok and target is not None:
+                    self.offsite_time = max(self.offsite_time or target, target)
+                self.last_error = None if report.ok else f"refused: {report.refused}"
+            if report.points_published:
+                self.log(f"replicate to {self.to}: {', '.join(report.points_published)} off-site")
+
+    def status(self) -> dict[str, Any]:
+        """The ``replication`` part of protect's JSON status."""
+        lag = self.lag()
+        with self.lock:
+            return {
+                "to": self.to,
+                "lag_seconds": None if lag is None else round(lag, 3),
+                "offsite_point_time": self.offsite_time.isoformat() if self.offsite_time else None,
+                "runs": self.runs,
+                "failures": self.failures,
+                "bytes_copied": self.bytes_copied,
+                "last_error": self.last_error,
+            }
+
+    def metrics(self, labels: str) -> list[str]:
+        """Prometheus lines, ``labels`` being the machine's (``to`` is added)."""
+        doc = self.status()
+        m = f'{labels},to="{prom_label(self.to)}"'
+        lag = doc["lag_seconds"]
+        return [
+            "# HELP lifeboat_replication_lag_seconds Age of the newest point not yet off-site (0 in step).",
+            "# TYPE lifeboat_replication_lag_seconds gauge",
+            f"lifeboat_replication_lag_seconds{{{m}}} {lag if lag is not None else 'NaN'}",
+            "# HELP lifeboat_replications_total Replication runs that ended.",
+            "# TYPE lifeboat_replications_total counter",
+            f"lifeboat_replications_total{{{m}}} {doc['runs']}",
+            "# HELP lifeboat_replication_failures_total Replication runs that failed.",
+            "# TYPE lifeboat_replication_failures_total counter",
+            f"lifeboat_replication_failures_total{{{m}}} {doc['failures']}",
+            "# HELP lifeboat_replication_bytes_total Bytes copied off-site.",
+            "# TYPE lifeboat_replication_bytes_total counter",
+            f"lifeboat_replication_bytes_total{{{m}}} {doc['bytes_copied']}",
+        ]
+
+    def close(self) -> None:
+        """Finish the pending run (the one after the last capture), then stop."""
+        self._closing.set()
+        self._thread.join()
+
+
+def prom_label(value: str) -> str:
+    """``value`` escaped for a Prometheus label."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
