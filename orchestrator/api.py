@@ -1,7 +1,8 @@
 """The orchestrator's facade: what the CLI, the scheduler and the web pane call.
 
-``run`` (run or resume a runbook), ``plan`` (what a run would do; changes nothing), ``teardown``
-(remove what a runbook's newest run left), ``status`` (a run's report, built from its records),
+``run`` (run or resume a runbook), ``replicate`` (run a replication runbook), ``plan`` (what a
+run would do; changes nothing), ``teardown`` (remove what a runbook's newest run left), ``status``
+(a run's report, built from its records),
 ``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
 ``latest_runs`` (the newest run of each runbook),
 ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
@@ -21,6 +22,8 @@ from typing import Any
 
 from lifeboat.archive import Archive
 from lifeboat.archive.catalog import MachineSummary
+from lifeboat.archive.replicate import ReplicationReport
+from lifeboat.archive.replicate import replicate as replicate_archive
 from lifeboat.orchestrator.console import log as console_log
 from lifeboat.orchestrator.context import archive_location
 from lifeboat.orchestrator.engine import Engine, Outcome
@@ -54,6 +57,46 @@ def run(
     check_drivers(runbook)
     engine = Engine(runbook, state, archive=archive, key_file=key_file, stop=stop or threading.Event(), log=log)
     return engine.run()
+
+
+def replicate(
+    runbook: Runbook,
+    state: StateStore,
+    *,
+    archive: str | None = None,
+    key_file: str | None = None,
+    bwlimit: int | None = None,
+    log: Callable[[str], None] = console_log,
+) -> tuple[Run, ReplicationReport | None]:
+    """A replication runbook's run: one ``replicate`` of its machines to its ``to``, recorded in
+    the state store like every run (events, status; the ``--json`` document as its report), so
+    the scheduler, ``lifeboat runs`` and the web pane show it. A failed copy is resumed by the
+    next run (replicate copies only what DEST lacks). ``bwlimit``: its ``bwlimit`` in bytes/s."""
+    spec = runbook.replicate or {}
+    run = state.new_run(runbook.name, str(runbook.path), runbook.digest, runbook.kind)
+
+    def event(message: str, level: str = "info") -> None:
+        state.event(run.id, message, level=level)
+        log(f"{runbook.name}: {message}")
+
+    event(f"run {run.id} started: replicate to {spec.get('to')}")
+    report: ReplicationReport | None = None
+    try:
+        report = replicate_archive(archive_location(runbook, archive), spec["to"], spec.get("machines", ()),
+                                   key_file=key_file or runbook.key_file, bwlimit=bwlimit)
+    except LifeboatError as e:
+        event(f"replicate failed: {e}", level="error")
+        state.update_run(run.id, status="failed", phase="done", finished=time.time(), report={"error": str(e)})
+    else:
+        for point, why in report.refused.items():
+            event(f"{point} not published: {why}", level="error")
+        event(f"{len(report.points_published)} points published, {report.bytes_copied} bytes copied, "
+              f"lag {report.lag_seconds:.0f} s")
+        state.update_run(run.id, status="succeeded" if report.ok else "failed", phase="done", finished=time.time(),
+                         report=report.to_json())
+    found = state.run(run.id)
+    assert found is not None
+    return found, report
 
 
 @dataclass

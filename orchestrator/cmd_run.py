@@ -17,7 +17,14 @@ from typing import Any
 import click
 
 from lifeboat.orchestrator import api
-from lifeboat.orchestrator.cli import archive_location, command, emit_json, json_option, key_file_option
+from lifeboat.orchestrator.cli import (
+    archive_location,
+    command,
+    emit_json,
+    json_option,
+    key_file_option,
+    parse_size,
+)
 from lifeboat.orchestrator.console import log
 from lifeboat.orchestrator.engine import Outcome
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load, with_points
@@ -90,9 +97,40 @@ def summary(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def _replicate(rb: Runbook, *, dry_run: bool, as_json: bool, state_dir: str | None) -> None:
+    """A replication runbook: ``replicate`` to its ``to``, recorded as a run; exit 1 unless every
+    point is off-site."""
+    spec = rb.replicate or {}
+    rate = parse_size(spec["bwlimit"], f"{rb.path}: replicate.bwlimit") if "bwlimit" in spec else None
+    if dry_run:
+        doc = {"runbook": rb.name, "kind": rb.kind, "path": str(rb.path), "replicate": spec}
+        if as_json:
+            emit_json(doc)
+        else:
+            click.echo(f"runbook {rb.name} (replication): {rb.path}")
+            click.echo(f"  replicate {' '.join(spec.get('machines', [])) or 'every machine'} to {spec['to']}"
+                       + (f" at most {spec['bwlimit']}/s" if rate else ""))
+        return
+    run, report = api.replicate(rb, api.open_state(state_dir), archive=archive_location(),
+                                key_file=key_file_option(), bwlimit=rate)
+    if as_json:
+        emit_json({"runbook": rb.name, "run_id": run.id, "kind": rb.kind, "status": run.status,
+                   "replication": report.to_json() if report else None,
+                   "error": (run.report or {}).get("error")})
+    else:
+        click.echo(f"{rb.name}: {run.status} (run {run.id})")
+    if run.status != "succeeded":
+        sys.exit(1)
+
+
 def _execute(path: str, *, dry_run: bool, as_json: bool, state_dir: str | None, yes: bool, on_call: bool,
              points: tuple[str, ...] = ()) -> None:
     rb = with_points(load_or_exit(path), point_options(points))
+    if rb.kind == "replication":
+        if on_call:
+            raise UsageError(f"{path}: this runbook is a replication; run it with 'lifeboat run'")
+        _replicate(rb, dry_run=dry_run, as_json=as_json, state_dir=state_dir)
+        return
     if on_call and rb.kind == "rehearsal":
         raise UsageError(f"{path}: this runbook is a rehearsal; run it with 'lifeboat run'")
     if rb.kind == "failover" and not dry_run and not yes:

@@ -132,6 +132,7 @@ class Runbook:
     report_dir: Path | None
     formats: list[str]
     webhook: dict[str, Any] | None
+    replicate: dict[str, Any] | None = None  # a replication runbook's ``replicate:`` (to, machines, bwlimit)
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``."""
@@ -580,9 +581,23 @@ def _policies_for_kind(ctx: RuleContext) -> list[Problem]:
     out, kind = [], ctx.doc["kind"]
     if kind == "rehearsal" and ctx.doc.get("teardown") == "never":
         out.append(ctx.problem(["teardown"], "a rehearsal must tear down what it brought up: use always or on-success"))
-    if kind != "rehearsal" and "schedule" in ctx.doc:
-        out.append(ctx.problem(["schedule"], f"only rehearsals run on a schedule, this runbook is a {kind}"))
+    if kind not in ("rehearsal", "replication") and "schedule" in ctx.doc:
+        out.append(ctx.problem(["schedule"], f"only rehearsals and replications run on a schedule, this runbook "
+                                             f"is a {kind}"))
     return out
+
+
+# what only brings machines back: a replication runbook has none of it
+RECOVERY_FIELDS = ("scenario", "target", "network", "groups", "machines", "hooks", "teardown", "move_to_local",
+                   "max_parallel")
+
+
+def _replication_fields(ctx: RuleContext) -> list[Problem]:
+    if ctx.doc["kind"] != "replication":
+        return [ctx.loc.problem(["replicate"], f"only a replication runbook has 'replicate', this runbook is a "
+                                               f"{ctx.doc['kind']}", key=True)] if "replicate" in ctx.doc else []
+    return [ctx.loc.problem([f], f"a replication runbook brings no machine up: remove {f!r}", key=True)
+            for f in RECOVERY_FIELDS if f in ctx.doc]
 
 
 def _scenario(ctx: RuleContext) -> list[Problem]:
@@ -713,9 +728,15 @@ RULES: list[Rule] = [
 ]
 
 
+# a replication runbook has no machines or target for the other rules to look at
+REPLICATION_RULES: list[Rule] = [_schedule_syntax, _policies_for_kind, _replication_fields]
+
+
 def _rule_problems(loc: _Located, doc: dict[str, Any], base: Path) -> list[Problem]:
-    """The problems every rule of ``RULES`` finds."""
+    """The problems every rule of ``RULES`` (``REPLICATION_RULES``) finds."""
     ctx = RuleContext(loc, doc, base)
+    if doc["kind"] == "replication" or "replicate" in doc:
+        return [problem for rule in REPLICATION_RULES for problem in rule(ctx)]
     return [problem for rule in RULES for problem in rule(ctx)]
 
 
@@ -747,7 +768,7 @@ def load(path: str | Path) -> Runbook:
     problems += _schema_problems(loc, runbook_schema(), data, [])
     if not problems:
         problems += _rule_problems(loc, data, path.parent)
-    if not problems:
+    if not problems and data["kind"] != "replication":
         cycle = _find_cycle(data)
         if cycle:
             i = [m["name"] for m in data["machines"]].index(cycle[0])
@@ -832,9 +853,9 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
     kind = doc["kind"]
     base = path.resolve().parent
     net = doc.get("network", {})
-    deps = _expanded_deps(doc)
+    deps = _expanded_deps(doc) if "machines" in doc else {}
     machines: list[Machine] = []
-    for m in doc["machines"]:
+    for m in doc.get("machines", []):
         if not m.get("enabled", True):
             continue
         mt = m.get("target") or {}
@@ -893,6 +914,7 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
         report_dir=(base / report["dir"]).resolve() if "dir" in report else None,
         formats=report.get("formats", ["json", "junit", "html"]),
         webhook=report.get("webhook"),
+        replicate=doc.get("replicate"),
     )
 
 

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from croniter import croniter
 
+from lifeboat.archive import Archive
+from lifeboat.archive.verify import verify
 from lifeboat.orchestrator.scheduler import on_calendar
 from lifeboat.orchestrator.state import SqliteState
+from tests.archive.helpers import BytesSource
 from tests.orchestrator.procdriver import PLUGIN
 from tests.orchestrator.test_engine import machine, runbook, tiny_archive, write_runbook  # noqa: F401
 from tests.targets.realpeers import lifeboat
@@ -87,3 +90,25 @@ def test_systemd_units_are_written(tmp_path: Path) -> None:
     assert f"run {(books / 'rb.yaml').resolve()} --state {(tmp_path / 'state').resolve()}" in service
     assert "Type=oneshot" in service
     assert json.loads(json.dumps(done.stdout.split()))  # one path per line
+
+
+def test_a_replication_runbook_runs_on_its_schedule(tmp_path: Path) -> None:
+    src = Archive.init(str(tmp_path / "arc"), chunk_size=64 * 1024)
+    src.backup("db1", BytesSource(bytes(range(256)) * 1024))
+    books = tmp_path / "runbooks"
+    books.mkdir()
+    rb = books / "offsite.yaml"
+    rb.write_text(f"version: 1\nname: offsite\nkind: replication\nschedule: '*/15 * * * *'\n"
+                  f"archive: {tmp_path / 'arc'}\nreplicate: {{to: {tmp_path / 'replica'}, bwlimit: 10M}}\n")
+    state_dir = tmp_path / "state"
+    state = SqliteState(state_dir)
+    state.set_last_fire(str(rb.resolve()), "offsite", time.time() - 3600)
+    done = lifeboat("scheduler", str(books), "--once", "--state", str(state_dir))
+    assert done.returncode == 0, done.stderr
+    [run] = state.runs()
+    assert (run.runbook, run.kind, run.status) == ("offsite", "replication", "succeeded"), done.stderr
+    assert run.report is not None and run.report["lag_seconds"] == 0 and len(run.report["published"]) == 1
+    replica = Archive.open(str(tmp_path / "replica"))
+    assert [p.point for p in replica.points("db1")] == [p.point for p in src.points("db1")] and verify(replica).ok
+    again = lifeboat("run", str(rb), "--state", str(state_dir), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["replication"]["objects_copied"] == 0

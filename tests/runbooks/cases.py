@@ -16,6 +16,14 @@ machines:
 """
 
 
+REPLICATION = """\
+version: 1
+name: offsite
+kind: replication
+replicate: {to: s3://b/p}
+"""
+
+
 def base(**repl: str) -> str:
     """BASE with whole lines replaced: {"old line": "new line(s)"}."""
     text = BASE
@@ -170,7 +178,7 @@ CASES: list[tuple[str, str, list[tuple[int, int, str]]]] = [
     (
         "schedule-on-failover",
         base(**{"kind: rehearsal": "kind: failover\nschedule: '0 3 * * *'"}),
-        [(4, 11, "only rehearsals run on a schedule")],
+        [(4, 11, "only rehearsals and replications run on a schedule")],
     ),
     (
         "tcp-without-network",
@@ -182,6 +190,17 @@ CASES: list[tuple[str, str, list[tuple[int, int, str]]]] = [
         ),
         [(11, 14, "a TCP check needs a network")],
     ),
+    (
+        "replicate-in-a-rehearsal",
+        base(**{"kind: rehearsal": "kind: rehearsal\nreplicate: {to: /srv/offsite}"}),
+        [(4, 1, "only a replication runbook has 'replicate'")],
+    ),
+    ("replication-without-replicate", REPLICATION.replace("replicate: {to: s3://b/p}\n", ""),
+     [(1, 1, "missing required field 'replicate'")]),
+    ("replication-with-machines", REPLICATION + "machines: [{name: web01}]\n",
+     [(5, 1, "a replication runbook brings no machine up: remove 'machines'")]),
+    ("replication-bad-bwlimit", REPLICATION.replace("{to: s3://b/p}", "{to: s3://b/p, bwlimit: fast}"),
+     [(4, 36, "is not a rate")]),
     ("not-a-mapping", "- version: 1\n- name: t\n", [(1, 1, "a runbook is a mapping of fields")]),
     ("empty", "# nothing here\n", [(1, 1, "the runbook is empty")]),
     (
