@@ -16,6 +16,7 @@ from lifeboat.archive.errors import BadSelector
 from lifeboat.plumbing.errors import UsageError
 
 POINT_PREFIX = "points/"
+PRUNED_PREFIX = "pruned/"  # ``pruned/<machine>/<point>``: an empty tombstone per point prune removed
 _MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

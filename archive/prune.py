@@ -7,7 +7,9 @@ Crash safety (FORMAT.md, "Prune"): (1) manifests of kept points are re-linked (a
 replace), (2) manifests of removed points are deleted, (3) packs are collected: a pack with no
 live chunk is deleted; a pack that is mostly dead has its live blobs copied, as they are, into
 a new pack that is stored durably *before* the old one is deleted. A ``kill -9`` at any moment
-leaves every kept point restorable; leftovers are collected by the next prune.
+leaves every kept point restorable; leftovers are collected by the next prune. Before a point's
+manifest is deleted, an empty tombstone ``pruned/<machine>/<point>`` is stored: replication
+removes a point from a replica only on that evidence, never because its manifest went missing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from lifeboat.archive.errors import FormatError
 from lifeboat.archive.packs import PACK_PREFIX, PackWriter, read_pack_index
-from lifeboat.archive.points import PointInfo
+from lifeboat.archive.points import PRUNED_PREFIX, PointInfo
 from lifeboat.archive.retention import check_policy, keep
 from lifeboat.archive.store import Archive, ChunkIndex
 
@@ -77,6 +79,9 @@ def prune(arc: Archive, dry_run: bool = False) -> PruneReport:
                         arc.write_point(_with_parent(p, parent), arc.chunk_table(p))
         if not dry_run:
             for p in report.removed:
+                tomb = tombstone(p)
+                if not backend.exists(tomb):  # the evidence replicate follows (a lost manifest has none)
+                    backend.put(tomb, b"")
                 backend.delete(p.key)
         live: set[bytes] = set()
         for p in report.kept:
@@ -85,6 +90,11 @@ def prune(arc: Archive, dry_run: bool = False) -> PruneReport:
     if not dry_run:
         arc.reload_index()
     return report
+
+
+def tombstone(p: PointInfo) -> str:
+    """The key of the tombstone prune leaves for a removed point: replicas follow it."""
+    return f"{PRUNED_PREFIX}{p.machine}/{p.point}"
 
 
 def _with_parent(p: PointInfo, parent: str | None) -> PointInfo:

@@ -10,7 +10,9 @@ encrypted and no key is needed (with one, every blob is also authenticated befor
   size and encryption parameters can take them; any other archive at DEST is refused.
 - **Only what is missing.** Packs are immutable and named at random, so a pack key present at the
   destination is that pack. A point is copied when its manifest is absent there, with the source
-  packs holding its chunks that the destination does not list.
+  packs holding its chunks that the destination does not list, unless every chunk the point needs
+  from such a pack is already in a pack of the destination (a pack that the source's prune
+  rewrote holds chunks the replica has under the old pack's name: it is not copied again).
 - **Publish last.** A point's manifest is written only after every pack it needs is stored and
   checked at the destination; a ``kill -9`` at any moment leaves at most unreferenced packs (and
   ``.tmp-`` leftovers), which the next run reuses and ``prune`` collects. So a second run copies
@@ -22,9 +24,12 @@ encrypted and no key is needed (with one, every blob is also authenticated befor
   index, compared with the source's): what the format gives without a second full download.
   Manifests are small: they are read back whole and compared byte for byte.
 - **Bandwidth.** ``bwlimit`` throttles reads of the source (``throttle.py``), which paces the copy.
-- Replication never deletes at the destination: a point removed from the source (by ``prune``)
-  stays off-site until the destination's own ``prune`` removes it, by the same retention policy,
-  which the copied ``config`` carries.
+- **Following prunes.** A point that the source's prune removed (its tombstone
+  ``pruned/<machine>/<point>`` is there) is removed from the destination too, with a tombstone
+  there (so a replica of the replica follows); a point whose manifest merely went missing at the
+  source is never removed off-site. Then, holding the destination's exclusive lock, the kept
+  points' manifests that prune's rollup rewrote are copied again, and the destination's packs
+  that the source no longer has and no point of the destination needs are deleted.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from lifeboat.archive.errors import ArchiveNotFound, CorruptChunk, FormatError, 
 from lifeboat.archive.formats import parse_point
 from lifeboat.archive.local import LocalBackend
 from lifeboat.archive.packs import PACK_PREFIX, ChunkIndex, parse_pack, read_pack_index
-from lifeboat.archive.points import POINT_PREFIX, PointInfo, check_machine, now_utc
+from lifeboat.archive.points import POINT_PREFIX, PRUNED_PREFIX, PointInfo, check_machine, now_utc
 from lifeboat.archive.store import CONFIG_KEY, Progress, read_key_file
 from lifeboat.archive.throttle import ThrottledBackend
 from lifeboat.plumbing.errors import UsageError
@@ -68,6 +73,8 @@ class ReplicationReport:
     refused: dict[str, str] = field(default_factory=dict)  # point -> why it was not published
     lag_seconds: float = 0.0
     initialised: bool = False
+    points_removed: list[str] = field(default_factory=list)  # pruned at the source, so removed here
+    packs_removed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -87,6 +94,8 @@ class ReplicationReport:
             "refused": self.refused,
             "lag_seconds": self.lag_seconds,
             "initialised": self.initialised,
+            "points_removed": self.points_removed,
+            "packs_removed": self.packs_removed,
             "ok": self.ok,
         }
 
@@ -184,6 +193,7 @@ def plan(source: Backend, dest: Backend, machines: list[str]) -> Plan:
     that the destination does not list."""
     index = ChunkIndex.load(source)
     at_dest = set(dest.list(PACK_PREFIX))
+    dest_index: ChunkIndex | None = None  # loaded only when a pack the destination lacks is needed
     sizes: dict[str, int] = {}
     points: list[tuple[PointInfo, bytes, list[str]]] = []
     refused: dict[str, str] = {}
@@ -204,16 +214,21 @@ def plan(source: Backend, dest: Backend, machines: list[str]) -> Plan:
                 refused[name] = f"manifest unreadable at the source: {e}"
                 continue
             missing.append(info)
-            packs: set[str] = set()
+            packs: dict[str, list[bytes]] = {}
             for cid in table.referenced():
                 loc = index.get(cid)
                 if loc is None:
                     why = index.bad_packs and f" (damaged packs: {', '.join(sorted(index.bad_packs))})"
                     refused[name] = f"chunk {cid.hex()} is in no readable pack of the source{why or ''}"
                     break
-                packs.add(loc.pack)
+                packs.setdefault(loc.pack, []).append(cid)
             else:
-                need = sorted(packs - at_dest)
+                need = []
+                for p in sorted(set(packs) - at_dest):
+                    if dest_index is None:
+                        dest_index = ChunkIndex.load(dest)
+                    if any(cid not in dest_index for cid in packs[p]):
+                        need.append(p)
                 for p in need:
                     if p not in sizes:
                         sizes[p] = source.size(p)
@@ -305,11 +320,53 @@ def replicate(
                 report.objects_copied += 1
                 report.bytes_copied += len(manifest)
                 report.points_published.append(name)
+    with source.lock(exclusive=False):  # the destination's exclusive lock is taken inside, when needed
+        _follow_prunes(source, target, chosen if machines else None, report)
     published = set(report.points_published)
     behind = [i for i in todo.missing if f"{i.machine}@{i.point}" not in published]
     if behind:
         report.lag_seconds = round((now_utc() - max(i.when for i in behind)).total_seconds(), 3)
     return report
+
+
+def _follow_prunes(source: Backend, dest: Backend, machines: list[str] | None, report: ReplicationReport) -> None:
+    """Remove from ``dest`` the points of ``machines`` (all when None) that the source's prune
+    removed, copy the manifests its rollup rewrote, and delete the packs no point needs any more
+    (see the module docstring); nothing when the source pruned nothing ``dest`` still has."""
+    tombs = {k[len(PRUNED_PREFIX):] for k in source.list(PRUNED_PREFIX)}
+    chosen = set(machines) if machines is not None else {t.split("/", 1)[0] for t in tombs}
+    gone = [k for m in sorted(chosen) for k in sorted(dest.list(f"{POINT_PREFIX}{m}/"))
+            if k[len(POINT_PREFIX):] in tombs]
+    if not gone:
+        return
+    with dest.lock(exclusive=True):
+        for key in gone:
+            rest = key[len(POINT_PREFIX):]
+            if not dest.exists(PRUNED_PREFIX + rest):
+                dest.put(PRUNED_PREFIX + rest, b"")
+            dest.delete(key)
+            report.points_removed.append(rest.replace("/", "@", 1))
+        live: set[bytes] = set()
+        for key in sorted(dest.list(POINT_PREFIX)):
+            data = dest.get(key)
+            if key.split("/")[1] in chosen:
+                try:
+                    fresh = source.get(key)
+                except KeyError:
+                    fresh = data
+                if fresh != data:  # relinked by the source's rollup
+                    _publish(dest, key, fresh)
+                    data = fresh
+            live.update(parse_point(key, data)[1].referenced())
+        at_source = set(source.list(PACK_PREFIX))
+        for pack in sorted(set(dest.list(PACK_PREFIX)) - at_source):
+            try:
+                entries = read_pack_index(dest, pack)
+            except (FormatError, KeyError):
+                continue  # damaged: left for verify to report, never deleted blindly
+            if not any(e.chunk_id in live for e in entries):
+                dest.delete(pack)
+                report.packs_removed += 1
 
 
 def _publish(dest: Backend, key: str, manifest: bytes) -> None:

@@ -15,23 +15,36 @@ warm for every tool alike. Each figure is the median of ``--runs`` runs, tools i
 Every replica is checked outside the timing: ``lifeboat verify`` on it, and the newest point
 restored from it has the changed image's SHA-256.
 
+With ``--boot``, instead: time to the sample guest's boot line (``LIFEBOAT-GUEST: booted`` on its
+console, QEMU/TCG) from a point in an S3 archive (SeaweedFS on loopback, as in the tests), two
+ways in the same run: ``lifeboat serve --writable --hydrate-to DISK`` from the bucket and QEMU on
+its export at once (demand first, pack cache, read-ahead), against ``lifeboat restore`` of the
+whole point from the bucket first and QEMU on the restored disk. Each time runs from the start of
+the first lifeboat command to the boot line; the ratio is download-first / hydrate.
+
 Usage::
 
     .venv/bin/python bench/replicate_bench.py [--runs 3] [--size-gib 2.5] [--json-out FILE]
+    .venv/bin/python bench/replicate_bench.py --boot [--runs 3] [--json-out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import (
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import (  # noqa: E402
     BENCH_DIR,
     drop_caches,
     du_bytes,
@@ -43,7 +56,12 @@ from common import (
     sha256_file,
 )
 
+from examples.sample_guest import boot, build  # noqa: E402
+from tests.archive.s3servers import BUCKET, CREDENTIALS, client, seaweedfs_argv, serve  # noqa: E402
+
 LIFEBOAT = [sys.executable, "-m", "lifeboat"]
+BOOTED = "LIFEBOAT-GUEST: booted"
+BOOT_TIMEOUT = 600
 
 
 def lifeboat(*argv: str) -> str:
@@ -104,12 +122,82 @@ def one_run(image: Path, changed: Path, work: Path, order: list[str]) -> dict[st
     return fig
 
 
+def _booted(drive: str) -> float:
+    """Seconds from now to the guest's boot line, booting ``drive`` (a file or an NBD URL)."""
+    start = time.monotonic()
+    result = boot(drive, timeout=BOOT_TIMEOUT, expect=BOOTED + "\n", linger=0)  # the whole line: its event is in
+    line = result.seconds_to("booted")
+    if not result.matched or line is None:
+        raise SystemExit(f"the guest did not boot from {drive}:\n{result.console[-2000:]}\n{result.stderr}")
+    return time.monotonic() - start - result.elapsed + line
+
+
+def boot_hydrating(location: str, work: Path, env: dict[str, str]) -> float:
+    """``lifeboat serve --hydrate-to`` from the bucket, QEMU on its export: seconds to the boot line."""
+    start = time.monotonic()
+    proc = subprocess.Popen([*LIFEBOAT, "--archive", location, "serve", "guest", "--writable", "--listen",
+                             "127.0.0.1:0", "--hydrate-to", str(work / "hydrated.img"), "--overlay",
+                             str(work / "unused.cow")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("nbd://"):
+            raise SystemExit(f"lifeboat serve printed {url!r}")
+        return time.monotonic() - start + _booted(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def boot_downloaded(location: str, work: Path, env: dict[str, str]) -> float:
+    """``lifeboat restore`` of the whole point from the bucket, then QEMU on the local disk."""
+    start = time.monotonic()
+    run([*LIFEBOAT, "--archive", location, "restore", "guest", str(work / "restored.img")], env=env)
+    return time.monotonic() - start + _booted(str(work / "restored.img"))
+
+
+def boot_bench(runs: int, json_out: str | None) -> None:
+    """Time to the boot line from the off-site copy: hydrate while booting against download first."""
+    image = build()
+    work = BENCH_DIR / "offsite-boot"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "weed").mkdir(parents=True)
+    argv, url = seaweedfs_argv(work / "weed")
+    with serve(argv, url, work / "weed" / "log") as endpoint:
+        client(endpoint).create_bucket(Bucket=BUCKET)
+        env = {**os.environ, **CREDENTIALS, "LIFEBOAT_S3_ENDPOINT": endpoint, "AWS_CONFIG_FILE": os.devnull,
+               "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        location = f"s3://{BUCKET}/bench"
+        run([*LIFEBOAT, "--archive", location, "archive", "init"], env=env)
+        run([*LIFEBOAT, "--archive", location, "backup", "guest", str(image)], env=env)
+        ways = {"hydrate": boot_hydrating, "download_first": boot_downloaded}
+        figures: dict[str, list[float]] = {w: [] for w in ways}
+        for i in range(runs):
+            for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+                for leftover in work.glob("*.img*"):
+                    leftover.unlink()
+                figures[way].append(ways[way](location, work, env))
+                print(f"run {i + 1}: {way} {figures[way][-1]:.2f} s", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    median = {w: statistics.median(v) for w, v in figures.items()}
+    print(f"boot line from S3: hydrate {median['hydrate']:.2f} s, download first {median['download_first']:.2f} s "
+          f"(ratio {median['download_first'] / median['hydrate']:.2f})")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"machine": machine_info(), "image_bytes": image.stat().st_size,
+                                              "runs": figures, "median": median}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-gib", type=float, default=2.5)
     ap.add_argument("--json-out")
+    ap.add_argument("--boot", action="store_true", help="time to the boot line from S3 instead (see above)")
     args = ap.parse_args()
+    if args.boot:
+        boot_bench(args.runs, args.json_out)
+        return
     if shutil.which("rclone") is None:
         raise SystemExit("rclone is not installed (scripts/setup.sh installs it)")
     image = realistic_image(args.size_gib)

@@ -84,7 +84,7 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
         raise UsageError("--name: the export name must be 1 to 4096 bytes")
 
     with ExitStack() as stack:
-        if pack_cache_bytes and not isinstance(arc.backend, LocalBackend | ThrottledBackend):
+        if pack_cache_bytes and not isinstance(getattr(arc.backend, "inner", arc.backend), LocalBackend):
             arc.pack_cache = PackCache(pack_cache_bytes, pack_cache_dir)
             stack.callback(arc.pack_cache.close)
         report = None

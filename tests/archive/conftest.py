@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.archive.s3servers import BIN, BUCKET, CREDENTIALS, client, free_port, serve
+from tests.archive.s3servers import BIN, BUCKET, CREDENTIALS, client, free_port, seaweedfs_argv, serve
 
 
 @pytest.fixture(scope="session")
@@ -24,15 +24,10 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """SeaweedFS (master, volume, filer and S3 gateway in one process) on loopback, with the
-    test bucket; its side servers (Iceberg, Lance, telemetry) are off."""
+    """SeaweedFS on loopback (``s3servers.seaweedfs_argv``), with the test bucket."""
     work = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3 = (free_port() for _ in range(4))
-    argv = [str(BIN / "weed"), "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={work}",
-            "-volume.max=64", "-master.volumeSizeLimitMB=256", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", f"-master.port={master}", f"-volume.port={volume}",
-            f"-filer.port={filer}", f"-s3.port={s3}"]
-    with serve(argv, f"http://127.0.0.1:{s3}", work / "log") as endpoint:
+    argv, url = seaweedfs_argv(work)
+    with serve(argv, url, work / "log") as endpoint:
         client(endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
 

@@ -36,6 +36,18 @@ def client(endpoint: str) -> Any:
                         aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
+def seaweedfs_argv(work: Path) -> tuple[list[str], str]:
+    """The command line of SeaweedFS (master, volume, filer and S3 gateway in one process) on
+    loopback with its data in ``work``, and its S3 endpoint; its side servers (Iceberg, Lance,
+    telemetry) are off."""
+    master, volume, filer, s3 = (free_port() for _ in range(4))
+    argv = [str(BIN / "weed"), "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={work}",
+            "-volume.max=64", "-master.volumeSizeLimitMB=256", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", f"-master.port={master}", f"-volume.port={volume}",
+            f"-filer.port={filer}", f"-s3.port={s3}"]
+    return argv, f"http://127.0.0.1:{s3}"
+
+
 @contextlib.contextmanager
 def serve(argv: list[str], endpoint: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run an S3 server (killed at the end: its data is thrown away); yields its endpoint once

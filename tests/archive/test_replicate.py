@@ -18,6 +18,7 @@ from lifeboat.archive import Archive
 from lifeboat.archive.backend import open_backend
 from lifeboat.archive.errors import StorageError, WrongKey
 from lifeboat.archive.formats import PACK_ENTRY, PACK_TRAILER
+from lifeboat.archive.prune import prune
 from lifeboat.archive.replicate import ReplicaMismatch, replicate
 from lifeboat.archive.server import ArchiveServer
 from lifeboat.archive.verify import verify
@@ -274,3 +275,39 @@ def test_a_pack_with_a_damaged_magic_is_refused(tmp_path: Path) -> None:
     pack.write_bytes(b"X" + pack.read_bytes()[1:])
     report = replicate(arc.backend.location, str(tmp_path / "dst"))
     assert not report.ok and "magic" in next(iter(report.refused.values()))
+
+
+def test_follows_the_source_prunes_and_does_not_copy_repacked_chunks_again(tmp_path: Path) -> None:
+    arc = source(tmp_path, {"keep": disk(70)})
+    image = bytearray(disk(71, 2 * MiB))
+    versions = {}
+    for i in range(4):
+        image[:512 * KiB] = random.Random(80 + i).randbytes(512 * KiB)  # the old copies die with their points
+        versions[arc.backup("m", BytesSource(bytes(image))).point] = bytes(image)
+    dst = str(tmp_path / "dst")
+    assert replicate(arc.backend.location, dst).ok
+    keep_point = arc.points("keep")[0]
+    arc.backend.delete(keep_point.key)  # lost at the source, not pruned: stays off-site
+    arc.config["retention"] = {"keep_last": 2}
+    arc.save_config()
+    pruned = prune(arc)
+    assert len(pruned.removed) == 2 and pruned.packs_rewritten >= 1
+
+    image[0:64 * KiB] = bytes(64 * KiB)
+    image[64 * KiB:128 * KiB] = random.Random(90).randbytes(64 * KiB)
+    versions[arc.backup("m", BytesSource(bytes(image))).point] = bytes(image)
+    report = replicate(arc.backend.location, dst)
+    assert report.ok and len(report.points_published) == 1 and sorted(report.points_removed) == sorted(
+        f"m@{p}" for p in list(versions)[:2])
+    assert report.objects_copied == 2  # the new point's pack and manifest: repacked chunks are there already
+    assert report.packs_removed >= 1
+    replica = Archive.open(dst)
+    assert [p.point for p in replica.points("m")] == [p.point for p in arc.points("m")]
+    assert replica.points("m")[0].parent is None  # the source's rollup, copied
+    assert [p.point for p in replica.points("keep")] == [keep_point.point]
+    for p in replica.points("m"):
+        assert read_all(replica.reader(p)) == versions[p.point]
+    assert verify(replica).ok and verify(Archive.open(arc.backend.location)).ok
+    assert all((tmp_path / "dst" / "pruned" / "m" / p).exists() for p in list(versions)[:2])
+    again = replicate(arc.backend.location, dst)
+    assert again.objects_copied == 0 and again.points_removed == [] and again.packs_removed == 0
