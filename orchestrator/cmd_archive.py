@@ -177,8 +177,8 @@ def prune_cmd(dry_run: bool, as_json: bool) -> None:
 @click.option("--bwlimit", metavar="BYTES", help="Read at most this many bytes/s from the source (e.g. 20M).")
 @json_option
 def replicate_cmd(machines: tuple[str, ...], dest: str, bwlimit: str | None, as_json: bool) -> None:
-    """Copy to DEST the points (of MACHINEs, else all) and packs it lacks; exit 1 if a point could
-    not be copied (a damaged source pack)."""
+    """Copy to DEST the points (of MACHINEs, else all) and packs it lacks, and remove there the
+    points the source's prune removed; exit 1 if a point could not be copied (a damaged source pack)."""
     limit = parse_size(bwlimit, "--bwlimit") if bwlimit is not None else None
     with ExitStack() as bar:  # the bar stays on screen until the copy is over
         report = replicate(resolve_location(archive_location()), dest, machines, key_file=key_file_option(),
@@ -193,5 +193,8 @@ def replicate_cmd(machines: tuple[str, ...], dest: str, bwlimit: str | None, as_
             log(f"NOT COPIED {name}: {why}")
         log(f"replicate: {len(report.points_published)} points published, {report.points_in_step} already there, "
             f"{report.objects_copied} objects ({report.bytes_copied} bytes) copied, lag {report.lag_seconds:.0f} s")
+        if report.points_removed:
+            log(f"replicate: pruned at the source, so removed at {report.to}: {', '.join(report.points_removed)} "
+                f"({report.packs_removed} packs deleted)")
     if not report.ok:
         sys.exit(1)

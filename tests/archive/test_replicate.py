@@ -311,3 +311,16 @@ def test_follows_the_source_prunes_and_does_not_copy_repacked_chunks_again(tmp_p
     assert all((tmp_path / "dst" / "pruned" / "m" / p).exists() for p in list(versions)[:2])
     again = replicate(arc.backend.location, dst)
     assert again.objects_copied == 0 and again.points_removed == [] and again.packs_removed == 0
+
+
+def test_an_archive_server_replica_follows_a_prune(tmp_path: Path, https_server: ArchiveServer) -> None:
+    arc = source(tmp_path, {"m": disk(75)})
+    arc.backup("m", BytesSource(disk(76)))
+    assert replicate(arc.backend.location, https_server.url).ok
+    arc.config["retention"] = {"keep_last": 1}
+    arc.save_config()
+    [old] = prune(arc).removed
+    report = replicate(arc.backend.location, https_server.url)
+    assert report.points_removed == [f"m@{old.point}"] and report.packs_removed == 1
+    assert objects(tmp_path / "served") == objects(tmp_path / "src") | {"config": objects(tmp_path / "served")["config"]}
+    restores(https_server.url, {"m": disk(76)})
