@@ -19,8 +19,12 @@ With ``--boot``, instead: time to the sample guest's boot line (``LIFEBOAT-GUEST
 console, QEMU/TCG) from a point in an S3 archive (SeaweedFS on loopback, as in the tests), two
 ways in the same run: ``lifeboat serve --writable --hydrate-to DISK`` from the bucket and QEMU on
 its export at once (demand first, pack cache, read-ahead), against ``lifeboat restore`` of the
-whole point from the bucket first and QEMU on the restored disk. Each time runs from the start of
-the first lifeboat command to the boot line; the ratio is download-first / hydrate.
+whole point from the bucket first and QEMU on the restored disk (and, for reference, ``lifeboat
+serve`` without hydration). Each time runs from the start of the first lifeboat command to the
+boot line; the ratio is download-first / hydrate. ``--data-mib N`` first writes N MiB of random
+data into the guest's data partition (from 16 MiB into it), which the boot never reads: a machine
+whose disk holds more than its boot needs, as real ones do. ``--link-rate`` puts the bucket behind
+a link of that speed (``tests/archive/faultproxy.py``), as an off-site store is.
 
 Usage::
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -56,7 +61,8 @@ from common import (  # noqa: E402
     sha256_file,
 )
 
-from examples.sample_guest import boot, build  # noqa: E402
+from examples.sample_guest import PARTITION2_OFFSET, boot, build, copy_image  # noqa: E402
+from tests.archive.faultproxy import FaultProxy  # noqa: E402
 from tests.archive.s3servers import BUCKET, CREDENTIALS, client, seaweedfs_argv, serve  # noqa: E402
 
 LIFEBOAT = [sys.executable, "-m", "lifeboat"]
@@ -132,13 +138,13 @@ def _booted(drive: str) -> float:
     return time.monotonic() - start - result.elapsed + line
 
 
-def boot_hydrating(location: str, work: Path, env: dict[str, str]) -> float:
-    """``lifeboat serve --hydrate-to`` from the bucket, QEMU on its export: seconds to the boot line."""
+def boot_served(location: str, work: Path, env: dict[str, str], hydrate: bool = True) -> float:
+    """``lifeboat serve`` (``--hydrate-to``) from the bucket, QEMU on its export: seconds to the boot line."""
     start = time.monotonic()
+    extra = ["--hydrate-to", str(work / "hydrated.img")] if hydrate else []
     proc = subprocess.Popen([*LIFEBOAT, "--archive", location, "serve", "guest", "--writable", "--listen",
-                             "127.0.0.1:0", "--hydrate-to", str(work / "hydrated.img"), "--overlay",
-                             str(work / "unused.cow")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                             "127.0.0.1:0", *extra, "--overlay", str(work / "unused.cow")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
@@ -157,12 +163,24 @@ def boot_downloaded(location: str, work: Path, env: dict[str, str]) -> float:
     return time.monotonic() - start + _booted(str(work / "restored.img"))
 
 
-def boot_bench(runs: int, json_out: str | None) -> None:
-    """Time to the boot line from the off-site copy: hydrate while booting against download first."""
-    image = build()
+def guest_with_data(work: Path, data_mib: int) -> Path:
+    """The sample guest with ``data_mib`` MiB of random data in its data partition (16 MiB in)."""
+    image = copy_image(build(), work / "guest.raw")
+    rng = random.Random(5)
+    with image.open("r+b") as f:
+        f.seek(PARTITION2_OFFSET + 16 * 1024 * 1024)
+        for _ in range(data_mib):
+            f.write(rng.randbytes(1024 * 1024))
+    return image
+
+
+def boot_bench(runs: int, json_out: str | None, link_rate: int | None, data_mib: int) -> None:
+    """Time to the boot line from the off-site copy: hydrate while booting against download first
+    (through a link of ``link_rate`` bytes/s when given)."""
     work = BENCH_DIR / "offsite-boot"
     shutil.rmtree(work, ignore_errors=True)
     (work / "weed").mkdir(parents=True)
+    image = guest_with_data(work, data_mib)
     argv, url = seaweedfs_argv(work / "weed")
     with serve(argv, url, work / "weed" / "log") as endpoint:
         client(endpoint).create_bucket(Bucket=BUCKET)
@@ -171,20 +189,30 @@ def boot_bench(runs: int, json_out: str | None) -> None:
         location = f"s3://{BUCKET}/bench"
         run([*LIFEBOAT, "--archive", location, "archive", "init"], env=env)
         run([*LIFEBOAT, "--archive", location, "backup", "guest", str(image)], env=env)
-        ways = {"hydrate": boot_hydrating, "download_first": boot_downloaded}
+        link = FaultProxy(endpoint, every=0, rate=link_rate) if link_rate else None
+        if link is not None:
+            env["LIFEBOAT_S3_ENDPOINT"] = link.endpoint
+        ways: dict[str, Callable[[str, Path, dict[str, str]], float]] = {
+            "hydrate": boot_served, "download_first": boot_downloaded,
+            "serve_only": lambda loc, w, e: boot_served(loc, w, e, hydrate=False)}
         figures: dict[str, list[float]] = {w: [] for w in ways}
         for i in range(runs):
             for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
-                for leftover in work.glob("*.img*"):
+                for leftover in [*work.glob("*.img*"), *work.glob("*.cow")]:
                     leftover.unlink()
                 figures[way].append(ways[way](location, work, env))
                 print(f"run {i + 1}: {way} {figures[way][-1]:.2f} s", file=sys.stderr)
+        if link is not None:
+            link.close()
     shutil.rmtree(work, ignore_errors=True)
     median = {w: statistics.median(v) for w, v in figures.items()}
-    print(f"boot line from S3: hydrate {median['hydrate']:.2f} s, download first {median['download_first']:.2f} s "
-          f"(ratio {median['download_first'] / median['hydrate']:.2f})")
+    where = (f"{link_rate / 1e6:g} MB/s link" if link_rate else "loopback") + f", {data_mib} MiB of data unread"
+    print(f"boot line from S3 ({where}): hydrate {median['hydrate']:.2f} s, download first "
+          f"{median['download_first']:.2f} s (ratio {median['download_first'] / median['hydrate']:.2f}); "
+          f"served without hydrating {median['serve_only']:.2f} s")
     if json_out:
         Path(json_out).write_text(json.dumps({"machine": machine_info(), "image_bytes": image.stat().st_size,
+                                              "link_rate": link_rate, "data_mib": data_mib,
                                               "runs": figures, "median": median}, indent=2))
 
 
@@ -194,9 +222,12 @@ def main() -> None:
     ap.add_argument("--size-gib", type=float, default=2.5)
     ap.add_argument("--json-out")
     ap.add_argument("--boot", action="store_true", help="time to the boot line from S3 instead (see above)")
+    ap.add_argument("--link-rate", help="with --boot: reach the bucket through a link of this many MB/s (e.g. 4M)")
+    ap.add_argument("--data-mib", type=int, default=0, help="with --boot: MiB of data the boot does not read")
     args = ap.parse_args()
     if args.boot:
-        boot_bench(args.runs, args.json_out)
+        rate = int(float(args.link_rate.rstrip("M")) * 1e6) if args.link_rate else None
+        boot_bench(args.runs, args.json_out, rate, args.data_mib)
         return
     if shutil.which("rclone") is None:
         raise SystemExit("rclone is not installed (scripts/setup.sh installs it)")

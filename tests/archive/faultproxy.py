@@ -10,6 +10,9 @@ client's signature still holds), unless the schedule picks a fault for it:
 - ``slowdown``: 503 ``SlowDown``, S3's throttling answer;
 - ``slow``: forwarded after ``delay`` seconds.
 
+With ``rate`` (bytes/s), answers share a link of that speed, first come first served (the
+bench's slow off-site link).
+
 The schedule: every ``every``-th request (counted across all connections) gets the next fault of
 ``faults`` in turn, so a test sees each kind and no request fails on every try. ``counts`` says
 how many of each were injected.
@@ -34,12 +37,14 @@ class FaultProxy:
     """Listens on a free loopback port; ``endpoint`` is its URL. ``every=0`` injects nothing."""
 
     def __init__(self, upstream: str, faults: tuple[str, ...] = FAULTS, every: int = 5,
-                 delay: float = 0.5) -> None:
+                 delay: float = 0.5, rate: float | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.faults = faults
         self.every = every
         self.delay = delay
+        self.rate = rate
+        self._free_at = 0.0
         self.counts: Counter[str] = Counter()
         self.requests = 0
         self._lock = threading.Lock()
@@ -106,6 +111,8 @@ class FaultProxy:
         if fault == "drop-after":
             h.close_connection = True
             return
+        if self.rate:
+            self._transfer(len(data))
         h.send_response_only(resp.status, resp.reason)
         for name, value in resp.getheaders():
             if name.lower() not in _HOP and (name.lower() != "content-length" or h.command == "HEAD"):
@@ -115,6 +122,15 @@ class FaultProxy:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(data)
+
+    def _transfer(self, nbytes: int) -> None:
+        """Sleep as long as ``nbytes`` take on the shared link."""
+        assert self.rate
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + nbytes / self.rate
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
 
     def close(self) -> None:
         """Stop listening."""
