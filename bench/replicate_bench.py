@@ -181,6 +181,7 @@ def boot_bench(runs: int, json_out: str | None, link_rate: int | None, data_mib:
     shutil.rmtree(work, ignore_errors=True)
     (work / "weed").mkdir(parents=True)
     image = guest_with_data(work, data_mib)
+    image_bytes = image.stat().st_size
     argv, url = seaweedfs_argv(work / "weed")
     with serve(argv, url, work / "weed" / "log") as endpoint:
         client(endpoint).create_bucket(Bucket=BUCKET)
@@ -211,7 +212,7 @@ def boot_bench(runs: int, json_out: str | None, link_rate: int | None, data_mib:
           f"{median['download_first']:.2f} s (ratio {median['download_first'] / median['hydrate']:.2f}); "
           f"served without hydrating {median['serve_only']:.2f} s")
     if json_out:
-        Path(json_out).write_text(json.dumps({"machine": machine_info(), "image_bytes": image.stat().st_size,
+        Path(json_out).write_text(json.dumps({"machine": machine_info(), "image_bytes": image_bytes,
                                               "link_rate": link_rate, "data_mib": data_mib,
                                               "runs": figures, "median": median}, indent=2))
 
