@@ -188,6 +188,17 @@ class S3Backend(Backend):
             return None
         return etag if etag.strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest() else None
 
+    def _landed_parts(self, key: str, done: list[dict[str, Any]]) -> str | None:
+        """The stored ETag when the object is the multipart upload of these parts (its ETag is
+        the MD5 of the parts' MD5s, a dash, and their count)."""
+        md5s = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in done)
+        want = f"{hashlib.md5(md5s, usedforsecurity=False).hexdigest()}-{len(done)}"
+        try:
+            etag: str = self._call(f"reading {key}", self._s3.head_object, key, Key=self._name(key))["ETag"]
+        except KeyError:
+            return None
+        return etag if etag.strip('"') == want else None
+
     def put_parts(self, key: str, parts: Sequence[bytes]) -> None:
         """A multipart upload of ``PART_SIZE`` pieces when the object is larger than one, so a
         pack is never joined whole in memory; aborted when anything fails."""
@@ -205,8 +216,13 @@ class S3Backend(Backend):
             try:
                 resp = self._call(f"writing {key}", self._s3.complete_multipart_upload, key, Key=name,
                                   UploadId=upload, MultipartUpload={"Parts": done}, **cond)
-            except botocore.exceptions.ClientError:
-                raise self._conflict(key, cond) from None
+            except (botocore.exceptions.ClientError, StorageError) as e:
+                # a retried completion whose first try had landed finds no upload (or fails its
+                # condition): a success when the object is that upload
+                etag = self._landed_parts(key, done)
+                if etag is None:
+                    raise self._conflict(key, cond) if isinstance(e, botocore.exceptions.ClientError) else e from None
+                resp = {"ETag": etag}
         except BaseException:
             with contextlib.suppress(Exception):
                 self._s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload)

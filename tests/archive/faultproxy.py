@@ -13,9 +13,10 @@ client's signature still holds), unless the schedule picks a fault for it:
 With ``rate`` (bytes/s), answers share a link of that speed, first come first served (the
 bench's slow off-site link).
 
-The schedule: every ``every``-th request (counted across all connections) gets the next fault of
-``faults`` in turn, so a test sees each kind and no request fails on every try. ``counts`` says
-how many of each were injected.
+The schedule: every ``every``-th request (counted across all connections; only those ``when``
+accepts, given method and path) gets the next fault of ``faults`` in turn, so a test sees each
+kind and no request fails on every try; at most ``limit`` faults in all. ``counts`` says how many
+of each were injected.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -37,13 +39,16 @@ class FaultProxy:
     """Listens on a free loopback port; ``endpoint`` is its URL. ``every=0`` injects nothing."""
 
     def __init__(self, upstream: str, faults: tuple[str, ...] = FAULTS, every: int = 5,
-                 delay: float = 0.5, rate: float | None = None) -> None:
+                 delay: float = 0.5, rate: float | None = None,
+                 when: Callable[[str, str], bool] | None = None, limit: int | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.faults = faults
         self.every = every
         self.delay = delay
         self.rate = rate
+        self.when = when  # (method, path) -> whether the request counts for the schedule
+        self.limit = limit  # faults injected at most
         self._free_at = 0.0
         self.counts: Counter[str] = Counter()
         self.requests = 0
@@ -68,10 +73,14 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="faultproxy")
         self._thread.start()
 
-    def _pick(self) -> str | None:
+    def _pick(self, method: str, path: str) -> str | None:
+        if self.when is not None and not self.when(method, path):
+            return None
         with self._lock:
             self.requests += 1
             if not self.every or self.requests % self.every:
+                return None
+            if self.limit is not None and sum(self.counts.values()) >= self.limit:
                 return None
             fault = next(self._turn)
             self.counts[fault] += 1
@@ -80,7 +89,7 @@ class FaultProxy:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
-        fault = self._pick()
+        fault = self._pick(h.command, h.path)
         if fault == "drop":
             h.close_connection = True
             return

@@ -7,6 +7,7 @@ them too; verify passes on both sides."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ import pytest
 from lifeboat.archive import Archive
 from lifeboat.archive.backend import open_backend
 from lifeboat.archive.replicate import replicate
+from lifeboat.archive.s3 import PART_SIZE
 from lifeboat.archive.verify import verify
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
@@ -73,3 +75,21 @@ def test_a_bad_retry_setting_is_a_usage_error(name: str, value: str, monkeypatch
     monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=value):
         open_backend("s3://bucket/prefix")
+
+
+@pytest.mark.parametrize(("server", "store"), [("moto_endpoint", "s3_moto"), ("seaweedfs_endpoint", "s3_seaweedfs")])
+def test_a_multipart_upload_whose_completion_answer_is_lost_is_a_success(
+        server: str, store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint: str = request.getfixturevalue(server)
+    location: str = request.getfixturevalue(store)
+    proxy = FaultProxy(endpoint, faults=("drop-after",), every=1, limit=1,
+                       when=lambda method, path: method == "POST" and "uploadId=" in path)  # the completion
+    monkeypatch.setenv("LIFEBOAT_S3_ENDPOINT", proxy.endpoint)
+    data = random.Random(4).randbytes(PART_SIZE + 12345)
+    try:
+        backend = open_backend(location)
+        backend.put_parts("packs/ab/abcdef", [data[:1000], data[1000:]])
+        assert backend.get("packs/ab/abcdef") == data
+    finally:
+        proxy.close()
+    assert proxy.counts == {"drop-after": 1}
