@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -56,7 +57,8 @@ def _tls(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | 
               help="Local disk for blocks of packs read from a remote (S3, server) archive: each GET brings "
                    "a block and reads ahead (0: one ranged GET per chunk).")
 @click.option("--pack-cache-dir", type=click.Path(file_okay=False, exists=True),
-              help="Where the pack cache's directory is made (default: the temporary directory).")
+              help="Where the pack cache's directory is made (default: $TMPDIR, else /var/tmp: on disk, "
+                   "where /tmp is often in memory).")
 @click.option("--memory-limit", default="256M", show_default=True,
               help="Most request and reply data held for all clients: beyond it, requests wait "
                    "(a client that never reads its replies cannot grow the server).")
@@ -85,7 +87,7 @@ def serve_cmd(selector: str, listen: str, export_name: str | None, writable: boo
 
     with ExitStack() as stack:
         if pack_cache_bytes and not isinstance(getattr(arc.backend, "inner", arc.backend), LocalBackend):
-            arc.pack_cache = PackCache(pack_cache_bytes, pack_cache_dir)
+            arc.pack_cache = PackCache(pack_cache_bytes, pack_cache_dir or os.environ.get("TMPDIR") or "/var/tmp")
             stack.callback(arc.pack_cache.close)
         report = None
         if hydrate_to:
