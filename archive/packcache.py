@@ -77,23 +77,24 @@ class PackCache:
 
     def _slice(self, backend: Backend, blk: Block, lo: int, hi: int) -> bytes:
         """Bytes ``lo..hi`` of a block: from its file when cached, else fetched (and cached)."""
+        prev = (blk[0], blk[1] - 1)
         with self._lock:
             cached = blk in self._lru
             if cached:
                 self._lru.move_to_end(blk)
+            sequential = prev in self._lru or prev in self._inflight
+        data = None
         if cached:
             try:
                 with open(self._path(blk), "rb") as f:
-                    return os.pread(f.fileno(), hi - lo, lo)
+                    data = os.pread(f.fileno(), hi - lo, lo)
             except FileNotFoundError:  # evicted meanwhile: fetch it again
                 pass
-        prev = (blk[0], blk[1] - 1)
-        with self._lock:
-            sequential = prev in self._lru or prev in self._inflight
-        data = self._fetch(backend, blk)
-        if sequential:
+        if data is None:
+            data = self._fetch(backend, blk)[lo:hi]  # the demand first, then what follows it
+        if sequential:  # keep the next blocks coming, whether this one was read ahead or not
             self._prefetch(backend, blk)
-        return data[lo:hi]
+        return data
 
     def _fetch(self, backend: Backend, blk: Block) -> bytes:
         """A whole block, one GET shared by concurrent callers."""
