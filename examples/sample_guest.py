@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
-import gzip
 import hashlib
 import os
 import re
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lifeboat.plumbing import initramfs
-from lifeboat.plumbing.initramfs import cpio_newc, is_static_elf, resolve_modules
+from lifeboat.plumbing.initramfs import busybox_initramfs, resolve_modules
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -53,7 +52,6 @@ BASE_KERNEL_ARGS = "console=ttyS0 quiet panic=-1"
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
-BUSYBOX = Path("/bin/busybox")
 # The virtio block stack; dependencies are read from each module's .modinfo and loaded first.
 WANTED_MODULES = (
     "virtio",
@@ -294,21 +292,7 @@ def kernel_package() -> tuple[str, str]:
 
 def make_initramfs(modules: list[tuple[str, bytes]]) -> bytes:
     """The gzip-compressed initramfs: static busybox, the virtio modules, and ``init``."""
-    if not BUSYBOX.exists() or not is_static_elf(BUSYBOX):
-        raise RuntimeError(f"{BUSYBOX} is missing or not static: install busybox-static")
-    d, f, lnk, chr_ = 0o040755, 0o100644, 0o120777, 0o020600
-    init = INIT_SCRIPT.replace("@MODULES@", " ".join(name for name, _ in modules))
-    entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
-        (name, d, b"", (0, 0)) for name in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
-    ]
-    entries += [
-        ("dev/console", chr_, b"", (5, 1)),
-        ("bin/busybox", 0o100755, BUSYBOX.read_bytes(), (0, 0)),
-        ("bin/sh", lnk, b"busybox", (0, 0)),
-        ("init", 0o100755, init.encode(), (0, 0)),
-    ]
-    entries += [(f"lib/modules/{name}.ko", f, ko, (0, 0)) for name, ko in modules]
-    return gzip.compress(cpio_newc(entries), compresslevel=9, mtime=0)
+    return busybox_initramfs(INIT_SCRIPT, modules)
 
 
 # --------------------------------------------------------------------------- disk image

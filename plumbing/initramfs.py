@@ -12,6 +12,14 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from lifeboat.plumbing.errors import LifeboatError
+
+BUSYBOX = Path("/bin/busybox")
+
+
+class NoStaticBusybox(LifeboatError):
+    """The static busybox that every initramfs here is made of is not installed."""
+
 
 def _elf_sections(data: bytes) -> dict[str, bytes]:
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
@@ -117,3 +125,27 @@ def cpio_newc(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
         add(ino, name, mode, data, rdev)
     add(0, "TRAILER!!!", 0, b"", (0, 0))
     return bytes(out)
+
+
+def busybox_initramfs(
+    init: str, modules: list[tuple[str, bytes]], files: Iterable[tuple[str, int, bytes]] = ()
+) -> bytes:
+    """A gzip-compressed initramfs: static busybox as ``/bin/sh``, ``modules`` as
+    ``/lib/modules/NAME.ko``, ``init`` (its ``@MODULES@`` replaced by the module names, in load
+    order) and extra ``files`` (path, mode, bytes). Reproducible: the same inputs give the same bytes."""
+    if not BUSYBOX.exists() or not is_static_elf(BUSYBOX):
+        raise NoStaticBusybox(f"{BUSYBOX} is missing or not static: install busybox-static")
+    d, f, x = 0o040755, 0o100644, 0o100755
+    init = init.replace("@MODULES@", " ".join(name for name, _ in modules))
+    entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
+        (name, d, b"", (0, 0)) for name in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
+    ]
+    entries += [
+        ("dev/console", 0o020600, b"", (5, 1)),
+        ("bin/busybox", x, BUSYBOX.read_bytes(), (0, 0)),
+        ("bin/sh", 0o120777, b"busybox", (0, 0)),
+        ("init", x, init.encode(), (0, 0)),
+    ]
+    entries += [(path, mode, data, (0, 0)) for path, mode, data in files]
+    entries += [(f"lib/modules/{name}.ko", f, ko, (0, 0)) for name, ko in modules]
+    return gzip.compress(cpio_newc(entries), compresslevel=9, mtime=0)

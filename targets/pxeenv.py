@@ -23,7 +23,6 @@ smallest/largest disk that holds the point); a disk smaller than the point is re
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import os
 import shutil
@@ -31,10 +30,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lifeboat.plumbing.initramfs import cpio_newc, is_static_elf, resolve_modules
+from lifeboat.plumbing.initramfs import BUSYBOX, busybox_initramfs, resolve_modules
 from lifeboat.targets.base import TargetUnavailable
 
-BUSYBOX = Path("/bin/busybox")
 MODULES_ROOT = Path("/lib/modules")
 BOOT = Path("/boot")
 # NICs and disk controllers of virtual machines and of common servers; missing hardware is harmless.
@@ -192,24 +190,9 @@ def kernel_version() -> str:
 
 
 def make_initramfs(modules: list[tuple[str, bytes]]) -> bytes:
-    """The gzip-compressed initramfs: static busybox, the driver modules, init and its scripts."""
-    if not BUSYBOX.exists() or not is_static_elf(BUSYBOX):
-        raise TargetUnavailable(f"{BUSYBOX} is missing or not static: install busybox-static")
-    d, f, x, chr_ = 0o040755, 0o100644, 0o100755, 0o020600
-    init = INIT_SCRIPT.replace("@MODULES@", " ".join(name for name, _ in modules))
-    entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
-        (name, d, b"", (0, 0)) for name in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
-    ]
-    entries += [
-        ("dev/console", chr_, b"", (5, 1)),
-        ("bin/busybox", x, BUSYBOX.read_bytes(), (0, 0)),
-        ("bin/sh", 0o120777, b"busybox", (0, 0)),
-        ("init", x, init.encode(), (0, 0)),
-        ("lib/choose-disk.sh", f, CHOOSE_DISK.encode(), (0, 0)),
-        ("lib/dhcp.sh", x, DHCP_SCRIPT.encode(), (0, 0)),
-    ]
-    entries += [(f"lib/modules/{name}.ko", f, ko, (0, 0)) for name, ko in modules]
-    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
+    """The recovery environment's initramfs: busybox, the driver modules, init and its scripts."""
+    files = [("lib/choose-disk.sh", 0o100644, CHOOSE_DISK.encode()), ("lib/dhcp.sh", 0o100755, DHCP_SCRIPT.encode())]
+    return busybox_initramfs(INIT_SCRIPT, modules, files)
 
 
 def cache_dir() -> Path:
