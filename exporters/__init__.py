@@ -10,6 +10,8 @@ Each format's byte layout is documented in its module (raw, qcow2, vmdk, vmdk_st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from lifeboat.exporters.base import Exporter, ExportResult, ImageError, ImageTooLarge, PointSource, UnsupportedImage
 from lifeboat.exporters.images import detect, open_image
 from lifeboat.plumbing.registry import Registry
@@ -27,8 +29,26 @@ EXPORTERS: Registry[type[Exporter]] = Registry(
     base=Exporter,
 )
 
+# Formats that can be written strictly front to back, with no file: an upload's request body.
+STREAM_FORMATS = ("raw", "qcow2")
+
+
+def image_stream(fmt: str, reader: PointSource, chunk: int = 4 << 20) -> Iterator[bytes]:
+    """The point as an image of ``fmt`` (one of ``STREAM_FORMATS``), in pieces of about ``chunk``
+    bytes, read from the archive as they are consumed."""
+    if fmt == "qcow2":
+        from lifeboat.exporters.qcow2 import qcow2_stream
+
+        yield from qcow2_stream(reader, chunk)
+    elif fmt == "raw":
+        for offset in range(0, reader.size, chunk):
+            yield reader.read(offset, min(chunk, reader.size - offset))
+    else:
+        raise ValueError(f"no streaming writer for {fmt!r} (streamable: {', '.join(STREAM_FORMATS)})")
+
 
 __all__ = [
+    "STREAM_FORMATS",
     "EXPORTERS",
     "ExportResult",
     "ImageError",
@@ -37,5 +57,6 @@ __all__ = [
     "PointSource",
     "UnsupportedImage",
     "detect",
+    "image_stream",
     "open_image",
 ]

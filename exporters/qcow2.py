@@ -106,7 +106,6 @@ class Qcow2Exporter(Exporter):
     def _write(self, reader: PointSource, fd: int, progress: Progress) -> None:
         vsize = self.virtual_size(reader.size)
         guest_clusters = -(-vsize // CLUSTER)
-        l1_size = -(-guest_clusters // L2_ENTRIES)
         unit = max(reader.chunk_size, 1 * MiB)
         per_unit = unit // CLUSTER
         l2_tables: dict[int, bytearray] = {}
@@ -130,53 +129,101 @@ class Qcow2Exporter(Exporter):
             for j, g in enumerate(guest):
                 table = l2_tables.get(g // L2_ENTRIES)
                 if table is None:
-                    table = l2_tables[g // L2_ENTRIES] = self._new_l2(g // L2_ENTRIES, guest_clusters)
+                    table = l2_tables[g // L2_ENTRIES] = new_l2(g // L2_ENTRIES, guest_clusters)
                 struct.pack_into(">Q", table, (g % L2_ENTRIES) * 8, ((base + j) * CLUSTER) | OFLAG_COPIED)
 
-        l1 = bytearray(l1_size * 8)
-        for idx in sorted(l2_tables):
-            pwrite_all(fd, [bytes(l2_tables[idx])], next_host * CLUSTER)
-            struct.pack_into(">Q", l1, idx * 8, (next_host * CLUSTER) | OFLAG_COPIED)
-            next_host += 1
-        l1_clusters = -(-len(l1) // CLUSTER)
-        l1_offset = next_host * CLUSTER if l1_clusters else 0
-        if l1:
-            pwrite_all(fd, [bytes(l1)], l1_offset)
-        next_host += l1_clusters
-
-        # Refcount table + blocks must also count themselves: find the fixed point.
-        rt_clusters = rb_count = 0
-        while True:
-            total = next_host + rt_clusters + rb_count
-            need_rb = -(-total // REFS_PER_BLOCK)
-            need_rt = -(-need_rb * 8 // CLUSTER)
-            if (need_rb, need_rt) == (rb_count, rt_clusters):
-                break
-            rb_count, rt_clusters = need_rb, need_rt
-        rt_offset = next_host * CLUSTER
-        rb_first = next_host + rt_clusters
-        table = bytearray(rt_clusters * CLUSTER)
-        full_block = b"\x00\x01" * REFS_PER_BLOCK
-        for b in range(rb_count):
-            struct.pack_into(">Q", table, b * 8, (rb_first + b) * CLUSTER)
-            covered = min(REFS_PER_BLOCK, total - b * REFS_PER_BLOCK)
-            block = full_block if covered == REFS_PER_BLOCK else b"\x00\x01" * covered + bytes(CLUSTER - 2 * covered)
-            pwrite_all(fd, [block], (rb_first + b) * CLUSTER)
-        pwrite_all(fd, [bytes(table)], rt_offset)
-
-        header = HEADER_V3.pack(
-            MAGIC, 3, 0, 0, CLUSTER_BITS, vsize, 0, l1_size, l1_offset, rt_offset, rt_clusters,
-            0, 0, 0, 0, 0, REFCOUNT_ORDER, HEADER_LENGTH,
-        )  # fmt: skip
-        # compression_type 0 (zlib) + padding, then the header-extension end marker (type 0, length 0)
-        pwrite_all(fd, [header, bytes(HEADER_LENGTH - len(header)), bytes(8)], 0)
+        header, tail, total = metadata(l2_tables, next_host, vsize)
+        pwrite_all(fd, tail, next_host * CLUSTER)
+        pwrite_all(fd, [header], 0)
         os.ftruncate(fd, total * CLUSTER)
 
-    @staticmethod
-    def _new_l2(index: int, guest_clusters: int) -> bytearray:
-        """An L2 table whose entries inside the disk read as zero (v3 zero flag)."""
-        inside = min(L2_ENTRIES, guest_clusters - index * L2_ENTRIES)
-        return bytearray(struct.pack(">Q", OFLAG_ZERO) * inside + bytes(8 * (L2_ENTRIES - inside)))
+
+def new_l2(index: int, guest_clusters: int) -> bytearray:
+    """An L2 table whose entries inside the disk read as zero (v3 zero flag)."""
+    inside = min(L2_ENTRIES, guest_clusters - index * L2_ENTRIES)
+    return bytearray(struct.pack(">Q", OFLAG_ZERO) * inside + bytes(8 * (L2_ENTRIES - inside)))
+
+
+def metadata(l2_tables: dict[int, bytearray], next_host: int, vsize: int) -> tuple[bytes, list[bytes], int]:
+    """What follows the data clusters (host clusters ``1 .. next_host - 1``): the header cluster's
+    bytes, the tail written from cluster ``next_host`` on (L2 tables, L1 table, refcount table and
+    blocks, contiguous), and the file's length in clusters."""
+    guest_clusters = -(-vsize // CLUSTER)
+    l1_size = -(-guest_clusters // L2_ENTRIES)
+    tail: list[bytes] = []
+    l1 = bytearray(l1_size * 8)
+    for idx in sorted(l2_tables):
+        tail.append(bytes(l2_tables[idx]))
+        struct.pack_into(">Q", l1, idx * 8, (next_host * CLUSTER) | OFLAG_COPIED)
+        next_host += 1
+    l1_clusters = -(-len(l1) // CLUSTER)
+    l1_offset = next_host * CLUSTER if l1_clusters else 0
+    if l1:
+        tail.append(bytes(l1) + bytes(l1_clusters * CLUSTER - len(l1)))
+    next_host += l1_clusters
+
+    # Refcount table + blocks must also count themselves: find the fixed point.
+    rt_clusters = rb_count = 0
+    while True:
+        total = next_host + rt_clusters + rb_count
+        need_rb = -(-total // REFS_PER_BLOCK)
+        need_rt = -(-need_rb * 8 // CLUSTER)
+        if (need_rb, need_rt) == (rb_count, rt_clusters):
+            break
+        rb_count, rt_clusters = need_rb, need_rt
+    rt_offset = next_host * CLUSTER
+    rb_first = next_host + rt_clusters
+    table = bytearray(rt_clusters * CLUSTER)
+    blocks = []
+    full_block = b"\x00\x01" * REFS_PER_BLOCK
+    for b in range(rb_count):
+        struct.pack_into(">Q", table, b * 8, (rb_first + b) * CLUSTER)
+        covered = min(REFS_PER_BLOCK, total - b * REFS_PER_BLOCK)
+        blocks.append(full_block if covered == REFS_PER_BLOCK else b"\x00\x01" * covered + bytes(CLUSTER - 2 * covered))
+    tail += [bytes(table), *blocks]
+
+    header = HEADER_V3.pack(
+        MAGIC, 3, 0, 0, CLUSTER_BITS, vsize, 0, l1_size, l1_offset, rt_offset, rt_clusters,
+        0, 0, 0, 0, 0, REFCOUNT_ORDER, HEADER_LENGTH,
+    )  # fmt: skip
+    # compression_type 0 (zlib) + padding, then the header-extension end marker (type 0, length 0)
+    return header + bytes(HEADER_LENGTH - len(header)) + bytes(8), tail, total
+
+
+def qcow2_stream(reader: PointSource, chunk: int = 4 * MiB) -> Iterator[bytes]:
+    """The same qcow2 layout as ``Qcow2Exporter``, written strictly front to back (to an upload,
+    with no file): the header first needs the number of data clusters, so the clusters stored are
+    those of the point's non-zero extents (its chunk map, known without reading: a zero cluster
+    inside a non-zero chunk is stored, where the exporter leaves it out)."""
+    vsize = round_up(reader.size, SECTOR)
+    guest_clusters = -(-vsize // CLUSTER)
+    runs: list[tuple[int, int]] = []  # (first guest cluster, end), in order, merged
+    for offset, length, is_zero in reader.extents():
+        if is_zero or length == 0:
+            continue
+        first, end = offset // CLUSTER, -(-(offset + length) // CLUSTER)
+        if runs and runs[-1][1] >= first:
+            runs[-1] = (runs[-1][0], max(end, runs[-1][1]))
+        else:
+            runs.append((first, end))
+    l2_tables: dict[int, bytearray] = {}
+    host = 1
+    for first, end in runs:
+        for g in range(first, end):
+            table = l2_tables.get(g // L2_ENTRIES)
+            if table is None:
+                table = l2_tables[g // L2_ENTRIES] = new_l2(g // L2_ENTRIES, guest_clusters)
+            struct.pack_into(">Q", table, (g % L2_ENTRIES) * 8, (host * CLUSTER) | OFLAG_COPIED)
+            host += 1
+    header, tail, _ = metadata(l2_tables, host, vsize)
+    yield header + bytes(CLUSTER - len(header))
+    step = max(CLUSTER, chunk // CLUSTER * CLUSTER)
+    for first, end in runs:
+        for start in range(first * CLUSTER, end * CLUSTER, step):
+            length = min(step, end * CLUSTER - start)
+            data = reader.read(start, max(0, min(length, reader.size - start)))
+            yield data + bytes(length - len(data))  # the last cluster, padded past the point's end
+    yield from tail
 
 
 class Qcow2Image(ImageSource):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,16 +205,27 @@ class MachineContext:
 
     def disk(self) -> Disk:
         """The machine's disk as the ``resolve`` and ``export`` steps left it."""
-        return disk_of(int(self.result("resolve")["size"]), self.result("export"))
+        return disk_of(int(self.result("resolve")["size"]), self.result("export"), self.run.archive_handle)
 
     def step(self, step: str, fn: Callable[[MachineContext], dict[str, Any] | None]) -> dict[str, Any]:
         """Run one step function for this machine, recorded."""
         return self.run.record(self.name, step, lambda: fn(self))
 
 
-def disk_of(size: int, export: dict[str, Any]) -> Disk:
-    """The ``Disk`` a driver sees, from the point's size and the ``export`` step's result."""
+def disk_of(size: int, export: dict[str, Any], open_archive: Callable[[], Archive] | None = None) -> Disk:
+    """The ``Disk`` a driver sees, from the point's size and the ``export`` step's result (a
+    streamed image is made from the point read through ``open_archive``)."""
+    selector = export.get("stream_point")
+
+    def open_image() -> Iterator[bytes]:
+        from lifeboat.exporters import image_stream
+
+        assert open_archive is not None and selector is not None
+        arc = open_archive()
+        return image_stream(str(export["image_format"]), arc.reader(arc.resolve(selector)))
+
     return Disk(
+        open_image=open_image if selector and open_archive is not None else None,
         size=size,
         nbd_url=export.get("url"),
         image_path=Path(export["image_path"]) if export.get("image_path") else None,

@@ -33,6 +33,7 @@ from lifeboat.targets.base import (
     TakesImage,
     Target,
     TargetError,
+    Uploads,
     destroy_generic,
 )
 
@@ -84,8 +85,9 @@ def give_disk(
     open_archive: Callable[[], Archive],
 ) -> dict[str, Any]:
     """The point's disk as ``target`` takes it, its resources recorded in ``elog``: an NBD export
-    hydrating a local disk (``BootsFromNbd``), or an image file in the driver's first format
-    (``TakesImage``). The driver suite calls this too, so it tests what the engine does."""
+    hydrating a local disk (``BootsFromNbd``), the point itself for an ``Uploads`` driver that
+    streams its image (raw, qcow2), or an image file in the driver's first format (``TakesImage``). The driver suite
+    calls this too, so it tests what the engine does."""
     if isinstance(target, BootsFromNbd):
         local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
         if not local.parent.exists():
@@ -101,6 +103,10 @@ def give_disk(
             log=elog,
         )
         return {"url": server.url, "local_path": str(local), "pid": server.pid}
+    from lifeboat.exporters import STREAM_FORMATS
+
+    if isinstance(target, Uploads) and target.image_formats()[0] in STREAM_FORMATS:
+        return {"stream_point": selector, "image_format": target.image_formats()[0]}  # no file: streamed
     if isinstance(target, TakesImage):
         from lifeboat.exporters import EXPORTERS
 

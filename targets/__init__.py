@@ -17,7 +17,7 @@ from lifeboat.targets.base import Target, TargetError, TargetUnavailable
 # Designed in shared/DESIGN.md, driver to come, with the kind of machine each brings back:
 # runbooks naming them validate (against the schema when one is written), and a run stops
 # before creating anything.
-PLANNED_KINDS = {"aws": "virtual", "openstack": "virtual"}
+PLANNED_KINDS = {"aws": "virtual"}
 
 TARGETS: Registry[type[Target]] = Registry(
     "targets",
@@ -27,6 +27,7 @@ TARGETS: Registry[type[Target]] = Registry(
         "kvm": "lifeboat.targets.kvm:KvmTarget",
         "vmware": "lifeboat.targets.vmware:VmwareTarget",
         "pxe": "lifeboat.targets.pxe:PxeTarget",
+        "openstack": "lifeboat.targets.openstack:OpenStackTarget",
     },
     planned=PLANNED_KINDS,
     base=Target,

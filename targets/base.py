@@ -1,7 +1,7 @@
 """The target driver interface: what every place a machine can come back to must provide.
 
 A driver is a small object with a fixed lifecycle and explicit capabilities: it derives from the
-capability classes below (``BootsFromNbd``, ``Localizes``, ``TakesImage``, ``HasConsole``,
+capability classes below (``BootsFromNbd``, ``Localizes``, ``TakesImage``, ``Uploads``, ``HasConsole``,
 ``ExecInGuest``, ``Physical``, ``StagesAhead``), whose methods are abstract, so what a driver
 claims cannot drift from what it implements (as coriolis' ``providers/base.py`` does). It is
 driven by the runbook engine (``orchestrator/engine.py``), one machine at a time, possibly several
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -158,6 +158,9 @@ class Disk:
     image_path: Path | None = None  # for drivers that take an image (TakesImage)
     image_format: str | None = None  # its format: the first of the driver's image_formats()
     local_path: Path | None = None  # where the export hydrates to (move_to_local's destination)
+    # ``Uploads`` whose first format can be streamed: no file is written; this yields the image's
+    # bytes (``image_format``), read from the archive as the driver sends them
+    open_image: Callable[[], Iterator[bytes]] | None = None
 
 
 @dataclass
@@ -302,6 +305,18 @@ class TakesImage(Target):
         """The exporter formats (``lifeboat export --format`` names) this driver takes, preferred first."""
 
 
+class Uploads(TakesImage):
+    """The image goes to a cloud's image service and the machine boots there (OpenStack's
+    Glance). When the driver's first format can be written front to back
+    (``exporters.STREAM_FORMATS``: raw, qcow2), the engine writes no file at all:
+    ``Disk.open_image`` yields the image, made from the archive as the driver streams it to the
+    cloud."""
+
+    @abstractmethod
+    def uploaded_image(self, guest: Guest, log: ResourceLog) -> str | None:
+        """The cloud's id of the image uploaded for ``guest``; None before ``provision``."""
+
+
 class HasConsole(Target):
     """The machine's serial console can be read as a file (health checks watch it)."""
 
@@ -342,6 +357,7 @@ CAPABILITIES: dict[str, type] = {
     "boots_from_nbd": BootsFromNbd,
     "moves_to_local": Localizes,
     "takes_image": TakesImage,
+    "uploads": Uploads,
     "console": HasConsole,
     "exec_in_guest": ExecInGuest,
     "physical": Physical,

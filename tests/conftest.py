@@ -49,3 +49,13 @@ def libvirtd() -> Iterator[str]:
             os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
+
+
+@pytest.fixture(scope="session")
+def openstack_cloud() -> Iterator[object]:
+    """Real Keystone and Glance on PostgreSQL, Nova/Cinder/Neutron doubles in their catalog
+    (``tests/targets/openstackcloud.py``), started once per session; fails if a part is missing."""
+    from tests.targets.openstackcloud import running_cloud
+
+    with running_cloud() as cloud:
+        yield cloud

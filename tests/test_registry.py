@@ -25,7 +25,7 @@ KINDS = ["targets", "exporters", "backends", "sources"]
 def test_every_kind_has_one_registry() -> None:
     assert list(registries()) == KINDS
     listed = list_plugins()
-    assert listed["targets"] == {"available": ["qemu", "kvm", "vmware", "pxe"], "planned": ["aws", "openstack"]}
+    assert listed["targets"] == {"available": ["qemu", "kvm", "vmware", "pxe", "openstack"], "planned": ["aws"]}
     assert listed["exporters"]["available"] == ["raw", "qcow2", "vmdk", "vmdk-stream", "vhdx"]
     assert listed["backends"] == {"available": ["file", "http", "https", "s3"], "planned": []}
     assert listed["sources"] == {
@@ -75,7 +75,8 @@ def test_planned_forms_of_the_other_kinds() -> None:
 
 
 def test_unknown_names_list_what_is_available() -> None:
-    with pytest.raises(UsageError, match=r"unknown target driver 'nope' \(available: qemu, kvm, vmware, pxe\)"):
+    available = r"\(available: qemu, kvm, vmware, pxe, openstack\)"
+    with pytest.raises(UsageError, match=rf"unknown target driver 'nope' {available}"):
         TARGETS.get("nope")
     with pytest.raises(UsageError, match="unknown archive backend 'ftp'.*file, http, https, s3"):
         open_backend("ftp://host/x")
@@ -91,7 +92,7 @@ def test_source_forms(tmp_path: Any) -> None:
 def test_environment_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIFEBOAT_PLUGINS", " targets:proc=tests.orchestrator.procdriver:ProcTarget ,"
                                            "exporters:other=pkg.mod:Cls")
-    assert TARGETS.names() == ["qemu", "kvm", "vmware", "pxe", "proc"] and "proc" in TARGETS
+    assert TARGETS.names() == ["qemu", "kvm", "vmware", "pxe", "openstack", "proc"] and "proc" in TARGETS
     from tests.orchestrator.procdriver import ProcTarget
 
     assert TARGETS.get("proc") is ProcTarget

@@ -275,4 +275,73 @@ class PxePeer(Peer):
         return self.server.disk if self.server else None
 
 
-PEERS: list[Peer] = [QemuPeer("nbd"), QemuPeer("image"), KvmPeer(), VmwarePeer(), PxePeer()]
+class OpenStackPeer(Peer):
+    """Real Keystone and Glance, Nova/Cinder/Neutron doubles (``openstack_cloud``: see
+    ``tests/targets/openstackcloud.py``); credentials through the ``OS_*`` variables."""
+
+    driver = "openstack"
+
+    def __init__(self, boot_from_volume: bool) -> None:
+        self.id = "openstack-volume" if boot_from_volume else "openstack"
+        self.settings = {
+            "flavor": "m1.tiny",
+            "isolated_network": "private",
+            "networks": [{"network": "public", "fixed_ip": "203.0.113.7" if boot_from_volume else "203.0.113.8"}],
+            "security_groups": ["ssh"],
+            "key_name": "ops",
+            "availability_zone": "nova",
+        }
+        if boot_from_volume:
+            self.settings.update(boot_from_volume=True, image_format="raw")
+        self.cloud: Any = None
+
+    def start(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """The session's local cloud, its credentials in the environment the driver reads."""
+        self.cloud = request.getfixturevalue("openstack_cloud")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.delenv("OS_CLOUD", raising=False)
+        for k, v in self.cloud.env().items():
+            monkeypatch.setenv(k, v)
+
+    def _of_run(self, kind: str, guest: Guest) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.cloud.doubles.state()[kind]
+        return [i for i in items if (i.get("metadata") or {}).get("lifeboat_run") == guest.run_id]
+
+    def is_running(self, guest: Guest) -> bool:
+        """Nova (the double) has an ACTIVE server of the guest's run."""
+        return any(s["status"] == "ACTIVE" for s in self._of_run("servers", guest))
+
+    def leftovers(self, guest: Guest) -> list[Leftover]:
+        """Glance images tagged with the run (asked of the real Glance as admin), servers and
+        volumes carrying the run's metadata, ports of those servers; the guest's workdir."""
+        conn = self.cloud.connect()
+        found: list[Leftover] = [("image", i.id) for i in conn.image.images(tag=[f"lifeboat-run:{guest.run_id}"])]
+        servers = self._of_run("servers", guest)
+        found += [("server", s["id"]) for s in servers] + [("volume", v["id"]) for v in self._of_run("volumes", guest)]
+        ids = {s["id"] for s in servers}
+        found += [("port", p["id"]) for p in self.cloud.doubles.state()["ports"] if p["device_id"] in ids]
+        return found + paths_under(guest.workdir)
+
+    def held_disk(self, guest: Guest, folder: Path) -> Path | None:
+        """The guest's image as the real Glance serves it (found by the run's tag and the
+        guest's name, as admin), downloaded into ``folder``."""
+        conn = self.cloud.connect()
+        (image,) = [i for i in conn.image.images(tag=[f"lifeboat-run:{guest.run_id}"]) if i.name == guest.token]
+        resp = conn.image.get(f"/images/{image.id}/file", stream=True)
+        assert resp.status_code == 200, resp.text
+        dest = folder / f"image.{image.disk_format}"
+        with open(dest, "wb") as f:
+            for chunk in resp.iter_content(1 << 20):
+                f.write(chunk)
+        return dest
+
+
+PEERS: list[Peer] = [
+    QemuPeer("nbd"),
+    QemuPeer("image"),
+    KvmPeer(),
+    VmwarePeer(),
+    PxePeer(),
+    OpenStackPeer(False),
+    OpenStackPeer(True),
+]

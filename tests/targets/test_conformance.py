@@ -3,7 +3,9 @@
 
 One suite, parametrized over test peers (``tests/targets/peers.py``), one peer per driver *mode*:
 ``qemu`` (boots from NBD), ``qemu-image`` (``boot: image``: boots from an exported qcow2 file),
-``kvm`` (a real libvirtd), ``vmware`` (govmomi's vCenter simulator), ``pxe`` (a blank libvirt
+``kvm`` (a real libvirtd), ``vmware`` (govmomi's vCenter simulator), ``openstack`` and
+``openstack-volume`` (real Keystone and Glance, Nova, Cinder and Neutron as doubles; ``Uploads``: the
+image is streamed, no file written), ``pxe`` (a blank libvirt
 domain standing in for a bare-metal server, its BMC a real sushy-emulator: a ``Physical`` target
 restores the point onto the server's own disk, then boots it; the guest's write is judged on that
 disk, and the server has longer to come up). The tests branch only on
@@ -20,7 +22,7 @@ capabilities (``isinstance``), never on a driver's name:
   a fresh ``SqliteState`` tears down from the database alone (as after a ``kill -9``): the guest's write
   is on its disk, nothing the driver created is left, teardown is idempotent, and a file in the
   workdir that the driver did not create is untouched. A driver without a console (``vmware``
-  on govmomi's simulator, whose VMs run nothing) is judged instead by the disk its host holds:
+  on govmomi's simulator, ``openstack`` on the Nova double: nothing runs) is judged instead by the disk its host holds:
   the peer fetches it (``held_disk``) and ``qemu-img compare`` finds it equal to the point.
 
 How a new target driver is added: write the driver (a ``Target`` subclass deriving from the
@@ -66,6 +68,7 @@ from lifeboat.targets.base import (
     Target,
     TargetContext,
     TargetError,
+    Uploads,
     destroy_generic,
 )
 from tests.targets.peers import PEERS, Peer
@@ -112,7 +115,7 @@ def engine_disk(target: Target, guest: Guest, elog: ResourceLog, archive: Path) 
     result = give_disk(
         target, guest, elog, POINT, archive=str(archive), key_file=None, open_archive=lambda: arc
     )
-    disk = disk_of(arc.resolve(POINT).size, result)
+    disk = disk_of(arc.resolve(POINT).size, result, lambda: arc)
     if disk.image_path is not None:
         fmt = EXPORTERS.get(str(disk.image_format)).qemu_format
         check = subprocess.run(["qemu-img", "check", "-f", fmt, str(disk.image_path)], capture_output=True, text=True)
@@ -176,6 +179,9 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
     machines = [x for x in drivers_leftovers() if x[0] != "file"]
     target.boot(guest, tlog)  # adopts the running machine
     assert [x for x in drivers_leftovers() if x[0] != "file"] == machines, "a second machine was started"
+
+    if isinstance(target, Uploads):
+        assert disk.image_path is None and disk.open_image is not None, "streamed, no file written"
 
     if isinstance(target, Localizes):
         assert server is not None and disk.local_path is not None
