@@ -244,12 +244,14 @@ def start_run(rb: Path, archive: Path, state: Path) -> subprocess.Popen[str]:
     )
 
 
-def wait_for_step(state_dir: Path, machine_name: str, step: str, timeout: float = 60) -> None:
+def wait_for_step(state_dir: Path, runbook_name: str, machine_name: str, step: str, timeout: float = 60) -> None:
+    """Until a run of ``runbook_name`` records ``step`` (runs of other runbooks in the same state
+    directory do not count: a slow start must not be mistaken for an earlier run's step)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (state_dir / "state.db").exists():
             state = SqliteState(state_dir)
-            for run in state.runs():
+            for run in state.runs(runbook_name):
                 st = state.step(run.id, machine_name, step)
                 if st is not None:
                     return
@@ -262,7 +264,7 @@ def test_sigterm_interrupts_then_the_same_command_resumes(tiny_archive: Path, tm
     rb = write_runbook(tmp_path / "slow.yaml", runbook("slow", [m]))
     state_dir = tmp_path / "state"
     proc = start_run(rb, tiny_archive, state_dir)
-    wait_for_step(state_dir, "db1", "health")
+    wait_for_step(state_dir, "slow", "db1", "health")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -294,7 +296,7 @@ def test_changed_runbook_abandons_an_open_rehearsal_but_stops_a_failover(tiny_ar
     slow = machine("db1", target={"settings": {"delay": 20}})
     rb = write_runbook(tmp_path / "rb.yaml", runbook("changing", [slow]))
     proc = start_run(rb, tiny_archive, state_dir)
-    wait_for_step(state_dir, "db1", "health")
+    wait_for_step(state_dir, "changing", "db1", "health")
     proc.send_signal(signal.SIGTERM)
     first = json.loads(proc.communicate(timeout=60)[0])
     write_runbook(rb, runbook("changing", [machine("db1")]))  # edited while the run is open
@@ -313,7 +315,7 @@ def test_changed_runbook_abandons_an_open_rehearsal_but_stops_a_failover(tiny_ar
         env={**__import__("os").environ, "PYTHONPATH": str(REPO), **ENV},
         text=True,
     )
-    wait_for_step(state_dir, "db1", "health")
+    wait_for_step(state_dir, "fo-changing", "db1", "health")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
