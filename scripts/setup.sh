@@ -12,8 +12,8 @@ APT_PACKAGES=(
   chromium
   golang-go golang-github-vmware-govmomi-dev  # issue 14: the vCenter simulator (tests/targets/vcsim)
   linux-image-amd64 ipxe-qemu dnsmasq-base  # issue 13 (pxe): recovery kernel, iPXE ROMs, libvirt DHCP
-  # issue 15: the openstack target's tests run real Keystone and Glance on PostgreSQL
-  python3-keystone python3-glance python3-keystonemiddleware python3-psycopg2 postgresql
+  # issue 15: the openstack target's tests run real Keystone and Glance on PostgreSQL; its bench the openstack CLI
+  python3-keystone python3-glance python3-keystonemiddleware python3-psycopg2 postgresql python3-openstackclient
 )
 
 # apt-get, waiting while another package manager holds its lock (the dpkg frontend lock, or the
