@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lifeboat.archive.errors import FormatError
+from lifeboat.archive.fileindex import prune_index
 from lifeboat.archive.packs import PACK_PREFIX, PackWriter, read_pack_index
 from lifeboat.archive.points import PRUNED_PREFIX, PointInfo
 from lifeboat.archive.retention import check_policy, keep
@@ -38,6 +39,8 @@ class PruneReport:
     packs_rewritten: int = 0
     bytes_freed: int = 0
     incomplete_removed: int = 0
+    index_manifests_deleted: int = 0
+    index_pieces_deleted: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -50,6 +53,8 @@ class PruneReport:
             "packs_rewritten": self.packs_rewritten,
             "bytes_freed": self.bytes_freed,
             "incomplete_removed": self.incomplete_removed,
+            "index_manifests_deleted": self.index_manifests_deleted,
+            "index_pieces_deleted": self.index_pieces_deleted,
         }
 
 
@@ -83,6 +88,7 @@ def prune(arc: Archive, dry_run: bool = False) -> PruneReport:
                 if not backend.exists(tomb):  # the evidence replicate follows (a lost manifest has none)
                     backend.put(tomb, b"")
                 backend.delete(p.key)
+        report.index_manifests_deleted, report.index_pieces_deleted = prune_index(arc, report.kept, dry_run)
         live: set[bytes] = set()
         for p in report.kept:
             live.update(arc.chunk_table(p).referenced())

@@ -6,7 +6,9 @@ run would do; changes nothing), ``teardown`` (remove what a runbook's newest run
 ``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
 ``latest_runs`` (the newest run of each runbook),
 ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
-holds, from ``archive.catalog.Catalog``'s summaries), and ``open_state`` (the state store of a state folder: the
+holds, from ``archive.catalog.Catalog``'s summaries), ``point_files`` / ``files_fs`` / ``files_ls`` /
+``files_get`` / ``files_index`` / ``files_find`` (single-item restore and the file index), and
+``open_state`` (the state store of a state folder: the
 one place that picks its implementation). Front-ends load and validate the runbook
 (``orchestrator/runbook.py``) and print; everything between is behind these functions.
 """
@@ -15,15 +17,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lifeboat.archive import Archive
+from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import MachineSummary
+from lifeboat.archive.fileindex import Match, find, read_manifest, write_index
 from lifeboat.archive.replicate import ReplicationReport
 from lifeboat.archive.replicate import replicate as replicate_archive
+from lifeboat.filerestore import Drive, GuestSession, PointFiles, check_dest
+from lifeboat.nbdserver import Export, open_volume
+from lifeboat.nbdserver.background import BackgroundServer
 from lifeboat.orchestrator.console import log as console_log
 from lifeboat.orchestrator.context import archive_location
 from lifeboat.orchestrator.engine import Engine, Outcome
@@ -310,3 +317,64 @@ def check_drivers(runbook: Runbook) -> None:
     missing = unavailable_drivers(runbook)
     if missing:
         raise NotAvailable("; ".join(missing))
+
+
+# -- file-level restore (issue 16): one point's files without restoring its disk --------------
+
+
+@contextmanager
+def point_files(archive: Archive, infos: list[PointInfo],
+                log: Callable[[str], None] = console_log) -> Iterator[list[PointFiles]]:
+    """The files of ``infos``' points, one disk each, in one libguestfs appliance (it boots once,
+    20 s or more) reading them over NBD from a read-only server on a thread of this process."""
+    exports = [Export(f"{i.machine}@{i.point}", open_volume(archive, i)) for i in infos]
+    with BackgroundServer(exports, log=log) as srv, \
+            GuestSession([Drive(srv.host, srv.port, e.name) for e in exports]) as session:
+        yield [session.disk(n) for n in range(len(infos))]
+
+
+def files_fs(archive: Archive, selector: str) -> dict[str, Any]:
+    """The partitions, LVM volumes, file systems and operating systems found on a point's disk."""
+    with point_files(archive, [archive.resolve(selector)]) as (files,):
+        return files.fs()
+
+
+def files_ls(archive: Archive, selector: str, path: str = "/", fs: str | None = None) -> list[dict[str, Any]]:
+    """A directory of a point: paths as its operating system mounts them, or within ``fs``."""
+    with point_files(archive, [archive.resolve(selector)]) as (files,):
+        return files.ls(path, fs)
+
+
+def files_get(archive: Archive, selector: str, path: str, dest: Path, fs: str | None = None) -> dict[str, Any]:
+    """Copy one file or directory tree of a point out to ``dest`` (a new path), modes and times kept."""
+    info = archive.resolve(selector)
+    check_dest(dest)  # before the appliance boots: a wrong DEST costs nothing
+    with point_files(archive, [info]) as (files,):
+        return files.get(path, dest, fs)
+
+
+def files_index(archive: Archive, selector: str, *, missing_only: bool = False,
+                log: Callable[[str], None] = console_log) -> list[dict[str, Any]]:
+    """Index the file systems of ``MACHINE@WHEN`` (or, given only ``MACHINE``, of every point of it
+    with ``missing_only``: those without an index) in one appliance; per point, what was stored."""
+    machine, _, when = selector.partition("@")
+    infos = [archive.resolve(selector)] if when or not missing_only else [
+        p for p in archive.points(machine) if read_manifest(archive, p.machine, p.point) is None]
+    if not infos:
+        return []
+    out = []
+    with point_files(archive, infos, log=log) as disks:
+        for info, files in zip(infos, disks, strict=True):
+            stats = write_index(archive, info, files.walk())
+            log(f"indexed {info.machine}@{info.point}: {stats['files']} files, {stats['pieces_new']} new pieces "
+                f"of {stats['pieces']}")
+            out.append({"machine": info.machine, "point": info.point, "time": info.time, **stats})
+    return out
+
+
+def files_find(archive: Archive, machine: str, pattern: str) -> tuple[list[Match], list[PointInfo]]:
+    """Every indexed point of ``machine`` holding a path that matches ``pattern`` (from the index
+    alone), and the points without an index."""
+    if not archive.points(machine):
+        raise UsageError(f"machine {machine!r} has no points")
+    return find(archive, machine, pattern)

@@ -47,10 +47,11 @@ COMMANDS = {
     "scheduler": "lifeboat.orchestrator.cmd_run",
     "serve": "lifeboat.orchestrator.cmd_serve",
     "web": "lifeboat.orchestrator.cmd_web",
+    "files": "lifeboat.orchestrator.cmd_files",
 }
 # Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
 # rather than click's "No such command", which reads like a typo.
-PLANNED = ("stage", "files", "mount")
+PLANNED = ("stage", "mount")
 
 
 class LazyGroup(click.Group):

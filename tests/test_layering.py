@@ -2,7 +2,7 @@
 inside functions alike): no two modules import each other, and packages depend downwards only,
 as ``shared/DESIGN.md`` ("Packages") says::
 
-    orchestrator -> targets / nbdserver / exporters / agent -> archive -> plumbing
+    orchestrator -> targets / nbdserver / exporters / agent / filerestore -> archive -> plumbing
 
 Nothing imports ``orchestrator`` (but ``lifeboat``'s own ``__main__``); ``plumbing`` imports nothing
 else of lifeboat. Each failure names the offending import (file and line)."""
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / "lifeboat"
 
 # a package may import packages of a lower rank (and its own modules), never one of the same or a
 # higher rank; the lifeboat package itself (its __init__ and __main__) sits above all
-RANK = {"plumbing": 0, "archive": 1, "agent": 2, "exporters": 2, "nbdserver": 2, "targets": 2, "orchestrator": 3}
+RANK = {"plumbing": 0, "archive": 1, "agent": 2, "exporters": 2, "filerestore": 2, "nbdserver": 2, "targets": 2,
+        "orchestrator": 3}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,230 @@
+"""The file index: each point's file lists, stored in the archive, for ``lifeboat files find``.
+
+A point's index lists every file system found on its disk and, for each, every file (path, type,
+size, mtime). It is written by ``lifeboat files index`` (and ``backup --index``), read by
+``files find`` and the web pane's browser without touching the disk image, and removed by prune
+with its point. Layout and encoding: ``archive/FORMAT.md``, "The file index".
+
+Lists are cut into pieces at content-defined boundaries (after a path whose CRC-32 has its low
+7 bits zero, so about 128 records a piece), and a piece is stored once under its id: the pieces
+of unchanged directories are the same bytes from one point to the next, so a new point stores
+only the pieces around what changed. Pieces and manifests go through the archive's codec
+(zstd, and AES-256-GCM in an encrypted archive, ids keyed as chunk ids are).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lifeboat.archive.errors import FormatError
+from lifeboat.archive.points import PointInfo, check_machine
+from lifeboat.archive.store import Archive
+
+INDEX_PREFIX = "index/"
+PIECE_PREFIX = "indexpieces/"
+MANIFEST_MAGIC = b"LBFIDX01"
+PIECE_MAGIC = b"LBFPIE01"
+# manifest object: magic, id of the plaintext (32), plaintext length; then the codec blob
+MANIFEST_HEAD = struct.Struct("<8s32sI")
+PIECE_HEAD = struct.Struct("<8sI")  # magic, plaintext length; the id is the key's name
+CUT_MASK = 0x7F  # a piece ends after a path with crc32(path) & CUT_MASK == 0
+MAX_PIECE = 4096  # records: a piece never grows beyond this
+TYPES = frozenset("fdlcbps?")  # file, directory, symlink, char/block device, fifo, socket, unknown
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a file system: its absolute path within it, type (one of ``TYPES``), size, mtime."""
+
+    path: str
+    type: str
+    size: int
+    mtime: int
+
+
+@dataclass
+class FsIndex:
+    """The file list of one file system of a point."""
+
+    device: str
+    fstype: str
+    label: str = ""
+    uuid: str = ""
+    mountpoint: str = ""
+    records: list[FileRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Match:
+    """A file that ``find`` found in one point."""
+
+    point: PointInfo
+    device: str
+    mountpoint: str
+    record: FileRecord
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` row."""
+        r = self.record
+        return {"machine": self.point.machine, "point": self.point.point, "time": self.point.time,
+                "device": self.device, "mountpoint": self.mountpoint, "path": r.path, "type": r.type,
+                "size": r.size, "mtime": r.mtime}
+
+
+def manifest_key(machine: str, point: str) -> str:
+    """``index/<machine>/<point>``."""
+    return f"{INDEX_PREFIX}{check_machine(machine)}/{point}"
+
+
+def piece_key(piece_id: bytes) -> str:
+    """``indexpieces/XX/<64 hex>``."""
+    h = piece_id.hex()
+    return f"{PIECE_PREFIX}{h[:2]}/{h}"
+
+
+def split_pieces(records: Iterable[FileRecord]) -> Iterator[bytes]:
+    """The plaintext pieces of a file list sorted by path: JSON lines ``[path, type, size, mtime]``,
+    cut after content-defined boundaries so that equal runs of files give equal pieces."""
+    lines: list[bytes] = []
+    for r in records:
+        if r.type not in TYPES:
+            raise ValueError(f"{r.path}: file type {r.type!r} is not one of {''.join(sorted(TYPES))}")
+        lines.append(json.dumps([r.path, r.type, r.size, r.mtime], ensure_ascii=False).encode() + b"\n")
+        if zlib.crc32(r.path.encode("utf-8", "surrogateescape")) & CUT_MASK == 0 or len(lines) >= MAX_PIECE:
+            yield b"".join(lines)
+            lines = []
+    if lines:
+        yield b"".join(lines)
+
+
+def parse_piece(data: bytes) -> list[FileRecord]:
+    """The records of a piece's plaintext."""
+    out = []
+    for line in data.splitlines():
+        path, kind, size, mtime = json.loads(line)
+        out.append(FileRecord(path, kind, size, mtime))
+    return out
+
+
+def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex]) -> dict[str, int]:
+    """Store the index of ``info``'s point (replacing any earlier one): pieces the archive lacks,
+    then the manifest. Returns counts: files, pieces, pieces_new, bytes_new."""
+    stats = {"files": 0, "pieces": 0, "pieces_new": 0, "bytes_new": 0}
+    fs_docs = []
+    with arc.backend.lock(exclusive=False):
+        for fs in filesystems:
+            pieces = []
+            records = sorted(fs.records, key=lambda r: r.path)
+            for data in split_pieces(records):
+                pid = arc.codec.chunk_id(data)
+                key = piece_key(pid)
+                if not arc.backend.exists(key):
+                    blob = PIECE_HEAD.pack(PIECE_MAGIC, len(data)) + arc.codec.encode(pid, data)
+                    arc.backend.put(key, blob)
+                    stats["pieces_new"] += 1
+                    stats["bytes_new"] += len(blob)
+                pieces.append([pid.hex(), len(data)])
+            stats["files"] += len(records)
+            stats["pieces"] += len(pieces)
+            fs_docs.append({"device": fs.device, "fstype": fs.fstype, "label": fs.label, "uuid": fs.uuid,
+                            "mountpoint": fs.mountpoint, "files": len(records), "pieces": pieces})
+        doc = {"machine": info.machine, "point": info.point, "time": info.time, "filesystems": fs_docs}
+        plain = json.dumps(doc, separators=(",", ":")).encode()
+        mid = arc.codec.chunk_id(plain)
+        arc.backend.put(manifest_key(info.machine, info.point),
+                        MANIFEST_HEAD.pack(MANIFEST_MAGIC, mid, len(plain)) + arc.codec.encode(mid, plain))
+    return stats
+
+
+def read_manifest(arc: Archive, machine: str, point: str) -> dict[str, Any] | None:
+    """The index manifest of a point, or None when it has none."""
+    key = manifest_key(machine, point)
+    try:
+        raw = arc.backend.get(key)
+    except KeyError:
+        return None
+    if len(raw) < MANIFEST_HEAD.size:
+        raise FormatError(f"{key}: too short for a file index manifest")
+    magic, mid, length = MANIFEST_HEAD.unpack_from(raw)
+    if magic != MANIFEST_MAGIC:
+        raise FormatError(f"{key}: not a file index manifest")
+    doc: dict[str, Any] = json.loads(arc.codec.decode(mid, raw[MANIFEST_HEAD.size:], length))
+    return doc
+
+
+def read_piece(arc: Archive, piece_id: bytes, length: int) -> list[FileRecord]:
+    """The records of one stored piece."""
+    key = piece_key(piece_id)
+    raw = arc.backend.get(key)
+    magic, raw_length = PIECE_HEAD.unpack_from(raw)
+    if magic != PIECE_MAGIC or raw_length != length:
+        raise FormatError(f"{key}: not the file index piece its manifest names")
+    return parse_piece(arc.codec.decode(piece_id, raw[PIECE_HEAD.size:], length))
+
+
+def read_index(arc: Archive, info: PointInfo) -> list[FsIndex] | None:
+    """A point's whole index (every record), or None when it has none."""
+    doc = read_manifest(arc, info.machine, info.point)
+    if doc is None:
+        return None
+    out = []
+    for fs in doc["filesystems"]:
+        records = [r for pid, n in fs["pieces"] for r in read_piece(arc, bytes.fromhex(pid), n)]
+        out.append(FsIndex(fs["device"], fs["fstype"], fs["label"], fs["uuid"], fs["mountpoint"], records))
+    return out
+
+
+def pattern_matcher(pattern: str) -> re.Pattern[str]:
+    """Shell-style ``pattern``: with a ``/`` it matches whole paths (``/etc/*.conf``, ``*/log/*``),
+    without one it matches the file's name (``*.conf``, ``passwd``)."""
+    if "/" in pattern:
+        return re.compile(fnmatch.translate(pattern))
+    return re.compile(r"(?s:.*/)?" + fnmatch.translate(pattern))
+
+
+def find(arc: Archive, machine: str, pattern: str) -> tuple[list[Match], list[PointInfo]]:
+    """Every file matching ``pattern`` in every indexed point of ``machine`` (oldest point first),
+    and the points that have no index. Each distinct piece is read and matched once."""
+    rx = pattern_matcher(pattern)
+    matched: dict[str, list[FileRecord]] = {}
+    found: list[Match] = []
+    unindexed: list[PointInfo] = []
+    for info in arc.points(machine):
+        doc = read_manifest(arc, machine, info.point)
+        if doc is None:
+            unindexed.append(info)
+            continue
+        for fs in doc["filesystems"]:
+            for pid, n in fs["pieces"]:
+                hits = matched.get(pid)
+                if hits is None:
+                    hits = matched[pid] = [r for r in read_piece(arc, bytes.fromhex(pid), n) if rx.fullmatch(r.path)]
+                found.extend(Match(info, fs["device"], fs["mountpoint"], r) for r in hits)
+    return found, unindexed
+
+
+def prune_index(arc: Archive, kept: Iterable[PointInfo], dry_run: bool = False) -> tuple[int, int]:
+    """Delete the index manifests of points not in ``kept``, then pieces no manifest names
+    (the caller holds the exclusive lock). Returns (manifests, pieces) deleted."""
+    live = {manifest_key(p.machine, p.point) for p in kept}
+    manifests = list(arc.backend.list(INDEX_PREFIX))
+    dead = [k for k in manifests if k not in live]
+    referenced: set[str] = set()
+    for key in manifests:
+        if key in live:
+            _, machine, point = key.split("/")
+            doc = read_manifest(arc, machine, point)
+            if doc is not None:
+                referenced.update(piece_key(bytes.fromhex(pid)) for fs in doc["filesystems"] for pid, _ in fs["pieces"])
+    pieces = [k for k in arc.backend.list(PIECE_PREFIX) if k not in referenced]
+    if not dry_run:
+        for key in dead + pieces:
+            arc.backend.delete(key)
+    return len(dead), len(pieces)

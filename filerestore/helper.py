@@ -1,0 +1,224 @@
+"""The libguestfs side of file-level restore: a small program run under Debian's ``/usr/bin/python3``.
+
+libguestfs' Python binding (``python3-guestfs``) exists only for Debian's interpreter, not for the
+virtual environment lifeboat runs in, so ``filerestore.session`` starts this file as a child
+process and talks to it in JSON lines over stdin/stdout: one request ``{"op": ..., ...}`` a line,
+one reply ``{"ok": ...}`` or ``{"error": ..., "kind": ...}`` a line. It imports nothing of lifeboat.
+
+One appliance per process: ``launch`` adds the given NBD exports read-only (one disk each, in
+order: the first is ``/dev/sda``) and boots the appliance once; every later request reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import tempfile
+from typing import Any
+
+import guestfs
+
+TYPE_OF_MODE = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+                stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+ENCRYPTED = ("crypto_LUKS", "BitLocker")
+STAT_BATCH = 500
+
+
+class Refused(Exception):
+    """A request that cannot be answered for a reason the user should read (``kind`` says which)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Helper:
+    """The appliance and what is mounted in it."""
+
+    def __init__(self) -> None:
+        self.g: Any = None
+        self.mounted: tuple[tuple[str, str], ...] | None = None
+
+    # -- requests --------------------------------------------------------------------------
+    def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
+        g = guestfs.GuestFS(python_return_dict=True)
+        for d in drives:
+            # with protocol nbd, the "filename" is the export name
+            g.add_drive_opts(d["export"], readonly=1, format="raw", protocol="nbd",
+                             server=[f"tcp:{d['host']}:{d['port']}"])
+        g.launch()
+        self.g = g
+        return {"devices": g.list_devices()}
+
+    def filesystems(self, disk: int) -> dict[str, Any]:
+        """Partitions, LVM volumes and file systems of disk ``disk`` (0 = /dev/sda)."""
+        g = self.g
+        prefix = g.list_devices()[disk]
+        lvs = set(g.lvs())
+        out = []
+        for dev, fstype in sorted(self._fstypes().items()):
+            if not self._on_disk(dev, prefix, lvs):
+                continue
+            item = {"device": dev, "fstype": fstype, "label": "", "uuid": "", "size": 0,
+                    "encrypted": fstype in ENCRYPTED, "lvm": dev in lvs}
+            try:
+                item["size"] = g.blockdev_getsize64(dev)
+                if fstype not in ("unknown", "swap") and not item["encrypted"]:
+                    item["label"] = g.vfs_label(dev)
+                    item["uuid"] = g.vfs_uuid(dev)
+            except RuntimeError:
+                pass
+            out.append(item)
+        roots = []
+        for root in g.inspect_os():
+            if not self._on_disk(root, prefix, lvs):
+                continue
+            mps = g.inspect_get_mountpoints(root)
+            roots.append({"root": root, "type": g.inspect_get_type(root), "distro": g.inspect_get_distro(root),
+                          "product": g.inspect_get_product_name(root),
+                          "mountpoints": sorted(([m, d] for m, d in mps.items()), key=lambda x: len(x[0]))})
+        return {"filesystems": out, "os": roots}
+
+    def mount(self, mounts: list[list[str]]) -> dict[str, Any]:
+        """Mount ``[[mountpoint, device], ...]`` read-only (shortest mountpoint first), unless
+        that is already what is mounted."""
+        want = tuple((m, d) for m, d in mounts)
+        if self.mounted == want:
+            return {}
+        g = self.g
+        g.umount_all()
+        self.mounted = None
+        fstypes = self._fstypes()
+        for mp, dev in want:
+            fstype = fstypes.get(dev, "unknown")
+            if fstype in ENCRYPTED:
+                raise Refused("encrypted", f"{dev} is an encrypted volume ({fstype}): lifeboat does not open "
+                                           "encrypted volumes")
+            if fstype in ("unknown", "swap"):
+                raise Refused("nofs", f"{dev} holds no file system lifeboat can read ({fstype})")
+            try:
+                g.mount_ro(dev, mp)
+            except RuntimeError as e:
+                if mp == "/":
+                    raise Refused("nofs", f"{dev}: cannot mount its {fstype} file system: {e}") from None
+                # a secondary file system of the guest that does not mount stays out of the view
+        self.mounted = want
+        return {}
+
+    def ls(self, path: str) -> dict[str, Any]:
+        g = self.g
+        self._check(path, want_dir=True)
+        names = sorted(g.ls(path))
+        return {"entries": [self._entry(n, st, path) for n, st in zip(names, self._stats(path, names), strict=True)]}
+
+    def stat(self, path: str) -> dict[str, Any]:
+        g = self.g
+        self._check(path)
+        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", g.lstatns(path), path)}
+
+    def walk(self) -> dict[str, Any]:
+        """Every file under ``/`` of the mounted view: ``[path, type, size, mtime]`` rows."""
+        g = self.g
+        with tempfile.NamedTemporaryFile(prefix="lifeboat-find0-") as tmp:
+            g.find0("/", tmp.name)
+            raw = open(tmp.name, "rb").read()
+        paths = [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\0") if p]
+        by_dir: dict[str, list[str]] = {}
+        for p in paths:
+            d, _, name = ("/" + p).rpartition("/")
+            by_dir.setdefault(d or "/", []).append(name)
+        rows = []
+        for d, names in by_dir.items():
+            for name, st in zip(names, self._stats(d, names), strict=True):
+                full = (d.rstrip("/") or "") + "/" + name
+                rows.append([full, TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?"), st["st_size"],
+                             st["st_mtime_sec"]])
+        return {"rows": rows}
+
+    def get(self, path: str, dest: str) -> dict[str, Any]:
+        """Copy ``path`` out to ``dest`` (a new local path): a file's bytes, or a directory as a
+        tar archive for the caller to unpack (modes and times kept by tar)."""
+        g = self.g
+        self._check(path)
+        st = g.lstatns(path)
+        kind = TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?")
+        if kind == "d":
+            g.tar_out(path, dest, numericowner=True, xattrs=False)
+        elif kind == "f":
+            g.download(path, dest)
+        elif kind == "l":
+            os.symlink(g.readlink(path), dest)
+        else:
+            raise Refused("type", f"{path} is not a file, directory or symbolic link")
+        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", st, path)}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _fstypes(self) -> dict[str, str]:
+        """Every file system, and every partition (or unpartitioned disk) libguestfs does not
+        list as one (an encrypted volume, or nothing recognisable), with its type."""
+        g = self.g
+        found = dict(g.list_filesystems())
+        parts = g.list_partitions()
+        candidates = parts + [d for d in g.list_devices() if not any(p.startswith(d) for p in parts)]
+        for dev in candidates:
+            if dev not in found and not g.is_lv(dev):
+                try:
+                    found[dev] = g.vfs_type(dev) or "unknown"
+                except RuntimeError:
+                    found[dev] = "unknown"
+        return found
+
+    def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:
+        """``dev`` lies on the disk ``prefix``: a partition of it, or a logical volume of a
+        volume group with a physical volume on it."""
+        if dev.startswith(prefix):
+            return True
+        if dev in lvs:
+            vg = dev.split("/")[2]
+            uuids = set(self.g.vgpvuuids(vg))
+            return any(pv.startswith(prefix) and self.g.pvuuid(pv) in uuids for pv in self.g.pvs())
+        return False
+
+    def _check(self, path: str, want_dir: bool = False) -> None:
+        if self.mounted is None:
+            raise Refused("usage", "nothing is mounted")
+        if not path.startswith("/") or not self.g.exists(path):
+            raise Refused("missing", f"{path}: no such file or directory")
+        if want_dir and not self.g.is_dir(path):
+            raise Refused("notdir", f"{path}: not a directory")
+
+    def _stats(self, d: str, names: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for i in range(0, len(names), STAT_BATCH):
+            out.extend(self.g.lstatnslist(d, names[i:i + STAT_BATCH]))
+        return out
+
+    def _entry(self, name: str, st: dict[str, Any], path: str) -> dict[str, Any]:
+        kind = TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?")
+        entry = {"name": name, "type": kind, "size": st["st_size"], "mode": stat.S_IMODE(st["st_mode"]),
+                 "mtime": st["st_mtime_sec"], "uid": st["st_uid"], "gid": st["st_gid"]}
+        return entry
+
+
+def main() -> None:
+    """Answer requests until stdin closes."""
+    helper = Helper()
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        try:
+            reply: dict[str, Any] = {"ok": getattr(helper, op)(**req)}
+        except Refused as e:
+            reply = {"error": str(e), "kind": e.kind}
+        except RuntimeError as e:
+            reply = {"error": str(e), "kind": "guestfs"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    if helper.g is not None:
+        helper.g.close()
+
+
+if __name__ == "__main__":
+    main()
