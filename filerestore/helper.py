@@ -18,8 +18,6 @@ import sys
 import tempfile
 from typing import Any
 
-import guestfs
-
 TYPE_OF_MODE = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
                 stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 ENCRYPTED = ("crypto_LUKS", "BitLocker")
@@ -43,6 +41,8 @@ class Helper:
 
     # -- requests --------------------------------------------------------------------------
     def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
+        import guestfs  # only Debian's python3 has it: imported here so that the module loads anywhere
+
         g = guestfs.GuestFS(python_return_dict=True)
         for d in drives:
             # with protocol nbd, the "filename" is the export name

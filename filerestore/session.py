@@ -20,6 +20,7 @@ import secrets
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -82,8 +83,10 @@ class GuestSession:
             raise FileRestoreError(f"{python} is missing: file-level restore needs Debian's python3 "
                                    "with python3-guestfs (scripts/setup.sh installs it)")
         env = {**os.environ, **GUESTFS_ENV}
+        # stderr to a file, not a pipe: libguestfs may write more than a pipe holds while no one reads
+        self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen([python, str(HELPER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, text=True)
+                                      stderr=self._stderr, env=env, text=True)
         try:
             self.devices: list[str] = self.request(
                 "launch", drives=[{"host": d.host, "port": d.port, "export": d.export} for d in drives])["devices"]
@@ -102,7 +105,8 @@ class GuestSession:
             line = ""
         if not line:
             self._proc.wait()
-            err = self._proc.stderr.read() if self._proc.stderr else ""
+            self._stderr.seek(0)
+            err = self._stderr.read()
             raise FileRestoreError(f"the libguestfs helper exited ({self._proc.returncode}): {err.strip()[-2000:]}")
         reply = json.loads(line)
         if "error" in reply:
@@ -127,9 +131,9 @@ class GuestSession:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        for pipe in (self._proc.stdout, self._proc.stderr):
-            if pipe:
-                pipe.close()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+        self._stderr.close()
 
     def __enter__(self) -> GuestSession:
         return self

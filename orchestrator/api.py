@@ -7,9 +7,9 @@ run would do; changes nothing), ``teardown`` (remove what a runbook's newest run
 ``latest_runs`` (the newest run of each runbook),
 ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
 holds, from ``archive.catalog.Catalog``'s summaries), ``point_files`` / ``files_fs`` / ``files_ls`` /
-``files_get`` / ``files_index`` / ``files_find`` (single-item restore and the file index), and
-``open_state`` (the state store of a state folder: the
-one place that picks its implementation). Front-ends load and validate the runbook
+``files_get`` / ``files_index`` / ``files_find`` / ``mount`` (single-item restore and the file
+index), and ``open_state`` (the state store of a state folder: the one place that picks its
+implementation). Front-ends load and validate the runbook
 (``orchestrator/runbook.py``) and print; everything between is behind these functions.
 """
 
@@ -29,6 +29,7 @@ from lifeboat.archive.fileindex import Match, find, read_manifest, write_index
 from lifeboat.archive.replicate import ReplicationReport
 from lifeboat.archive.replicate import replicate as replicate_archive
 from lifeboat.filerestore import Drive, GuestSession, PointFiles, check_dest
+from lifeboat.filerestore.mount import check_mountpoint, mount_until_unmounted
 from lifeboat.nbdserver import Export, open_volume
 from lifeboat.nbdserver.background import BackgroundServer
 from lifeboat.orchestrator.console import log as console_log
@@ -39,6 +40,7 @@ from lifeboat.orchestrator.runbook import Runbook
 from lifeboat.orchestrator.state import Run, SqliteState, StateStore
 from lifeboat.orchestrator.steps import RECOVER_STEPS
 from lifeboat.plumbing.errors import LifeboatError, UsageError
+from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.plumbing.registry import NotAvailable
 from lifeboat.targets import TARGETS, driver_schema
 from lifeboat.targets.base import capabilities
@@ -357,9 +359,9 @@ def files_index(archive: Archive, selector: str, *, missing_only: bool = False,
                 log: Callable[[str], None] = console_log) -> list[dict[str, Any]]:
     """Index the file systems of ``MACHINE@WHEN`` (or, given only ``MACHINE``, of every point of it
     with ``missing_only``: those without an index) in one appliance; per point, what was stored."""
-    machine, _, when = selector.partition("@")
-    infos = [archive.resolve(selector)] if when or not missing_only else [
-        p for p in archive.points(machine) if read_manifest(archive, p.machine, p.point) is None]
+    named = archive.resolve(selector)  # an unknown machine or point is refused here
+    infos = [named] if "@" in selector or not missing_only else [
+        p for p in archive.points(named.machine) if read_manifest(archive, p.machine, p.point) is None]
     if not infos:
         return []
     out = []
@@ -378,3 +380,13 @@ def files_find(archive: Archive, machine: str, pattern: str) -> tuple[list[Match
     if not archive.points(machine):
         raise UsageError(f"machine {machine!r} has no points")
     return find(archive, machine, pattern)
+
+
+def mount(archive: Archive, selector: str, directory: Path, fs: str | None = None,
+          on_ready: Callable[[], None] = lambda: None, log: Callable[[str], None] = console_log) -> None:
+    """A read-only FUSE view of a point's file systems on ``directory`` until it is unmounted."""
+    info = archive.resolve(selector)
+    check_mountpoint(directory)  # before the server starts
+    export = Export(info.point, open_volume(archive, info))
+    with BackgroundServer([export], log=log) as srv:
+        mount_until_unmounted(str(NbdUrl(srv.host, srv.port, export.name)), directory, fs, on_ready)

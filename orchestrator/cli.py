@@ -48,10 +48,11 @@ COMMANDS = {
     "serve": "lifeboat.orchestrator.cmd_serve",
     "web": "lifeboat.orchestrator.cmd_web",
     "files": "lifeboat.orchestrator.cmd_files",
+    "mount": "lifeboat.orchestrator.cmd_files",
 }
 # Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
 # rather than click's "No such command", which reads like a typo.
-PLANNED = ("stage", "mount")
+PLANNED = ("stage",)
 
 
 class LazyGroup(click.Group):

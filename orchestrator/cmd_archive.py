@@ -80,8 +80,11 @@ def archive_retention(clear: bool, as_json: bool, **rules: int | None) -> None:
 @command(name="backup")
 @click.argument("machine")
 @click.argument("source")
+@click.option("--index", "index_files", is_flag=True,
+              help="Then record the point's file lists for 'lifeboat files find' (boots a libguestfs "
+                   "appliance: 20 s or more).")
 @json_option
-def backup_cmd(machine: str, source: str, as_json: bool) -> None:
+def backup_cmd(machine: str, source: str, index_files: bool, as_json: bool) -> None:
     """Store a new recovery point of MACHINE read from SOURCE."""
     check_machine(machine)
     arc = open_archive()
@@ -92,6 +95,10 @@ def backup_cmd(machine: str, source: str, as_json: bool) -> None:
         with progress(f"backup {machine}", plan.to_read) as advance:
             info = run_plan(arc, machine, src, plan, progress=advance)
     doc = info.to_json() | plan.to_json()
+    if index_files:
+        from lifeboat.orchestrator.api import files_index  # libguestfs and the NBD server: only when asked
+
+        doc["index"] = files_index(arc, f"{machine}@{info.point}", log=log)[0]
     if as_json:
         emit_json(doc)
     else:

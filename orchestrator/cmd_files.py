@@ -1,4 +1,5 @@
-"""``lifeboat files fs|ls|get|find|index``: single-item restore from any point, and the file index.
+"""``lifeboat files fs|ls|get|find|index`` and ``lifeboat mount``: single-item restore from any point,
+and the file index.
 
 Each command but ``find`` boots one libguestfs appliance (20 s or more) that reads the point over
 NBD from a read-only server in this process (``filerestore``); ``find`` reads the file index only.
@@ -117,3 +118,17 @@ def index_cmd(selector: str, as_json: bool) -> None:
         emit_json(done)
     elif not done:
         log("every point already has a file index")
+
+
+@command(name="mount")
+@click.argument("selector", metavar="MACHINE[@WHEN]")
+@click.argument("directory", type=click.Path(path_type=Path))
+@fs_option
+def mount_cmd(selector: str, directory: Path, device: str | None) -> None:
+    """Show a point's file systems read-only on DIR (FUSE) until it is unmounted
+    (guestunmount DIR, or Ctrl-C here)."""
+    def ready() -> None:
+        log(f"mounted {selector} read-only on {directory}; unmount with: guestunmount {directory}")
+
+    api.mount(open_archive(), selector, directory, device, on_ready=ready)
+    log(f"unmounted {directory}")

@@ -200,7 +200,19 @@ CASES = [
     case("scheduler-units-into-a-file", "scheduler", "{tmp} --systemd-units {img} --state {state}", 2, "{img}"),
     # commands of a later version
     *(case("planned-" + name, name, "", 2, "not available in this version") for name in PLANNED),
-    case("planned-files-ls", "files", "ls web01", 2, "not available in this version"),
+    # files (every case is refused before an appliance boots)
+    case("files-fs-unknown-machine", "files fs", "db99 --archive {arc}", 2, "db99"),
+    case("files-ls-bad-selector", "files ls", "web01@someday / --archive {arc}", 2, "someday"),
+    case("files-ls-no-archive", "files ls", "web01 / --archive {missing}", 2, "{missing}"),
+    case("files-get-dest-exists", "files get", "web01 /etc/hostname {img} --archive {arc}", 2, "{img}"),
+    case("files-get-dest-folder-absent", "files get", "web01 /etc/hostname {tmp}/no/such/f --archive {arc}", 2,
+         "{tmp}/no/such"),
+    case("files-find-unknown-machine", "files find", "db99 *.conf --archive {arc}", 2, "db99"),
+    case("files-find-no-archive", "files find", "web01 *.conf --archive {missing}", 2, "{missing}"),
+    case("files-index-unknown-machine", "files index", "db99 --archive {arc}", 2, "db99"),
+    case("mount-unknown-machine", "mount", "db99 {tmp} --archive {arc}", 2, "db99"),
+    case("mount-dir-absent", "mount", "web01 {tmp}/no-such-dir --archive {arc}", 2, "{tmp}/no-such-dir"),
+    case("mount-dir-not-empty", "mount", "web01 {tmp} --archive {arc}", 2, "not an empty directory"),
     case("unknown-command", "restor", "", 2, "No such command"),
 ]
 
@@ -232,6 +244,7 @@ def test_every_command_has_a_bad_input_case() -> None:
 INTERNAL = {
     "lifeboat.nbdserver.server._Hangup": "a client went away; the connection's task ends",
     "lifeboat.orchestrator.context.Interrupted": "SIGINT/SIGTERM between steps; Engine.run records it",
+    "lifeboat.filerestore.helper.Refused": "runs under Debian's python3; sent as JSON, raised as a typed error there",
     "lifeboat.orchestrator.web.app.NeedLogin": "a page without a session; its handler answers 401 with the login form",
 }
 

@@ -1,0 +1,146 @@
+"""Single-item restore (issue 16): time to the first directory listing of a point, lifeboat against
+restoring the whole point and loop-mounting it; then ``files find`` over 1,000 indexed points.
+
+    .venv/bin/python bench/files_bench.py [--points 1000]
+
+1. The 2.5 GiB ext4 image of ``common.realistic_image`` is backed up once (machine ``usr``).
+2. lifeboat: ``api.files_ls(arc, "usr", "/")`` from a cold start: the NBD server on a thread, the
+   libguestfs appliance boot (TCG), mount, list. Peer: ``lifeboat restore`` to a raw file, then
+   ``mount -o loop,ro`` and list the root. Ratio = peer / lifeboat.
+3. The point's real file list (``files index``, timed too) is copied into ``--points`` points of a
+   second machine, each with 0.1 % of its files changed from the one before, and
+   ``files find`` of a name and of a path pattern is timed over all of them (the index alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import drop_caches, machine_info, realistic_image  # noqa: E402
+from lifeboat.archive import Archive  # noqa: E402
+from lifeboat.archive.fileindex import FsIndex, find, read_index, write_index  # noqa: E402
+from lifeboat.archive.restore import restore  # noqa: E402
+from lifeboat.orchestrator import api  # noqa: E402
+
+
+class FileSource:
+    """A backup source over an image file."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.size = path.stat().st_size
+        self._f = open(path, "rb")  # noqa: SIM115
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``."""
+        self._f.seek(offset)
+        return self._f.read(length)
+
+
+def first_listing_lifeboat(arc: Archive) -> tuple[float, int]:
+    drop_caches()
+    t = time.monotonic()
+    entries = api.files_ls(arc, "usr", "/")
+    return time.monotonic() - t, len(entries)
+
+
+def first_listing_peer(arc: Archive, work: Path) -> tuple[float, float, int]:
+    drop_caches()
+    raw, mnt = work / "restored.img", work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    t = time.monotonic()
+    restore(arc.reader(arc.resolve("usr")), str(raw))
+    restored = time.monotonic() - t
+    subprocess.run(["mount", "-o", "loop,ro", str(raw), str(mnt)], check=True)
+    try:
+        n = len(list(mnt.iterdir()))
+        total = time.monotonic() - t
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        raw.unlink()
+    return total, restored, n
+
+
+def many_points(arc: Archive, base: FsIndex, count: int) -> float:
+    """``count`` points of machine ``many``, each indexed with 0.1 % of its files changed; the
+    seconds spent indexing."""
+    rng = random.Random(16)
+    records = list(base.records)
+    spent = 0.0
+    for i in range(count):
+        info = arc.backup("many", _Tiny(i))
+        for _ in range(max(1, len(records) // 1000)):
+            j = rng.randrange(len(records))
+            records[j] = replace(records[j], size=records[j].size + 1, mtime=records[j].mtime + i)
+        t = time.monotonic()
+        write_index(arc, info, [replace(base, records=records)])
+        spent += time.monotonic() - t
+    return spent
+
+
+class _Tiny:
+    """A 4 KiB disk that differs per point (the index is what this part measures)."""
+
+    def __init__(self, i: int) -> None:
+        self.name = f"tiny-{i}"
+        self.size = 4096
+        self.data = i.to_bytes(8, "little") * 512
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", type=int, default=1000)
+    args = ap.parse_args()
+    print(machine_info())
+    image = realistic_image()
+    work = Path(tempfile.mkdtemp(prefix="files-bench-", dir="/var/tmp"))
+    try:
+        arc = Archive.init(str(work / "archive"))
+        t = time.monotonic()
+        arc.backup("usr", FileSource(image))
+        print(f"backup of {image.name}: {time.monotonic() - t:.1f} s")
+
+        peer, restored, n_peer = first_listing_peer(arc, work)
+        ours, n_ours = first_listing_lifeboat(arc)
+        print(f"first listing of / : lifeboat files ls {ours:.1f} s ({n_ours} entries); "
+              f"restore + loop mount {peer:.1f} s (restore {restored:.1f} s, {n_peer} entries); "
+              f"ratio {peer / ours:.2f}x")
+
+        t = time.monotonic()
+        done = api.files_index(arc, "usr@latest", log=lambda m: None)
+        print(f"files index of the point: {time.monotonic() - t:.1f} s, {done[0]['files']} files, "
+              f"{done[0]['pieces']} pieces, {done[0]['bytes_new']} bytes stored")
+        indexed = read_index(arc, arc.resolve("usr"))
+        assert indexed is not None
+        spent = many_points(arc, indexed[0], args.points)
+        pieces = sum(1 for _ in arc.backend.list("indexpieces/"))
+        stored = sum(arc.backend.size(k) for k in arc.backend.list("indexpieces/"))
+        stored += sum(arc.backend.size(k) for k in arc.backend.list("index/many/"))
+        print(f"{args.points} points indexed ({len(indexed[0].records)} files each, 0.1 % changed per point): "
+              f"{spent:.1f} s, {pieces} pieces, {stored / 1e6:.1f} MB for all indexes "
+              f"({stored / args.points / 1e3:.1f} kB a point)")
+        for pattern in ("python3", "/usr/share/doc/*/copyright"):
+            for _ in range(2):
+                t = time.monotonic()
+                matches, unindexed = find(arc, "many", pattern)
+                print(f"files find {pattern!r} over {args.points} points: {time.monotonic() - t:.2f} s, "
+                      f"{len(matches)} matches, {len(unindexed)} unindexed")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
