@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import drop_caches, machine_info, realistic_image  # noqa: E402
+from common import drop_caches, machine_info, realistic_image  # noqa: E402
+
 from lifeboat.archive import Archive  # noqa: E402
 from lifeboat.archive.fileindex import FsIndex, find, read_index, write_index  # noqa: E402
 from lifeboat.archive.restore import restore  # noqa: E402

@@ -7,6 +7,10 @@ one reply ``{"ok": ...}`` or ``{"error": ..., "kind": ...}`` a line. It imports 
 
 One appliance per process: ``launch`` adds the given NBD exports read-only (one disk each, in
 order: the first is ``/dev/sda``) and boots the appliance once; every later request reuses it.
+Each view (one file system, or an operating system's mounts) is mounted once, under its own folder
+of the appliance, and stays mounted; paths are looked up below that folder, so an absolute
+symbolic link in the middle of a path is not followed into the guest (name the real path).
+Each request's duration goes to stderr (kept in a file by the caller, shown when the helper fails).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from typing import Any
 
 TYPE_OF_MODE = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
@@ -37,7 +42,10 @@ class Helper:
 
     def __init__(self) -> None:
         self.g: Any = None
-        self.mounted: tuple[tuple[str, str], ...] | None = None
+        self.views: dict[tuple[tuple[str, str], ...], str] = {}  # view -> the appliance folder it is under
+        self.base: str | None = None  # the folder of the current view
+        self._fstype_cache: dict[str, str] | None = None
+        self._roots: list[str] | None = None
 
     # -- requests --------------------------------------------------------------------------
     def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,67 +79,80 @@ class Helper:
             except RuntimeError:
                 pass
             out.append(item)
+        return {"filesystems": out}
+
+    def systems(self, disk: int) -> dict[str, Any]:
+        """The operating systems on disk ``disk`` and where they mount their file systems
+        (libguestfs inspection: it looks into every file system, so it is asked only when needed)."""
+        g = self.g
+        prefix = g.list_devices()[disk]
+        lvs = set(g.lvs())
+        if self._roots is None:
+            self._roots = g.inspect_os()
         roots = []
-        for root in g.inspect_os():
+        for root in self._roots:
             if not self._on_disk(root, prefix, lvs):
                 continue
             mps = g.inspect_get_mountpoints(root)
             roots.append({"root": root, "type": g.inspect_get_type(root), "distro": g.inspect_get_distro(root),
                           "product": g.inspect_get_product_name(root),
                           "mountpoints": sorted(([m, d] for m, d in mps.items()), key=lambda x: len(x[0]))})
-        return {"filesystems": out, "os": roots}
+        return {"os": roots}
 
     def mount(self, mounts: list[list[str]]) -> dict[str, Any]:
-        """Mount ``[[mountpoint, device], ...]`` read-only (shortest mountpoint first), unless
-        that is already what is mounted."""
+        """Make ``[[mountpoint, device], ...]`` (shortest mountpoint first) the view that paths
+        name. Each view is mounted read-only once, under its own folder of the appliance, and stays
+        mounted: going back to an earlier view costs nothing."""
         want = tuple((m, d) for m, d in mounts)
-        if self.mounted == want:
+        if want in self.views:
+            self.base = self.views[want]
             return {}
         g = self.g
-        g.umount_all()
-        self.mounted = None
         fstypes = self._fstypes()
-        for mp, dev in want:
+        for _, dev in want:
             fstype = fstypes.get(dev, "unknown")
             if fstype in ENCRYPTED:
                 raise Refused("encrypted", f"{dev} is an encrypted volume ({fstype}): lifeboat does not open "
                                            "encrypted volumes")
             if fstype in ("unknown", "swap"):
                 raise Refused("nofs", f"{dev} holds no file system lifeboat can read ({fstype})")
+        base = f"/lifeboat-view-{len(self.views)}"
+        g.mkmountpoint(base)
+        for mp, dev in want:
             try:
-                g.mount_ro(dev, mp)
+                g.mount_ro(dev, base + mp.rstrip("/"))
             except RuntimeError as e:
                 if mp == "/":
-                    raise Refused("nofs", f"{dev}: cannot mount its {fstype} file system: {e}") from None
+                    g.rmmountpoint(base)
+                    raise Refused("nofs", f"{dev}: cannot mount its {fstypes[dev]} file system: {e}") from None
                 # a secondary file system of the guest that does not mount stays out of the view
-        self.mounted = want
+        self.views[want] = self.base = base
         return {}
 
     def ls(self, path: str) -> dict[str, Any]:
-        g = self.g
-        self._check(path, want_dir=True)
-        names = sorted(g.ls(path))
-        return {"entries": [self._entry(n, st, path) for n, st in zip(names, self._stats(path, names), strict=True)]}
+        real = self._check(path, want_dir=True)
+        names = sorted(self.g.ls(real))
+        return {"entries": [self._entry(n, st) for n, st in zip(names, self._stats(real, names), strict=True)]}
 
     def stat(self, path: str) -> dict[str, Any]:
-        g = self.g
-        self._check(path)
-        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", g.lstatns(path), path)}
+        real = self._check(path)
+        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", self.g.lstatns(real))}
 
     def walk(self) -> dict[str, Any]:
         """Every file under ``/`` of the mounted view: ``[path, type, size, mtime]`` rows."""
         g = self.g
+        base = self._check("/")
         with tempfile.NamedTemporaryFile(prefix="lifeboat-find0-") as tmp:
-            g.find0("/", tmp.name)
+            g.find0(base, tmp.name)
             raw = open(tmp.name, "rb").read()
         paths = [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\0") if p]
         by_dir: dict[str, list[str]] = {}
         for p in paths:
-            d, _, name = ("/" + p).rpartition("/")
+            d, _, name = ("/" + p.lstrip("/")).rpartition("/")
             by_dir.setdefault(d or "/", []).append(name)
         rows = []
         for d, names in by_dir.items():
-            for name, st in zip(names, self._stats(d, names), strict=True):
+            for name, st in zip(names, self._stats(base + d.rstrip("/"), names), strict=True):
                 full = (d.rstrip("/") or "") + "/" + name
                 rows.append([full, TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?"), st["st_size"],
                              st["st_mtime_sec"]])
@@ -141,23 +162,25 @@ class Helper:
         """Copy ``path`` out to ``dest`` (a new local path): a file's bytes, or a directory as a
         tar archive for the caller to unpack (modes and times kept by tar)."""
         g = self.g
-        self._check(path)
-        st = g.lstatns(path)
+        real = self._check(path)
+        st = g.lstatns(real)
         kind = TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?")
         if kind == "d":
-            g.tar_out(path, dest, numericowner=True, xattrs=False)
+            g.tar_out(real, dest, numericowner=True, xattrs=False)
         elif kind == "f":
-            g.download(path, dest)
+            g.download(real, dest)
         elif kind == "l":
-            os.symlink(g.readlink(path), dest)
+            os.symlink(g.readlink(real), dest)
         else:
             raise Refused("type", f"{path} is not a file, directory or symbolic link")
-        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", st, path)}
+        return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", st)}
 
     # -- helpers ---------------------------------------------------------------------------
     def _fstypes(self) -> dict[str, str]:
         """Every file system, and every partition (or unpartitioned disk) libguestfs does not
         list as one (an encrypted volume, or nothing recognisable), with its type."""
+        if self._fstype_cache is not None:
+            return self._fstype_cache
         g = self.g
         found = dict(g.list_filesystems())
         parts = g.list_partitions()
@@ -168,6 +191,7 @@ class Helper:
                     found[dev] = g.vfs_type(dev) or "unknown"
                 except RuntimeError:
                     found[dev] = "unknown"
+        self._fstype_cache = found
         return found
 
     def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:
@@ -181,13 +205,20 @@ class Helper:
             return any(pv.startswith(prefix) and self.g.pvuuid(pv) in uuids for pv in self.g.pvs())
         return False
 
-    def _check(self, path: str, want_dir: bool = False) -> None:
-        if self.mounted is None:
+    def _check(self, path: str, want_dir: bool = False) -> str:
+        """Where ``path`` of the current view is in the appliance; refused if it does not exist."""
+        if self.base is None:
             raise Refused("usage", "nothing is mounted")
-        if not path.startswith("/") or not self.g.exists(path):
-            raise Refused("missing", f"{path}: no such file or directory")
-        if want_dir and not self.g.is_dir(path):
+        real = self.base + path.rstrip("/")
+        if not path.startswith("/") or "/../" in path + "/":
+            raise Refused("missing", f"{path}: not an absolute path without '..'")
+        try:
+            self.g.lstatns(real)  # not exists(): a symbolic link is looked at, not followed
+        except RuntimeError:
+            raise Refused("missing", f"{path}: no such file or directory") from None
+        if want_dir and not self.g.is_dir(real):
             raise Refused("notdir", f"{path}: not a directory")
+        return real
 
     def _stats(self, d: str, names: list[str]) -> list[dict[str, Any]]:
         out = []
@@ -195,7 +226,7 @@ class Helper:
             out.extend(self.g.lstatnslist(d, names[i:i + STAT_BATCH]))
         return out
 
-    def _entry(self, name: str, st: dict[str, Any], path: str) -> dict[str, Any]:
+    def _entry(self, name: str, st: dict[str, Any]) -> dict[str, Any]:
         kind = TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?")
         entry = {"name": name, "type": kind, "size": st["st_size"], "mode": stat.S_IMODE(st["st_mode"]),
                  "mtime": st["st_mtime_sec"], "uid": st["st_uid"], "gid": st["st_gid"]}
@@ -208,6 +239,7 @@ def main() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")
+        started = time.monotonic()
         try:
             reply: dict[str, Any] = {"ok": getattr(helper, op)(**req)}
         except Refused as e:
@@ -216,6 +248,7 @@ def main() -> None:
             reply = {"error": str(e), "kind": "guestfs"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+        print(f"lifeboat-helper: {op} {time.monotonic() - started:.2f} s", file=sys.stderr, flush=True)
     if helper.g is not None:
         helper.g.close()
 

@@ -38,7 +38,7 @@ def mount_command(nbd_url: str, directory: Path, device: str | None, ready_fd: i
     """The guestmount command line: the operating system's mounts (``-i``), or one file system."""
     where = ["-m", device] if device else ["-i"]
     return ["guestmount", "--ro", "--format=raw", "-a", nbd_url, *where, "--no-fork", f"--fd={ready_fd}",
-            "-o", "allow_other", str(directory)]
+            str(directory)]
 
 
 def mount_until_unmounted(nbd_url: str, directory: Path, device: str | None,

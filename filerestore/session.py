@@ -149,7 +149,8 @@ class PointFiles:
         self.session = session
         self.prefix = session.devices[index]
         self.index = index
-        self._fs: dict[str, Any] | None = None
+        self._filesystems: list[dict[str, Any]] | None = None
+        self._systems: list[dict[str, Any]] | None = None
 
     # device names as the user sees them (the disk alone: /dev/sda...) and as the appliance does
     def _inside(self, device: str) -> str:
@@ -161,39 +162,51 @@ class PointFiles:
     def fs(self) -> dict[str, Any]:
         """``{"filesystems": [{device, fstype, label, uuid, size, encrypted, lvm}], "os": [{root,
         type, distro, product, mountpoints: [[mountpoint, device]]}]}``."""
-        if self._fs is None:
-            found = self.session.request("filesystems", disk=self.index)
-            for f in found["filesystems"]:
+        return {"filesystems": self.filesystems(), "os": self.systems()}
+
+    def filesystems(self) -> list[dict[str, Any]]:
+        """The partitions, LVM volumes and file systems of the disk."""
+        if self._filesystems is None:
+            found = self.session.request("filesystems", disk=self.index)["filesystems"]
+            for f in found:
                 f["device"] = self._outside(f["device"])
-            for o in found["os"]:
+            self._filesystems = found
+        return self._filesystems
+
+    def systems(self) -> list[dict[str, Any]]:
+        """The operating systems found on the disk (inspection: slower, asked only when needed)."""
+        if self._systems is None:
+            found = self.session.request("systems", disk=self.index)["os"]
+            for o in found:
                 o["root"] = self._outside(o["root"])
                 o["mountpoints"] = [[m, self._outside(d)] for m, d in o["mountpoints"]]
-            self._fs = found
-        return self._fs
+            self._systems = found
+        return self._systems
 
     def readable(self) -> list[dict[str, Any]]:
         """The file systems lifeboat can mount (not swap, not encrypted, not unknown)."""
-        return [f for f in self.fs()["filesystems"] if f["fstype"] not in ("unknown", "swap") and not f["encrypted"]]
+        return [f for f in self.filesystems() if f["fstype"] not in ("unknown", "swap") and not f["encrypted"]]
 
     def view(self, device: str | None) -> list[list[str]]:
         """What to mount for paths: ``device`` alone at ``/``; else the operating system's mounts;
         else the disk's one file system."""
-        found = self.fs()
         if device is not None:
-            known = {f["device"]: f for f in found["filesystems"]}
+            known = {f["device"] for f in self.filesystems()}
             if device not in known:
                 raise UsageError(f"--fs {device}: no such file system on this point "
                                  f"(found: {', '.join(sorted(known)) or 'none'})")
             return [["/", device]]
-        if found["os"]:
-            return found["os"][0]["mountpoints"]
+        systems = self.systems()
+        if systems:
+            mountpoints: list[list[str]] = systems[0]["mountpoints"]
+            return mountpoints
         readable = self.readable()
         if len(readable) == 1:
             return [["/", readable[0]["device"]]]
         if readable:
             raise UsageError("the disk holds several file systems and no operating system: choose one with "
                              f"--fs ({', '.join(f['device'] for f in readable)})")
-        encrypted = [f["device"] for f in found["filesystems"] if f["encrypted"]]
+        encrypted = [f["device"] for f in self.filesystems() if f["encrypted"]]
         if encrypted:
             raise EncryptedVolume(f"{', '.join(encrypted)}: encrypted volume; lifeboat does not open encrypted volumes")
         raise NoFileSystem("no recognisable file system on this point's disk")
@@ -244,8 +257,7 @@ class PointFiles:
 
     def walk(self) -> list[FsIndex]:
         """Every readable file system's file list, paths within that file system (for the index)."""
-        found = self.fs()
-        mountpoints = {d: m for o in found["os"] for m, d in o["mountpoints"]}
+        mountpoints = {d: m for o in self.systems() for m, d in o["mountpoints"]}
         out = []
         for f in self.readable():
             try:

@@ -109,3 +109,27 @@ def test_cli_find_and_get(indexed: Archive, points: Points, tmp_path: Path) -> N
     subprocess.run([*LIFEBOAT, "files", "get", f"files@{points.v1.point}", "/srv/report.csv", str(dest),
                     "--fs", "/dev/sda2"], env=env, capture_output=True, text=True, check=True)
     assert dest.read_bytes() == files(1)["xfs"]["/srv/report.csv"]
+
+
+def test_mount_shows_the_point_read_only_until_unmounted(points: Points, tmp_path: Path) -> None:
+    view = tmp_path / "view"
+    view.mkdir()
+    env = {**os.environ, "LIFEBOAT_ARCHIVE": points.location}
+    proc = subprocess.Popen([*LIFEBOAT, "mount", f"files@{points.v2.point}", str(view), "--fs", "/dev/sda1"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "mounted" in line:
+                break
+        assert os.path.ismount(view), "".join(lines)
+        assert (view / "etc" / "app.conf").read_bytes() == files(2)["ext4"]["/etc/app.conf"]
+        assert (view / "data" / "big.bin").read_bytes() == files(2)["ext4"]["/data/big.bin"]
+        with pytest.raises(OSError):
+            (view / "new-file").write_bytes(b"x")
+    finally:
+        subprocess.run(["guestunmount", str(view)], check=False)
+        assert proc.wait(120) == 0
+    assert not os.path.ismount(view) and list(view.iterdir()) == []
