@@ -30,22 +30,9 @@ from common import drop_caches, machine_info, realistic_image  # noqa: E402
 
 from lifeboat.archive import Archive  # noqa: E402
 from lifeboat.archive.fileindex import FsIndex, find, read_index, write_index  # noqa: E402
+from lifeboat.archive.files import FileSource  # noqa: E402
 from lifeboat.archive.restore import restore  # noqa: E402
 from lifeboat.orchestrator import api  # noqa: E402
-
-
-class FileSource:
-    """A backup source over an image file."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
-        self.size = path.stat().st_size
-        self._f = open(path, "rb")  # noqa: SIM115
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``."""
-        self._f.seek(offset)
-        return self._f.read(length)
 
 
 def first_listing_lifeboat(arc: Archive) -> tuple[float, int]:

@@ -3,7 +3,6 @@ boots once per session: 20 s or more)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,25 +10,10 @@ from pathlib import Path
 import pytest
 
 from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.files import FileSource
 from lifeboat.filerestore import PointFiles
 from lifeboat.orchestrator import api
 from tests.filerestore.disks import build_blank, build_disk
-
-
-class FileSource:
-    """A backup source over an image file."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
-        self.size = path.stat().st_size
-        self._fd = os.open(path, os.O_RDONLY)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``."""
-        return os.pread(self._fd, length, offset)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 @dataclass
