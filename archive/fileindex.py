@@ -159,14 +159,19 @@ def read_manifest(arc: Archive, machine: str, point: str) -> dict[str, Any] | No
     return doc
 
 
-def read_piece(arc: Archive, piece_id: bytes, length: int) -> list[FileRecord]:
-    """The records of one stored piece."""
+def read_piece_bytes(arc: Archive, piece_id: bytes, length: int) -> bytes:
+    """The plaintext of one stored piece."""
     key = piece_key(piece_id)
     raw = arc.backend.get(key)
     magic, raw_length = PIECE_HEAD.unpack_from(raw)
     if magic != PIECE_MAGIC or raw_length != length:
         raise FormatError(f"{key}: not the file index piece its manifest names")
-    return parse_piece(arc.codec.decode(piece_id, raw[PIECE_HEAD.size:], length))
+    return arc.codec.decode(piece_id, raw[PIECE_HEAD.size:], length)
+
+
+def read_piece(arc: Archive, piece_id: bytes, length: int) -> list[FileRecord]:
+    """The records of one stored piece."""
+    return parse_piece(read_piece_bytes(arc, piece_id, length))
 
 
 def read_index(arc: Archive, info: PointInfo) -> list[FsIndex] | None:
@@ -189,10 +194,22 @@ def pattern_matcher(pattern: str) -> re.Pattern[str]:
     return re.compile(r"(?s:.*/)?" + fnmatch.translate(pattern))
 
 
+def literal_of(pattern: str) -> bytes:
+    """The longest run of plain characters in ``pattern``: a path that matches contains it, and so
+    does the piece holding that path (b"" when no run is safe to look for in JSON text)."""
+    runs = re.split(r"[*?\[\]]", re.sub(r"\[[^\]]*\]", "*", pattern))  # a [class] is no literal
+    best = max(runs, key=len)
+    if any(c in best for c in '"\\') or any(ord(c) < 0x20 for c in best):
+        return b""
+    return best.encode()
+
+
 def find(arc: Archive, machine: str, pattern: str) -> tuple[list[Match], list[PointInfo]]:
     """Every file matching ``pattern`` in every indexed point of ``machine`` (oldest point first),
-    and the points that have no index. Each distinct piece is read and matched once."""
+    and the points that have no index. Each distinct piece is read and matched once, and parsed
+    only when it holds the pattern's longest literal run."""
     rx = pattern_matcher(pattern)
+    needle = literal_of(pattern)
     matched: dict[str, list[FileRecord]] = {}
     found: list[Match] = []
     unindexed: list[PointInfo] = []
@@ -205,7 +222,9 @@ def find(arc: Archive, machine: str, pattern: str) -> tuple[list[Match], list[Po
             for pid, n in fs["pieces"]:
                 hits = matched.get(pid)
                 if hits is None:
-                    hits = matched[pid] = [r for r in read_piece(arc, bytes.fromhex(pid), n) if rx.fullmatch(r.path)]
+                    data = read_piece_bytes(arc, bytes.fromhex(pid), n)
+                    hits = [r for r in parse_piece(data) if rx.fullmatch(r.path)] if needle in data else []
+                    matched[pid] = hits
                 found.extend(Match(info, fs["device"], fs["mountpoint"], r) for r in hits)
     return found, unindexed
 

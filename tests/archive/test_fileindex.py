@@ -12,6 +12,7 @@ from lifeboat.archive.fileindex import (
     FileRecord,
     FsIndex,
     find,
+    literal_of,
     manifest_key,
     pattern_matcher,
     read_index,
@@ -71,6 +72,8 @@ def test_patterns_match_names_or_whole_paths() -> None:
     assert not pattern_matcher("app.conf").fullmatch("/etc/myapp.conf")
     assert pattern_matcher("/etc/*").fullmatch("/etc/app.conf")
     assert not pattern_matcher("/etc/*.conf").fullmatch("/srv/etc/app.conf")
+    assert [literal_of(p) for p in ("*.conf", "/usr/share/doc/*/copyright", "[ab]*", "x[ab]cd?", 'a"b')] == [
+        b".conf", b"/usr/share/doc/", b"", b"cd", b""]
 
 
 def test_prune_removes_the_index_of_pruned_points_and_unnamed_pieces(tmp_path: Path) -> None:
