@@ -59,17 +59,21 @@ def first_listing_peer(arc: Archive, work: Path) -> tuple[float, float, int]:
     return total, restored, n
 
 
-def many_points(arc: Archive, base: FsIndex, count: int) -> float:
-    """``count`` points of machine ``many``, each indexed with 0.1 % of its files changed; the
-    seconds spent indexing."""
-    rng = random.Random(16)
+RUN = 20  # files change in runs of neighbours (a package upgrade, a log folder)
+
+
+def many_points(arc: Archive, base: FsIndex, count: int, start: int = 0) -> float:
+    """``count`` more points of machine ``many``, each indexed with 0.1 % of its files changed from
+    the point before, in runs of ``RUN`` neighbours; the seconds spent indexing."""
+    rng = random.Random(16 + start)
     records = list(base.records)
     spent = 0.0
-    for i in range(count):
+    for i in range(start, start + count):
         info = arc.backup("many", _Tiny(i))
-        for _ in range(max(1, len(records) // 1000)):
-            j = rng.randrange(len(records))
-            records[j] = replace(records[j], size=records[j].size + 1, mtime=records[j].mtime + i)
+        for _ in range(max(1, len(records) // 1000 // RUN)):
+            first = rng.randrange(len(records) - RUN)
+            for j in range(first, first + RUN):
+                records[j] = replace(records[j], size=records[j].size + 1, mtime=records[j].mtime + i)
         t = time.monotonic()
         write_index(arc, info, [replace(base, records=records)])
         spent += time.monotonic() - t
@@ -88,46 +92,57 @@ class _Tiny:
         return self.data[offset:offset + length]
 
 
+def first_listing(arc: Archive, work: Path) -> None:
+    """Time to the first listing: lifeboat against restore + loop mount."""
+    peer, restored, n_peer = first_listing_peer(arc, work)
+    ours, n_ours = first_listing_lifeboat(arc)
+    print(f"first listing of / : lifeboat files ls {ours:.1f} s ({n_ours} entries); "
+          f"restore + loop mount {peer:.1f} s (restore {restored:.1f} s, {n_peer} entries); "
+          f"ratio {peer / ours:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=1000)
+    ap.add_argument("--work", type=Path, help="Keep the archive in this folder and reuse what it already holds "
+                                              "(the backup, listing and index steps then are skipped).")
     args = ap.parse_args()
     print(machine_info())
-    image = realistic_image()
-    work = Path(tempfile.mkdtemp(prefix="files-bench-", dir="/var/tmp"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="files-bench-", dir="/var/tmp"))
     try:
-        arc = Archive.init(str(work / "archive"))
-        t = time.monotonic()
-        arc.backup("usr", FileSource(image))
-        print(f"backup of {image.name}: {time.monotonic() - t:.1f} s")
-
-        peer, restored, n_peer = first_listing_peer(arc, work)
-        ours, n_ours = first_listing_lifeboat(arc)
-        print(f"first listing of / : lifeboat files ls {ours:.1f} s ({n_ours} entries); "
-              f"restore + loop mount {peer:.1f} s (restore {restored:.1f} s, {n_peer} entries); "
-              f"ratio {peer / ours:.2f}x")
-
-        t = time.monotonic()
-        done = api.files_index(arc, "usr@latest", log=lambda m: None)
-        print(f"files index of the point: {time.monotonic() - t:.1f} s, {done[0]['files']} files, "
-              f"{done[0]['pieces']} pieces, {done[0]['bytes_new']} bytes stored")
+        if (work / "archive" / "config").exists():
+            arc = Archive.open(str(work / "archive"))
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            arc = Archive.init(str(work / "archive"))
+            image = realistic_image()
+            t = time.monotonic()
+            arc.backup("usr", FileSource(image))
+            print(f"backup of {image.name}: {time.monotonic() - t:.1f} s")
+            first_listing(arc, work)
+            t = time.monotonic()
+            done = api.files_index(arc, "usr@latest", log=lambda m: None)
+            print(f"files index of the point: {time.monotonic() - t:.1f} s, {done[0]['files']} files, "
+                  f"{done[0]['pieces']} pieces, {done[0]['bytes_new']} bytes stored")
         indexed = read_index(arc, arc.resolve("usr"))
         assert indexed is not None
-        spent = many_points(arc, indexed[0], args.points)
+        have = len(arc.points("many")) if "many" in arc.machines() else 0
+        spent = many_points(arc, indexed[0], max(0, args.points - have), start=have)
         pieces = sum(1 for _ in arc.backend.list("indexpieces/"))
         stored = sum(arc.backend.size(k) for k in arc.backend.list("indexpieces/"))
         stored += sum(arc.backend.size(k) for k in arc.backend.list("index/many/"))
-        print(f"{args.points} points indexed ({len(indexed[0].records)} files each, 0.1 % changed per point): "
-              f"{spent:.1f} s, {pieces} pieces, {stored / 1e6:.1f} MB for all indexes "
-              f"({stored / args.points / 1e3:.1f} kB a point)")
-        for pattern in ("python3", "/usr/share/doc/*/copyright"):
+        print(f"{args.points} points indexed ({len(indexed[0].records)} files each, 0.1 % changed per point in "
+              f"runs of {RUN}): {spent:.1f} s for the {max(0, args.points - have)} new, {pieces} pieces, "
+              f"{stored / 1e6:.1f} MB for all indexes ({stored / args.points / 1e3:.1f} kB a point)")
+        for pattern in ("python3", "/usr/share/doc/*/copyright", "*.so.*"):
             for _ in range(2):
                 t = time.monotonic()
                 matches, unindexed = find(arc, "many", pattern)
                 print(f"files find {pattern!r} over {args.points} points: {time.monotonic() - t:.2f} s, "
                       f"{len(matches)} matches, {len(unindexed)} unindexed")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
