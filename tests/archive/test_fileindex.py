@@ -14,6 +14,7 @@ from lifeboat.archive.fileindex import (
     find,
     literal_of,
     manifest_key,
+    parse_piece,
     pattern_matcher,
     read_index,
     split_pieces,
@@ -64,6 +65,11 @@ def test_find_names_the_points_holding_a_file_with_its_size(tmp_path: Path) -> N
     assert find(arc, "web", "nothing-like-this")[0] == []
     got = read_index(arc, p2)
     assert got is not None and got[0].records == sorted(changed, key=lambda r: r.path)
+
+
+def test_any_name_survives_a_piece() -> None:
+    odd = [FileRecord('/a"b\\c\u00e9\n', "f", 1, 2), FileRecord("/not-utf8-\udcff", "l", 3, 4)]
+    assert parse_piece(b"".join(split_pieces(odd))) == odd
 
 
 def test_patterns_match_names_or_whole_paths() -> None:
