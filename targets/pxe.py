@@ -15,9 +15,9 @@ The call order of ``targets/base.py``, for one server:
   environment reports (no disk matching the rule, a disk too small, a write error) or a server that
   never fetched the iPXE script within ``netboot_timeout`` is a ``TargetError`` naming the server,
   and the server is powered off unless ``on_failure: leave``.
-- ``teardown``: powers the server off, stops the HTTP server, removes its files.
+- ``teardown``: powers the server off, stops the HTTP server and dnsmasq, removes their files.
 
-Not built yet (issue 13): dnsmasq in proxy-DHCP mode for real networks, GPT and
+Not built yet (issue 13): GPT and
 file-system growth (only the last MBR partition grows), instant mode (dm-clone over NBD).
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.proc import log_tail, process_matches
-from lifeboat.targets import pxeenv
+from lifeboat.targets import pxedhcp, pxeenv
 from lifeboat.targets.base import (
     Disk,
     Guest,
@@ -129,7 +129,8 @@ class PxeTarget(Physical, TakesImage):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """The sushy client, the kernel, busybox, and a BMC that answers and accepts the credentials."""
+        """The sushy client, the kernel, busybox, dnsmasq for proxy DHCP, and a BMC that answers and
+        accepts the credentials."""
         library = "pyghmi" if self.settings["bmc"].get("protocol") == "ipmi" else "sushy"
         try:
             importlib.import_module(library)
@@ -138,6 +139,13 @@ class PxeTarget(Physical, TakesImage):
         pxeenv.kernel_version()
         if not pxeenv.BUSYBOX.exists():
             raise TargetUnavailable(f"{pxeenv.BUSYBOX} is missing: install busybox-static")
+        dhcp = self._dhcp()
+        if dhcp:
+            if not Path(pxedhcp.DNSMASQ).exists():
+                raise TargetUnavailable(f"{pxedhcp.DNSMASQ} is missing: install dnsmasq-base (proxy DHCP)")
+            first = dhcp.get("first_stage")
+            if first and not Path(first).is_file():
+                raise TargetError(f"pxe settings: dhcp.first_stage {first} is not a file (Debian ipxe's undionly.kpxe)")
         self.http_url()
         self.bmc().power_state()
 
@@ -166,8 +174,14 @@ class PxeTarget(Physical, TakesImage):
         }
         f["config"].write_text(json.dumps(config, indent=1))
         res = log.record("process", "pxeserve", {"token": guest.token, "pid": None})
-        if res.data.get("pid") and process_matches(int(res.data["pid"]), guest.token):
-            return
+        if not (res.data.get("pid") and process_matches(int(res.data["pid"]), guest.token)):
+            self._start_http(guest, log, res)
+        if self._dhcp():
+            self._start_dhcp(guest, log, f"{url}/boot.ipxe")
+
+    def _start_http(self, guest: Guest, log: ResourceLog, res: Resource) -> None:
+        """The serving process (``targets/pxeserve.py``) for the files ``provision`` wrote."""
+        f = self._files(guest)
         f["events"].unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "lifeboat.targets.pxeserve", str(f["config"]), guest.token]
         with open(f["log"], "ab") as errlog:
@@ -183,7 +197,42 @@ class PxeTarget(Physical, TakesImage):
                     f"{self.settings['http_listen']}: {log_tail(f['log'])}"
                 )
             time.sleep(0.1)
-        self.context.log(f"{guest.name}: serving the recovery environment at {url}/boot.ipxe")
+        self.context.log(f"{guest.name}: serving the recovery environment at {self.http_url()}/boot.ipxe")
+
+    def _dhcp(self) -> dict[str, Any] | None:
+        """The ``dhcp`` settings when lifeboat answers PXE itself (proxy DHCP), else None."""
+        dhcp = self.settings.get("dhcp") or {}
+        return dhcp if dhcp.get("mode") == "proxy" else None
+
+    def _start_dhcp(self, guest: Guest, log: ResourceLog, boot_url: str) -> None:
+        """dnsmasq in proxy-DHCP mode (``targets/pxedhcp.py``), recorded before it starts."""
+        dhcp = self._dhcp()
+        assert dhcp is not None
+        folder = self._files(guest)["dir"] / "dhcp"
+        res = log.record("process", "dnsmasq", {"token": guest.token, "pid": None})
+        if res.data.get("pid") and process_matches(int(res.data["pid"]), guest.token):
+            return
+        config = pxedhcp.write_files(dhcp, boot_url, folder, f"dnsmasq-{guest.token}.conf")
+        dnslog = folder / "dnsmasq.log"
+        dnslog.unlink(missing_ok=True)
+        with open(folder / "dnsmasq.out", "ab") as out:
+            proc = subprocess.Popen(
+                pxedhcp.dnsmasq_command(config),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        log.update(res, {"pid": proc.pid})
+        deadline = time.monotonic() + 30
+        while not (dnslog.exists() and "started" in dnslog.read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TargetError(
+                    f"{guest.name}: dnsmasq (proxy DHCP on {dhcp['interface']}, {dhcp['subnet']}) did not start: "
+                    f"{log_tail(folder / 'dnsmasq.out')} {log_tail(dnslog)}"
+                )
+            time.sleep(0.1)
+        self.context.log(f"{guest.name}: answering PXE on {dhcp['interface']} ({dhcp['subnet']}, proxy DHCP)")
 
     def _power(self, log: ResourceLog) -> Resource | None:
         return next((r for r in log.resources() if r.kind == "power"), None)

@@ -1,7 +1,9 @@
 """A bare-metal server on one machine, for the pxe target's tests: a blank libvirt domain with an empty
-local disk, on a host-only libvirt network whose DHCP (dnsmasq) points PXE at lifeboat's HTTP server,
-driven through a real BMC emulator: ``sushy-emulator`` (sushy-tools, libvirt driver) with HTTP basic
-authentication, as OpenStack Ironic's CI does.
+local disk, on a host-only libvirt network whose DHCP (libvirt's dnsmasq) gives only addresses: the
+boot file comes from the driver's own proxy DHCP (``dhcp: {mode: proxy}``, ``targets/pxedhcp.py``),
+as on a real site whose DHCP lifeboat does not control. Driven through a real BMC emulator:
+``sushy-emulator`` (sushy-tools, libvirt driver) with HTTP basic authentication, as OpenStack
+Ironic's CI does.
 
 One server per session (``pxe_server``, session-scoped): tests that restore onto it run one after
 the other, each leaving it powered off.
@@ -33,6 +35,8 @@ PLACE = Path("/var/lib/lifeboat/pxe-test")  # where libvirt's QEMU (user libvirt
 DOMAIN = "lifeboat-pxe-server"
 NETWORK = "lifeboat-pxe-net"
 HOST_IP = "10.214.0.1"
+SUBNET = "10.214.0.0"
+BRIDGE = "lbpxe0"
 MAC = "52:54:00:4c:42:01"
 SERIAL = "LBSRV0001"
 DISK_BYTES = IMAGE_SIZE * 2  # larger than the sample guest's point: its last partition grows
@@ -71,6 +75,7 @@ class PxeServer:
             "http_listen": f"{HOST_IP}:{self.http_port}",
             "netboot_timeout": 300,
             "console_log": str(self.console),
+            "dhcp": {"mode": "proxy", "interface": BRIDGE, "subnet": SUBNET},
         }
         base.update(overrides)
         return base
@@ -99,15 +104,14 @@ def _virsh(*args: str, uri: str = "qemu:///system") -> subprocess.CompletedProce
     return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True)
 
 
-def network_xml(http_port: int) -> str:
-    """Host-only, DHCP, the PXE filename an HTTP URL of lifeboat (iPXE fetches it as such)."""
+def network_xml() -> str:
+    """Host-only, plain DHCP: addresses, no boot file (the site's DHCP, which lifeboat leaves alone)."""
     net = ET.Element("network")
     ET.SubElement(net, "name").text = NETWORK
-    ET.SubElement(net, "bridge", name="lbpxe0", stp="on", delay="0")
+    ET.SubElement(net, "bridge", name=BRIDGE, stp="on", delay="0")
     ip = ET.SubElement(net, "ip", address=HOST_IP, netmask="255.255.255.0")
     dhcp = ET.SubElement(ip, "dhcp")
     ET.SubElement(dhcp, "range", start="10.214.0.10", end="10.214.0.99")
-    ET.SubElement(dhcp, "bootp", file=f"http://{HOST_IP}:{http_port}/boot.ipxe")
     return ET.tostring(net, encoding="unicode")
 
 
@@ -175,7 +179,7 @@ def stand_in_server(libvirt_uri: str, work: Path) -> Iterator[PxeServer]:
     console.write_text("")
     http_port = free_port()
     for args in (("net-create", "/dev/stdin"), ("define", "/dev/stdin")):
-        xml = network_xml(http_port) if args[0] == "net-create" else domain_xml(disk, console)
+        xml = network_xml() if args[0] == "net-create" else domain_xml(disk, console)
         done = subprocess.run(["virsh", "-c", libvirt_uri, *args], input=xml, capture_output=True, text=True)
         assert done.returncode == 0, f"virsh {args[0]}: {done.stderr}"
     password = "s3cret-" + os.urandom(4).hex()

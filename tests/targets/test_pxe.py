@@ -157,12 +157,12 @@ def test_a_server_that_never_netboots_and_a_reported_failure_power_it_off(
     image = tmp_path / "point.raw"
     with open(image, "wb") as f:
         f.truncate(4 * 1024 * 1024)
-    # lifeboat listens on another port than the one the site's DHCP points PXE at: no netboot
+    # no proxy DHCP of lifeboat's and the site's DHCP gives no boot file: no netboot
     other = f"10.214.0.1:{pxe_server.http_port + 1 if pxe_server.http_port < 65535 else 1024}"
     for case in ("never netboots", "reported failure"):
         work = tmp_path / case.replace(" ", "-")
         work.mkdir()
-        target, guest, log, said = driver(pxe_server, http_listen=other, netboot_timeout=0.5)
+        target, guest, log, said = driver(pxe_server, http_listen=other, netboot_timeout=0.5, dhcp={"mode": "none"})
         guest.workdir = work
         target.prepare()
         target.provision(guest, Disk(size=image.stat().st_size, image_path=image, image_format="raw"), log)
@@ -197,7 +197,7 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     doc = yaml.safe_load((REPO / "runbooks" / "p2p.yaml").read_text())
     ours = pxe_server.settings()
     doc["target"]["settings"].update(
-        {k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "netboot_timeout")}
+        {k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "netboot_timeout", "dhcp")}
     )
     doc["target"]["settings"].pop("http_url")
     (machine,) = doc["machines"]
@@ -213,6 +213,7 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     out = json.loads(done.stdout)
     assert out["status"] == "succeeded", out
     assert "netbooted the recovery environment" in done.stderr and "restore complete" in done.stderr
+    assert "answering PXE on lbpxe0 (10.214.0.0, proxy DHCP)" in done.stderr  # the network's DHCP gives no boot file
     pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
     assert read_record(pxe_server.disk) == (1, "sample-guest")
 
