@@ -1,5 +1,6 @@
 """The pxe target's proxy DHCP (``targets/pxedhcp.py``) without a network: the dnsmasq configuration
-it generates (checked by dnsmasq itself with ``--test``), and the settings the schema refuses. That
+it generates (checked by dnsmasq itself with ``--test``), the settings the schema refuses, and a
+dnsmasq that cannot start (an interface the host lacks). That
 it really answers a PXE client is proved by the driver suite's pxe lifecycle, whose libvirt network
 gives only addresses (``tests/targets/pxeserver.py``)."""
 
@@ -11,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from lifeboat.plumbing.proc import process_matches
 from lifeboat.targets import TARGETS, pxedhcp
-from lifeboat.targets.base import TargetContext, TargetError
+from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext, TargetError
+from tests.targets.pxeserver import free_port
 
 URL = "http://10.0.1.5:8080/boot.ipxe"
 BASE: dict[str, Any] = {"bmc": {"address": "https://10.0.9.30"}, "http_url": "http://10.0.1.5:8080"}
@@ -97,3 +100,29 @@ def test_good_dhcp_settings_and_a_missing_first_stage(tmp_path: Path) -> None:
     )
     with pytest.raises(TargetError, match=f"dhcp.first_stage {missing} is not a file"):
         target.prepare()
+
+
+def test_a_dnsmasq_that_cannot_start_is_a_clear_error_and_teardown_releases_the_rest(tmp_path: Path) -> None:
+    """An interface the host lacks: dnsmasq exits at once; the error names it and dnsmasq's words,
+    and teardown stops the HTTP server and removes the files (the process was recorded first)."""
+    image = tmp_path / "point.raw"
+    with open(image, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    settings = {
+        **BASE,
+        "http_listen": f"127.0.0.1:{free_port()}",
+        "dhcp": {"mode": "proxy", "interface": "lbnosuch0", "subnet": "10.9.0.0"},
+    }
+    settings.pop("http_url")
+    target = TARGETS.get("pxe")(settings, TargetContext())
+    guest = Guest("srv", "20260101T000000-dhcpfail", tmp_path / "work", NetworkSpec("none"))
+    log = MemoryLog("pxe")
+    with pytest.raises(TargetError) as e:
+        target.provision(guest, Disk(size=image.stat().st_size, image_path=image, image_format="raw"), log)
+    assert "dnsmasq (proxy DHCP on lbnosuch0, 10.9.0.0) did not start" in str(e.value)
+    assert "unknown interface lbnosuch0" in str(e.value)
+    assert [r.ident for r in log.resources() if r.kind == "process"] == ["pxeserve", "dnsmasq"]
+    http_pid = next(int(r.data["pid"]) for r in log.resources() if r.ident == "pxeserve")
+    target.teardown(log)
+    assert log.resources() == [] and not (tmp_path / "work" / "pxe").exists()
+    assert not process_matches(http_pid, guest.token)
