@@ -28,9 +28,9 @@ from typing import Any
 
 from lifeboat.agent.offsite import Replicator, prom_label
 from lifeboat.agent.plan import capture
-from lifeboat.archive import Archive
+from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.points import now_utc
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 PEAKS_KEPT = 10000
 
@@ -51,7 +51,8 @@ class Protector:
                  spec: str, rpo: float, *, status_file: Path | None = None, metrics_file: Path | None = None,
                  max_backoff: float = 300.0, log: Callable[[str], None] = lambda _m: None,
                  max_captures: int | None = None,
-                 replicator: Callable[[Callable[[], datetime | None]], Replicator] | None = None) -> None:
+                 replicator: Callable[[Callable[[], datetime | None]], Replicator] | None = None,
+                 after_point: Callable[[PointInfo], None] | None = None) -> None:
         self.open_archive = open_archive
         self.open_source = open_source
         self.machine = machine
@@ -62,6 +63,7 @@ class Protector:
         self.max_backoff = max_backoff
         self.log = log
         self.max_captures = max_captures
+        self.after_point = after_point  # e.g. staging the point at a target; its failure only logs
         self.lock = threading.Lock()
         self.newest_time: datetime | None = None
         self.newest_point: str | None = None
@@ -243,6 +245,11 @@ class Protector:
                     if self.replicator:
                         self.replicator.request()
                     self.write_reports()
+                    if self.after_point is not None:
+                        try:
+                            self.after_point(info)
+                        except LifeboatError as e:  # the point is stored; the next one tries again
+                            self.log(f"protect {self.machine}: after point {info.point}: {e}")
                     if self.max_captures is not None and self.captures >= self.max_captures:
                         break
                 except Exception as e:  # keep protecting: report, back off, reopen

@@ -4,7 +4,8 @@
 run would do; changes nothing), ``teardown`` (remove what a runbook's newest run left), ``status``
 (a run's report, built from its records),
 ``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
-``latest_runs`` (the newest run of each runbook),
+``latest_runs`` (the newest run of each runbook), ``stage`` (bring the copies of targets that
+stage ahead up to each machine's newest point),
 ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
 holds, from ``archive.catalog.Catalog``'s summaries), ``point_files`` / ``files_fs`` / ``files_ls`` /
 ``files_get`` / ``files_index`` / ``files_find`` / ``mount`` (single-item restore and the file
@@ -26,6 +27,7 @@ from typing import Any
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import MachineSummary
 from lifeboat.archive.fileindex import Match, find, read_manifest, write_index
+from lifeboat.archive.points import parse_selector
 from lifeboat.archive.replicate import ReplicationReport
 from lifeboat.archive.replicate import replicate as replicate_archive
 from lifeboat.filerestore import Drive, GuestSession, PointFiles, check_dest
@@ -43,7 +45,7 @@ from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.plumbing.registry import NotAvailable
 from lifeboat.targets import TARGETS, driver_schema
-from lifeboat.targets.base import capabilities
+from lifeboat.targets.base import MemoryLog, StagesAhead, TargetContext, capabilities
 
 
 def open_state(state_dir: Path | str | None = None) -> StateStore:
@@ -299,6 +301,46 @@ def plan(runbook: Runbook, *, archive: str | None = None, key_file: str | None =
         "hooks": {w: [h.name for h in hs] for w, hs in rb.hooks.items()},
         "schedule": rb.schedule,
     }
+
+
+def stage(
+    runbook: Runbook,
+    *,
+    archive: str | None = None,
+    key_file: str | None = None,
+    only: str | None = None,
+    log: Callable[[str], None] = console_log,
+) -> dict[str, Any]:
+    """Bring, for every machine of ``runbook`` whose target stages ahead (``StagesAhead``), the
+    target's copy up to the point the machine's selector names (``only``: just the runbook's
+    machines whose points are that archive machine's); a machine that fails is reported with its
+    error (``error``) and the others are staged all the same. Running it again resumes: what is
+    staged already is found again by the target, not sent twice."""
+    check_drivers(runbook)
+    staging = [m for m in runbook.machines if issubclass(TARGETS.get(m.driver).variant(m.settings), StagesAhead)
+               and (only is None or parse_selector(m.selector)[0] == only)]
+    if not staging:
+        whose = f"of machine {only}'s points " if only else ""
+        raise UsageError(f"runbook {runbook.path}: no machine {whose}has a target that stages ahead (drivers: "
+                         f"{', '.join(sorted({m.driver for m in runbook.machines}))})")
+    location = archive_location(runbook, archive)
+    arc = Archive.open(location, key_file=key_file or runbook.key_file)
+    context = TargetContext(log=log, archive=lambda: arc)
+    machines = []
+    for m in staging:
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {"name": m.name, "driver": m.driver, "error": None}
+        try:
+            info = arc.resolve(m.selector)
+            target = TARGETS.get(m.driver).variant(m.settings)(m.settings, context)
+            assert isinstance(target, StagesAhead)
+            entry.update(target.stage(info.machine, info.point, MemoryLog(m.driver)))
+        except LifeboatError as e:
+            entry["error"] = f"machine {m.name}: {e}"
+            log(f"lifeboat: stage: {entry['error']}")
+        entry["seconds"] = round(time.monotonic() - t0, 3)
+        machines.append(entry)
+    return {"runbook": runbook.name, "archive": location, "machines": machines}
 
 
 def unavailable_drivers(runbook: Runbook) -> list[str]:

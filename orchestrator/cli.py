@@ -49,10 +49,11 @@ COMMANDS = {
     "web": "lifeboat.orchestrator.cmd_web",
     "files": "lifeboat.orchestrator.cmd_files",
     "mount": "lifeboat.orchestrator.cmd_files",
+    "stage": "lifeboat.orchestrator.cmd_stage",
 }
 # Commands of shared/CLI.md that a later version brings: naming one says so (exit status 2)
 # rather than click's "No such command", which reads like a typo.
-PLANNED = ("stage",)
+PLANNED: tuple[str, ...] = ()
 
 
 class LazyGroup(click.Group):

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from lifeboat.archive.points import check_machine
+from lifeboat.archive import PointInfo
+from lifeboat.archive.points import check_machine, parse_selector
 from lifeboat.archive.store import CONFIG_KEY, resolve_location
 from lifeboat.orchestrator.cli import (
     archive_location,
@@ -76,10 +77,12 @@ class _Signals:
               help="Replicate the machine's points to DEST (as 'lifeboat replicate --to') after each capture, "
                    "in the background; the lag is in the status and the metrics.")
 @click.option("--replicate-bwlimit", metavar="RATE", help="Bandwidth limit of --replicate-to (e.g. 20M, bytes/s).")
+@click.option("--stage", "stage_runbook", type=click.Path(dir_okay=False),
+              help="After each point, stage it (lifeboat stage) for this runbook's machines of MACHINE.")
 @json_option
 def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None, metrics_listen: str | None,
                 metrics_file: Path | None, max_backoff: float, max_captures: int | None, replicate_to: str | None,
-                replicate_bwlimit: str | None, as_json: bool) -> None:
+                replicate_bwlimit: str | None, stage_runbook: str | None, as_json: bool) -> None:
     """Capture MACHINE from SOURCE continuously, keeping the newest point younger than --rpo.
 
     Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
@@ -92,10 +95,25 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
     metrics_host = metrics_port = None
     if metrics_listen:
         metrics_host, metrics_port = parse_listen(metrics_listen, "--metrics-listen")
+    after_point = None
+    if stage_runbook:
+        from lifeboat.orchestrator import api
+        from lifeboat.orchestrator.cmd_run import load_or_exit
+
+        rb = load_or_exit(stage_runbook)
+
+        def after_point(info: PointInfo) -> None:
+            done = api.stage(rb, archive=archive_location(), key_file=key_file_option(), only=machine, log=log)
+            for m in done["machines"]:
+                log(f"protect {machine}: staged {m['point']} for {m['name']}" if not m["error"] else
+                    f"protect {machine}: staging failed: {m['error']}")
+
+        if not any(parse_selector(m.selector)[0] == machine for m in rb.machines):
+            raise UsageError(f"--stage {stage_runbook}: no machine of the runbook recovers {machine}")
     replicator = _replicator(machine, replicate_to, replicate_bwlimit, max_backoff)
     prot = Protector(open_archive, open_source, machine, source, rpo, status_file=status_file,
                      metrics_file=metrics_file, max_backoff=max_backoff, log=log, max_captures=max_captures,
-                     replicator=replicator)
+                     replicator=replicator, after_point=after_point)
     server = MetricsServer(prot, metrics_host, metrics_port) if metrics_host is not None and metrics_port is not None \
         else None
     if server is not None:

@@ -74,7 +74,7 @@ class RunContext:
 
     def target_context(self) -> TargetContext:
         """What a driver instance gets from the engine (its messages become debug events)."""
-        return TargetContext(log=lambda msg: self.event(msg, level="debug"))
+        return TargetContext(log=lambda msg: self.event(msg, level="debug"), archive=self.archive_handle)
 
     def target(self, machine: Machine) -> Target:
         """The driver instance for a machine (one per driver and settings)."""
@@ -231,4 +231,5 @@ def disk_of(size: int, export: dict[str, Any], open_archive: Callable[[], Archiv
         image_path=Path(export["image_path"]) if export.get("image_path") else None,
         image_format=export.get("image_format"),
         local_path=Path(export["local_path"]) if export.get("local_path") else None,
+        point=export.get("point"),
     )

@@ -133,6 +133,7 @@ class Runbook:
     formats: list[str]
     webhook: dict[str, Any] | None
     replicate: dict[str, Any] | None = None  # a replication runbook's ``replicate:`` (to, machines, bwlimit)
+    stage_schedule: str | None = None  # cron: ``lifeboat stage`` by the scheduler
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``."""
@@ -531,14 +532,19 @@ def _point_selectors(ctx: RuleContext) -> list[Problem]:
 
 
 def _schedule_syntax(ctx: RuleContext) -> list[Problem]:
-    if "schedule" not in ctx.doc:
-        return []
     from croniter import croniter
 
-    expr = ctx.doc["schedule"]
-    if croniter.is_valid(expr) and len(expr.split()) == 5:
-        return []
-    return [ctx.problem(["schedule"], f"{expr!r} is not a cron expression (5 fields: minute hour day month weekday)")]
+    out: list[Problem] = []
+    stage = ctx.doc.get("stage")
+    places: list[tuple[list[PathElem], Any]] = [
+        (["schedule"], ctx.doc.get("schedule")),
+        (["stage", "schedule"], stage.get("schedule") if isinstance(stage, dict) else None),
+    ]
+    for path, expr in places:
+        if expr is not None and not (croniter.is_valid(expr) and len(expr.split()) == 5):
+            out.append(ctx.problem(path, f"{expr!r} is not a cron expression (5 fields: minute hour day month "
+                                         "weekday)"))
+    return out
 
 
 def _target_drivers(ctx: RuleContext) -> list[Problem]:
@@ -915,6 +921,7 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Runbook:
         formats=report.get("formats", ["json", "junit", "html"]),
         webhook=report.get("webhook"),
         replicate=doc.get("replicate"),
+        stage_schedule=(doc.get("stage") or {}).get("schedule"),
     )
 
 

@@ -1,4 +1,6 @@
-"""The scheduler: runs rehearsals on their ``schedule:`` (cron, UTC), and writes systemd timers.
+"""The scheduler: runs rehearsals on their ``schedule:`` (cron, UTC), and ``lifeboat stage`` of a
+runbook on its ``stage: {schedule:}`` (failovers to targets that stage ahead), and writes systemd
+timers. Each such schedule is a job of its own (``Scheduled.job``: ``run`` or ``stage``).
 
 ``lifeboat scheduler`` is a long-running process. For each runbook with a schedule it remembers,
 in the state database, the scheduled time of the last run it started. When it starts (or wakes)
@@ -37,16 +39,33 @@ DOW = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
 
 @dataclass
 class Scheduled:
-    """A runbook with a schedule."""
+    """A runbook with a schedule: its runs (``job`` ``run``), or its staging (``stage``)."""
 
     path: Path
     runbook: Runbook
+    job: str = "run"
 
     @property
     def expr(self) -> str:
         """The cron expression."""
-        assert self.runbook.schedule is not None
-        return self.runbook.schedule
+        expr = self.runbook.schedule if self.job == "run" else self.runbook.stage_schedule
+        assert expr is not None
+        return expr
+
+    @property
+    def key(self) -> str:
+        """Where the state store keeps this job's last fire time: the runbook's path for its runs."""
+        return str(self.path) if self.job == "run" else f"{self.path}#{self.job}"
+
+    @property
+    def name(self) -> str:
+        """The job's name in messages and systemd unit names."""
+        return self.runbook.name if self.job == "run" else f"{self.runbook.name}-{self.job}"
+
+    def command(self, state_dir: Path, extra_args: list[str]) -> list[str]:
+        """The ``lifeboat run`` (or ``lifeboat stage``, which keeps no state) command of this job."""
+        state = ["--state", str(state_dir)] if self.job == "run" else []
+        return [*SELF_COMMAND, self.job, str(self.path), *state, *extra_args]
 
 
 def find_runbooks(paths: list[Path], log: Callable[[str], None]) -> list[Scheduled]:
@@ -70,6 +89,8 @@ def find_runbooks(paths: list[Path], log: Callable[[str], None]) -> list[Schedul
             continue
         if rb.schedule:
             out.append(Scheduled(f.resolve(), rb))
+        if rb.stage_schedule:
+            out.append(Scheduled(f.resolve(), rb, "stage"))
     return out
 
 
@@ -109,29 +130,18 @@ class Scheduler:
         self.extra_args = extra_args or []
         self.log = log
         self.stop = threading.Event()
-        self.running: dict[Path, subprocess.Popen[bytes]] = {}
-        self.results: dict[Path, int] = {}
-
-    def command(self, path: Path) -> list[str]:
-        """The ``lifeboat run`` command for a scheduled runbook."""
-        return [
-            *SELF_COMMAND,
-            "run",
-            str(path),
-            "--state",
-            str(self.state.dir),
-            *self.extra_args,
-        ]
+        self.running: dict[str, subprocess.Popen[bytes]] = {}  # by Scheduled.key
+        self.results: dict[str, int] = {}
 
     def due(self, now: float) -> list[Scheduled]:
         """Scheduled runbooks whose next fire time has come (recording first sightings)."""
         out = []
         for s in find_runbooks(self.paths, self.log):
-            last = self.state.last_fire(str(s.path))
+            last = self.state.last_fire(s.key)
             if last is None:
-                self.state.set_last_fire(str(s.path), s.runbook.name, now)
+                self.state.set_last_fire(s.key, s.runbook.name, now)
                 self.log(
-                    f"scheduler: {s.runbook.name}: schedule {s.expr!r} starts now; "
+                    f"scheduler: {s.name}: schedule {s.expr!r} starts now; "
                     f"next run {datetime.fromtimestamp(next_fire(s.expr, now), UTC).isoformat()}"
                 )
                 continue
@@ -141,29 +151,29 @@ class Scheduler:
 
     def start(self, s: Scheduled, now: float) -> None:
         """Start a run (catching up when more than one fire time was missed)."""
-        last = self.state.last_fire(str(s.path)) or now
+        last = self.state.last_fire(s.key) or now
         n = missed(s.expr, last, now)
         fire = last_fire_at_or_before(s.expr, now)
-        if s.path in self.running and self.running[s.path].poll() is None:
-            self.log(f"scheduler: {s.runbook.name}: still running from its last start; skipping this one")
-            self.state.set_last_fire(str(s.path), s.runbook.name, fire)
+        if s.key in self.running and self.running[s.key].poll() is None:
+            self.log(f"scheduler: {s.name}: still running from its last start; skipping this one")
+            self.state.set_last_fire(s.key, s.runbook.name, fire)
             return
         note = f" (catching up: {n} scheduled runs were missed, running once)" if n > 1 else ""
         self.log(
-            f"scheduler: {s.runbook.name}: starting the run scheduled for "
+            f"scheduler: {s.name}: starting the {s.job} scheduled for "
             f"{datetime.fromtimestamp(fire, UTC).isoformat()}{note}"
         )
-        self.state.set_last_fire(str(s.path), s.runbook.name, fire)
-        self.running[s.path] = subprocess.Popen(self.command(s.path), stdin=subprocess.DEVNULL)
+        self.state.set_last_fire(s.key, s.runbook.name, fire)
+        self.running[s.key] = subprocess.Popen(s.command(self.state.dir, self.extra_args), stdin=subprocess.DEVNULL)
 
     def reap(self) -> None:
         """Collect finished runs."""
-        for path, proc in list(self.running.items()):
+        for key, proc in list(self.running.items()):
             rc = proc.poll()
             if rc is not None:
-                self.results[path] = rc
-                self.log(f"scheduler: {path.name}: run finished with exit status {rc}")
-                del self.running[path]
+                self.results[key] = rc
+                self.log(f"scheduler: {Path(key).name}: finished with exit status {rc}")
+                del self.running[key]
 
     def run_once(self) -> int:
         """Start whatever is due (or missed), wait for those runs; exit status 1 if any failed."""
@@ -183,7 +193,7 @@ class Scheduler:
                 self.start(s, now)
             self.reap()
             upcoming = [
-                next_fire(s.expr, self.state.last_fire(str(s.path)) or now)
+                next_fire(s.expr, self.state.last_fire(s.key) or now)
                 for s in find_runbooks(self.paths, lambda _msg: None)
             ]
             wait = min([u - time.time() for u in upcoming] + [60.0])
@@ -223,25 +233,16 @@ def on_calendar(expr: str) -> list[str]:
 def write_systemd_units(
     scheduled: list[Scheduled], out: Path, *, state_dir: Path, extra_args: list[str] | None = None
 ) -> list[Path]:
-    """A ``lifeboat-NAME.service`` and ``lifeboat-NAME.timer`` per scheduled runbook."""
+    """A ``lifeboat-NAME.service`` and ``lifeboat-NAME.timer`` per scheduled job (``NAME-stage``
+    for a runbook's staging)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for s in scheduled:
-        unit = f"lifeboat-{s.runbook.name}"
-        cmd = " ".join(
-            _quote(a)
-            for a in [
-                *SELF_COMMAND,
-                "run",
-                str(s.path),
-                "--state",
-                str(state_dir),
-                *(extra_args or []),
-            ]
-        )
+        unit = f"lifeboat-{s.name}"
+        cmd = " ".join(_quote(a) for a in s.command(state_dir, extra_args or []))
         service = (
             "[Unit]\n"
-            f"Description=lifeboat {s.runbook.kind} {s.runbook.name}\n"
+            f"Description=lifeboat {s.runbook.kind if s.job == 'run' else 'staging of'} {s.runbook.name}\n"
             f"Documentation=file://{s.path}\n"
             "After=network-online.target libvirtd.service\n"
             "Wants=network-online.target\n\n"
@@ -255,7 +256,7 @@ def write_systemd_units(
         calendars = "".join(f"OnCalendar={c}\n" for c in on_calendar(s.expr))
         timer = (
             "[Unit]\n"
-            f"Description=lifeboat schedule {s.expr!r} of {s.runbook.name}\n\n"
+            f"Description=lifeboat schedule {s.expr!r} of {s.name}\n\n"
             "[Timer]\n"
             f"{calendars}"
             "# run once at boot if a scheduled run was missed while the host was down\n"

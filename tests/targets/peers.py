@@ -9,6 +9,7 @@ machine runs (processes, libvirt domains), and what the driver might have left b
 
 from __future__ import annotations
 
+import os
 import subprocess
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -336,6 +337,83 @@ class OpenStackPeer(Peer):
         return dest
 
 
+class AwsPeer(Peer):
+    """moto's server on loopback (the ``moto_endpoint`` session fixture): EC2, the EBS direct
+    APIs and STS; its instances run in name only (the suite reads the uploaded blocks back)."""
+
+    id = driver = "aws"
+    settings = {"region": "us-east-1", "instance_type": "t3.micro"}
+
+    def start(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        """boto3 pointed at moto by ``AWS_ENDPOINT_URL``, with the test credentials."""
+        from tests.archive.s3servers import CREDENTIALS
+
+        endpoint = request.getfixturevalue("moto_endpoint")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+
+    def _ec2(self) -> Any:
+        import boto3
+
+        return boto3.client("ec2", region_name=self.settings["region"])
+
+    def _tagged(self, guest: Guest) -> list[dict[str, Any]]:
+        return [{"Name": "tag:lifeboat:run", "Values": [guest.run_id]},
+                {"Name": "tag:lifeboat:guest", "Values": [guest.token]}]
+
+    def is_running(self, guest: Guest) -> bool:
+        """An instance tagged with the guest's run and token is running."""
+        return any(x == ("instance", "running") for x in self._machines(guest))
+
+    def _machines(self, guest: Guest) -> list[Leftover]:
+        ec2 = self._ec2()
+        pages = ec2.describe_instances(Filters=self._tagged(guest))["Reservations"]
+        return [("instance", i["State"]["Name"]) for r in pages for i in r["Instances"]
+                if i["State"]["Name"] != "terminated"]
+
+    def leftovers(self, guest: Guest) -> list[Leftover]:
+        """Instances not terminated, AMIs named by the guest's token and snapshots of the run's
+        own (tagged with the run and the guest), the guest's workdir."""
+        ec2 = self._ec2()
+        found = self._machines(guest)
+        found += [("image", i["ImageId"]) for i in ec2.describe_images(
+            Owners=["self"], Filters=[{"Name": "name", "Values": [guest.token]}])["Images"]]
+        found += [("snapshot", s["SnapshotId"]) for s in ec2.describe_snapshots(
+            OwnerIds=["self"], Filters=self._tagged(guest))["Snapshots"]]
+        return found + paths_under(guest.workdir)
+
+
+    def held_disk(self, guest: Guest, folder: Path) -> Path | None:
+        """The root snapshot of the AMI named by the guest's token, every block of its chain read
+        with ``GetSnapshotBlock`` into a sparse raw file of the volume's size. On AWS the AMI's
+        block device mapping names the snapshot; moto ignores the mapping, so the snapshot is the
+        one the AMI is tagged with (``lifeboat:snapshot``), and as moto lists only a snapshot's own
+        blocks, the chain is walked child first through the ``lifeboat:parent`` tags."""
+        import boto3
+
+        ec2, ebs = self._ec2(), boto3.client("ebs", region_name=self.settings["region"])
+        image = ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [guest.token]}])["Images"][0]
+        snapshot: str | None = {t["Key"]: t["Value"] for t in image.get("Tags", [])}["lifeboat:snapshot"]
+        out, seen = folder / "held.raw", set()
+        with out.open("wb") as f:
+            while snapshot:
+                page = ebs.list_snapshot_blocks(SnapshotId=snapshot)
+                f.truncate(int(page["VolumeSize"]) << 30)
+                for b in page["Blocks"]:
+                    if b["BlockIndex"] not in seen:
+                        seen.add(b["BlockIndex"])
+                        got = ebs.get_snapshot_block(SnapshotId=snapshot, BlockIndex=b["BlockIndex"],
+                                                     BlockToken=b["BlockToken"])
+                        f.seek(b["BlockIndex"] * int(page["BlockSize"]))
+                        f.write(got["BlockData"].read())
+                tags = ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0].get("Tags", [])
+                snapshot = {t["Key"]: t["Value"] for t in tags}.get("lifeboat:parent")
+        return out
+
+
 PEERS: list[Peer] = [
     QemuPeer("nbd"),
     QemuPeer("image"),
@@ -344,4 +422,5 @@ PEERS: list[Peer] = [
     PxePeer(),
     OpenStackPeer(False),
     OpenStackPeer(True),
+    AwsPeer(),
 ]

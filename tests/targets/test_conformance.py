@@ -8,12 +8,14 @@ One suite, parametrized over test peers (``tests/targets/peers.py``), one peer p
 image is streamed, no file written), ``pxe`` (a blank libvirt
 domain standing in for a bare-metal server, its BMC a real sushy-emulator: a ``Physical`` target
 restores the point onto the server's own disk, then boots it; the guest's write is judged on that
-disk, and the server has longer to come up). The tests branch only on
+disk, and the server has longer to come up), ``aws`` (moto's server: EC2 and the EBS direct
+APIs; it starts from the staged chain, so the engine gives it no image). The tests branch only on
 capabilities (``isinstance``), never on a driver's name:
 
 - the settings schema is valid, the defaults satisfy it, unknown and mistyped settings are
   rejected with an error naming the setting;
-- the driver either boots from NBD or takes an image, and implements every capability it claims;
+- the driver boots from NBD, takes an image or starts from its staged copy, and implements every
+  capability it claims;
 - one lifecycle per mode with the real sample guest: the disk prepared as the engine prepares it
   (NBD: an export hydrating a local disk; image: the point written by the exporter of the
   driver's first format, judged by ``qemu-img check``), provision records before it creates,
@@ -22,8 +24,9 @@ capabilities (``isinstance``), never on a driver's name:
   a fresh ``SqliteState`` tears down from the database alone (as after a ``kill -9``): the guest's write
   is on its disk, nothing the driver created is left, teardown is idempotent, and a file in the
   workdir that the driver did not create is untouched. A driver without a console (``vmware``
-  on govmomi's simulator, ``openstack`` on the Nova double: nothing runs) is judged instead by the disk its host holds:
-  the peer fetches it (``held_disk``) and ``qemu-img compare`` finds it equal to the point.
+  on govmomi's simulator, ``openstack`` on the Nova double, ``aws`` on moto: nothing runs) is
+  judged instead by the disk its host holds: the peer fetches it (``held_disk``) and ``qemu-img
+  compare`` finds it equal to the point.
 
 How a new target driver is added: write the driver (a ``Target`` subclass deriving from the
 capability classes of ``targets/base.py`` it has, with its settings schema in
@@ -138,7 +141,7 @@ def test_lifecycle_adopt_localize_and_teardown_after_a_crash(
 ) -> None:
     peer.start(request, tmp_path)
     cls = driver_for(peer)
-    ctx = TargetContext()
+    ctx = TargetContext(archive=lambda: Archive.open(str(sample_archive)))  # as the engine gives it
     run_id = f"20260101T000000-{secrets.token_hex(3)}"
     state = SqliteState(tmp_path / "state")
     guest = Guest("conf", run_id, tmp_path / "work", NetworkSpec("none" if issubclass(cls, Physical) else "isolated"))
