@@ -316,6 +316,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
             "bad_rb": str(bad_rb),
             "rehearsal_rb": str(rehearsal_rb),
             "recovery_rb": str(recovery_rb),
+            "aws_rb": str(aws_rb),
             "pxe_rb": str(pxe_rb),
             "state": str(tmp / "state"),
             "url": f"https://127.0.0.1:{refusing.getsockname()[1]}",
