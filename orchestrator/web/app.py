@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -39,14 +41,16 @@ from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import Catalog, MachineSummary, summarize
+from lifeboat.archive.fileindex import Match, read_manifest, write_index
 from lifeboat.archive.points import parse_selector
 from lifeboat.orchestrator import api, overview
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step, default_state_dir
 from lifeboat.orchestrator.web import charts
 from lifeboat.orchestrator.web.auth import OPERATOR, Auth
+from lifeboat.orchestrator.web.files import Appliance, file_download
 from lifeboat.orchestrator.web.points import Serves, export_formats, export_response
-from lifeboat.plumbing.errors import LifeboatError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 HERE = Path(__file__).resolve().parent
 RUNBOOK_SUFFIXES = (".yaml", ".yml")
@@ -194,11 +198,14 @@ def create_app(settings: Settings) -> FastAPI:
     archive_args += ["--key-file", settings.key_file] if settings.key_file else []
     state_dir = (settings.state_dir or default_state_dir()).resolve()  # as the state store resolves it
     serves = Serves(archive_args, state_dir / "web-runs")
+    appliance = Appliance(settings.archive)
+    shutil.rmtree(state_dir / "web-exports", ignore_errors=True)  # what a pane killed mid-download left
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         serves.stop_all()  # the NBD exports the pane started end with it
+        appliance.close()
 
     app = FastAPI(
         title="lifeboat",
@@ -209,7 +216,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time, ratio=fmt_ratio)
+    templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time, ratio=fmt_ratio,
+                                 filemode=lambda mode: stat.filemode(mode)[1:])
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")
@@ -650,12 +658,108 @@ def create_app(settings: Settings) -> FastAPI:
         run_id = await run_in_threadpool(start_run, rb, command)
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
+    def browse(info: PointInfo, device: str | None, path: str | None) -> dict[str, Any]:
+        """A point's file systems and, given ``path``, that directory's entries (folders first)."""
+        if path is not None and not path.startswith("/"):
+            raise UsageError(f"{path!r}: a path in a point starts with '/'")
+        with appliance.disk(info) as files:
+            found = files.fs()
+            readable = [f["device"] for f in files.readable()]
+            entries = None if path is None else sorted(files.ls(path, device),
+                                                       key=lambda e: (e["type"] != "d", e["name"]))
+        return {"filesystems": found["filesystems"], "os": found["os"], "readable": readable, "entries": entries}
+
+    @app.get("/api/machines/{machine}/points/{point}/files", tags=["api"])
+    async def api_files(request: Request, machine: str, point: str, path: str | None = None,
+                        fs: str | None = None) -> dict[str, Any]:
+        """A point's file systems (``lifeboat files fs``) and, given ``path``, a directory of it
+        (``lifeboat files ls``; within file system ``fs``, else as its operating system mounts them).
+        The first request for a point boots the pane's appliance (20 s or more)."""
+        api_guard(request)
+        info = await run_in_threadpool(point_info, machine, point)
+        try:
+            return await run_in_threadpool(browse, info, fs or None, path)
+        except LifeboatError as e:
+            raise HTTPException(400 if isinstance(e, UsageError) else 500, str(e)) from e
+
+    @app.get("/api/machines/{machine}/files", tags=["api"])
+    def api_find(request: Request, machine: str, pattern: str) -> dict[str, Any]:
+        """The points of ``machine`` holding a path that matches ``pattern`` (``lifeboat files
+        find``: the file index alone), and the points without an index."""
+        api_guard(request)
+        machine_points(machine)
+        matches, unindexed = api.files_find(settings.archive, machine, pattern)
+        return {"matches": [m.to_json() for m in matches], "unindexed": [p.point for p in unindexed]}
+
     @app.get("/machines/{machine}/points/{point}/files", include_in_schema=False)
-    def point_files(request: Request, machine: str, point: str) -> HTMLResponse:
-        """The place of the point's file browser: it comes with ``lifeboat files`` (single-item
-        restore), which this pane does not have yet."""
+    async def point_files(request: Request, machine: str, point: str, path: str | None = None,
+                          fs: str = "") -> HTMLResponse:
+        """The point's file browser: its file systems, then a directory; htmx asks for the listing
+        alone when a folder is clicked."""
         page_guard(request)
-        return page(request, "files.html", 501, point=point_doc(point_info(machine, point)), machine=machine)
+        info = await run_in_threadpool(point_info, machine, point)
+        view: dict[str, Any] = {"filesystems": [], "os": [], "readable": [], "entries": None}
+        problem, status = None, 200
+        try:
+            view = await run_in_threadpool(browse, info, fs or None, path)
+        except LifeboatError as e:
+            problem, status = str(e), 400 if isinstance(e, UsageError) else 500
+        parts = [p for p in (path or "").split("/") if p]
+        crumbs = [(name, "/" + "/".join(parts[:i + 1])) for i, name in enumerate(parts)]
+        name = "_listing.html" if request.headers.get("HX-Request") and path is not None else "files.html"
+        indexed = await run_in_threadpool(read_manifest, settings.archive, machine, point) is not None
+        return page(request, name, status, point=point_doc(info), machine=machine, fs=fs, path=path,
+                    crumbs=crumbs, problem=problem, indexed=indexed, **view)
+
+    @app.post("/machines/{machine}/points/{point}/files/get", include_in_schema=False)
+    async def download_file(request: Request, machine: str, point: str) -> Response:
+        """One file of the point, downloaded (operator only, as an image download: a file's bytes
+        are the data itself)."""
+        form = await operator_form(request)
+        info = await run_in_threadpool(point_info, machine, point)
+        path, device = form.get("path", ""), form.get("fs") or None
+
+        def copy_out() -> Response:
+            with appliance.disk(info) as files:
+                return file_download(files, path, device, state_dir / "web-exports")
+
+        try:
+            return await run_in_threadpool(copy_out)
+        except LifeboatError as e:
+            raise HTTPException(400 if isinstance(e, UsageError) else 500, f"Not downloaded: {e}") from e
+
+    @app.post("/machines/{machine}/points/{point}/files/index", include_in_schema=False)
+    async def index_point(request: Request, machine: str, point: str) -> Response:
+        """Record the point's file lists in the archive (``lifeboat files index MACHINE@POINT``) with
+        the pane's appliance, so that finding a path searches this point too (operator only)."""
+        await operator_form(request)
+        info = await run_in_threadpool(point_info, machine, point)
+
+        def index() -> None:
+            with appliance.disk(info) as files:
+                write_index(settings.archive, info, files.walk())
+
+        try:
+            await run_in_threadpool(index)
+        except LifeboatError as e:
+            raise HTTPException(500, f"Not indexed: {e}") from e
+        return RedirectResponse(f"/machines/{machine}/points/{point}/files", status_code=303)
+
+    @app.get("/machines/{machine}/files", include_in_schema=False)
+    def find_page(request: Request, machine: str, pattern: str = "") -> HTMLResponse:
+        """Which points of ``machine`` hold a path (the file index)."""
+        page_guard(request)
+        machine_points(machine)
+        matches: list[Match] = []
+        unindexed: list[PointInfo] = []
+        problem = None
+        if pattern:
+            try:
+                matches, unindexed = api.files_find(settings.archive, machine, pattern)
+            except LifeboatError as e:
+                problem = str(e)
+        return page(request, "find.html", 400 if problem else 200, machine=machine, pattern=pattern,
+                    matches=matches, unindexed=unindexed, problem=problem)
 
     @app.get("/runs", include_in_schema=False)
     def runs_page(request: Request) -> HTMLResponse:

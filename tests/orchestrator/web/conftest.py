@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.orchestrator.test_engine import ENV, machine, runbook, write_runbook
 from tests.targets.realpeers import LIFEBOAT, REPO, lifeboat
@@ -23,6 +26,35 @@ TOKEN = "web-test-token-5d1f0c8e9a"
 VIEWER_TOKEN = "web-viewer-token-77c2b41e03"
 DRILL = "web-drill"  # the rehearsal the pane starts
 BROKEN = "name: broken\nkind: rehearsal\nmachines:\n  - name: x\n    point: 12\n    bogus: 1\n"
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path("/tmp/lifeboat-web-shots")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Chromium for this module only: while Playwright's sync API is open it keeps an asyncio loop
+    running in the main thread, and later tests that run asyncio (the QMP client) would fail."""
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def shot(page: Page, tmp_path: Path, name: str) -> None:
+    """Keep a full-page screenshot as ``NAME.png`` in the test's folder and in SHOTS."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SHOTS.mkdir(exist_ok=True)
+    shutil.copyfile(path, SHOTS / path.name)
 
 
 @dataclass(frozen=True)
@@ -83,13 +115,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (protect / f"{m}.json").write_text(json.dumps({"machine": m, "state": loop, "updated": points[m][-1]["time"],
                                                       "last_error": None, "rpo_target_seconds": 3600}))
 
+    with pane(root, ["--runbooks", str(runbooks), "--archive", str(archive), "--state", str(state),
+                     "--protect-status", str(protect), "--replica", str(replica)]) as url:
+        yield World(archive, state, url, TOKEN, VIEWER_TOKEN, runbooks, points, run_id, replica)
+
+
+@contextmanager
+def pane(root: Path, args: list[str]) -> Iterator[str]:
+    """A ``lifeboat web`` subprocess with ``args``, the operator's and the viewer's tokens (files
+    in ``root``), on a free loopback port: its URL. Its log must never hold a token."""
     token_file, viewer_file = root / "token", root / "viewer-token"
     token_file.write_text(TOKEN + "\n")
     viewer_file.write_text(VIEWER_TOKEN + "\n")
     proc = subprocess.Popen(
         [*LIFEBOAT, "web", "--listen", "127.0.0.1:0", "--token-file", str(token_file), "--viewer-token-file",
-         str(viewer_file), "--runbooks", str(runbooks), "--archive", str(archive), "--state", str(state),
-         "--protect-status", str(protect), "--replica", str(replica)],
+         str(viewer_file), *args],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **ENV}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
@@ -97,8 +137,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else url
-        yield World(archive, state, url.rstrip("/"), TOKEN, VIEWER_TOKEN, runbooks, points, run_id, replica)
+        yield url.rstrip("/")
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=60)
     assert TOKEN not in err and VIEWER_TOKEN not in err, "a token must never be logged"

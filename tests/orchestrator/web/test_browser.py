@@ -7,43 +7,11 @@ tmp folder and under ``/tmp/lifeboat-web-shots/`` for people to look at."""
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
-from tests.orchestrator.web.conftest import DRILL, World
-
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path("/tmp/lifeboat-web-shots")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Chromium for this module only: while Playwright's sync API is open it keeps an asyncio loop
-    running in the main thread, and later tests that run asyncio (the QMP client) would fail."""
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    pg = context.new_page()
-    yield pg
-    context.close()
-
-
-def shot(page: Page, tmp_path: Path, name: str) -> None:
-    """Keep a full-page screenshot as ``NAME.png`` in the test's folder and in SHOTS."""
-    path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    SHOTS.mkdir(exist_ok=True)
-    shutil.copyfile(path, SHOTS / path.name)
+from tests.orchestrator.web.conftest import DRILL, World, shot
 
 
 def test_refused_without_logging_in(world: World, page: Page, tmp_path: Path) -> None:

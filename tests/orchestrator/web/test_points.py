@@ -95,9 +95,3 @@ def test_a_rehearsal_starts_from_an_older_point(world: World) -> None:
     assert (run["runbook"], run["status"]) == (DRILL, "succeeded")
     assert [(m["name"], m["point"]) for m in run["machines"]] == [("web01", full)]  # not the runbook's @latest
 
-
-def test_the_file_browser_has_its_place(world: World) -> None:
-    newest = world.points["web01"][-1]["point"]
-    with session(world, world.viewer_token) as viewer:
-        r = viewer.get(f"/machines/web01/points/{newest}/files")
-        assert r.status_code == 501 and "lifeboat files" in r.text
