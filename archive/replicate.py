@@ -35,9 +35,10 @@ encrypted and no key is needed (with one, every blob is also authenticated befor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from lifeboat.archive.backend import Backend, open_backend
@@ -324,8 +325,7 @@ def replicate(
         _follow_prunes(source, target, chosen if machines else None, report)
     published = set(report.points_published)
     behind = [i for i in todo.missing if f"{i.machine}@{i.point}" not in published]
-    if behind:
-        report.lag_seconds = round((now_utc() - max(i.when for i in behind)).total_seconds(), 3)
+    report.lag_seconds = offsite_lag(behind, now_utc())
     return report
 
 
@@ -367,6 +367,14 @@ def _follow_prunes(source: Backend, dest: Backend, machines: list[str] | None, r
             if not any(e.chunk_id in live for e in entries):
                 dest.delete(pack)
                 report.packs_removed += 1
+
+
+def offsite_lag(behind: Iterable[PointInfo], now: datetime) -> float:
+    """How far the off-site copy lags: the age of the newest point not yet there (0 when every point
+    is), i.e. the history a loss of this site would take with it. ``lifeboat replicate --json`` and
+    the dashboard both report this."""
+    newest = max((i.when for i in behind), default=None)
+    return 0.0 if newest is None else round(max(0.0, (now - newest).total_seconds()), 3)
 
 
 def _publish(dest: Backend, key: str, manifest: bytes) -> None:

@@ -12,18 +12,19 @@ off-site copy lags.
 - **Verified restorable.** The newest rehearsal in which the machine succeeded: booted from a
   point and passed its health checks. Its point and measured RTO are shown, and the newest
   rehearsal's result when it did not succeed.
-- **Off-site lag.** The newest local point's time minus the newest replicated point's time, read
-  from the replica's own catalog (``lifeboat replicate`` copies manifests last, so a listed point
-  is complete there).
+- **Off-site lag.** The age of the newest point not yet off-site, as ``lifeboat replicate`` reports
+  it, from the replica's own catalog (``lifeboat replicate`` copies manifests last, so a listed
+  point is complete there): 0 while the newest local point is there.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lifeboat.archive import replicate
 from lifeboat.archive.catalog import MachineSummary
 from lifeboat.archive.points import parse_selector
 from lifeboat.orchestrator.runbook import Runbook
@@ -93,16 +94,18 @@ def last_verified(runs: list[Run]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def offsite_lag(local: dict[str, MachineSummary], replica: dict[str, MachineSummary]) -> dict[str, dict[str, Any]]:
-    """Machine -> its newest replicated point and how far it lags the newest local one (seconds,
-    0 when up to date; ``None`` with no point off-site)."""
+def offsite_lag(local: dict[str, MachineSummary], replica: dict[str, MachineSummary],
+                now: float) -> dict[str, dict[str, Any]]:
+    """Machine -> its newest replicated point (``None`` with none) and the off-site lag as
+    ``lifeboat replicate`` reports it (``archive.replicate.offsite_lag``: the age of the newest point
+    not yet off-site, 0 when up to date), judged from each side's newest point."""
     out: dict[str, dict[str, Any]] = {}
+    when = datetime.fromtimestamp(now, UTC)
     for machine, here in local.items():
         there = replica.get(machine)
-        if there is None:
-            out[machine] = {"newest_point": None, "newest_time": None, "lag_seconds": None}
-            continue
-        lag = max(0.0, here.newest.when.timestamp() - there.newest.when.timestamp())
-        out[machine] = {"newest_point": there.newest.point, "newest_time": there.newest.time,
-                        "lag_seconds": round(lag, 3)}
+        offsite = there is not None and (there.newest.point == here.newest.point
+                                         or there.newest.when >= here.newest.when)
+        out[machine] = {"newest_point": there.newest.point if there else None,
+                        "newest_time": there.newest.time if there else None,
+                        "lag_seconds": replicate.offsite_lag([] if offsite else [here.newest], when)}
     return out

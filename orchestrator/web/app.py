@@ -311,7 +311,7 @@ def create_app(settings: Settings) -> FastAPI:
         protect = overview.protect_states(settings.protect_status, now)
         verified = overview.last_verified(runs())
         there, replica_error = replica_summaries()
-        lag = overview.offsite_lag(summaries, there) if there is not None else {}
+        lag = overview.offsite_lag(summaries, there, now) if there is not None else {}
         for row in rows:
             m = row["machine"]
             row["protect"] = protect.get(m)
