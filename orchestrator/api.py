@@ -4,8 +4,8 @@
 run would do; changes nothing), ``teardown`` (remove what a runbook's newest run left), ``status``
 (a run's report, built from its records),
 ``runs`` (the runs of a state store), ``events_after`` (a run's events a follower has not seen),
-``latest_runs`` (the newest run of each runbook), ``stage`` (bring the copies of targets that
-stage ahead up to each machine's newest point),
+``latest_runs`` (the newest run of each runbook), ``verifying_runs`` (what "last verified" reads),
+``stage`` (bring the copies of targets that stage ahead up to each machine's newest point),
 ``machine_states`` / ``archive_totals`` (each machine's newest point and RPO age, what the archive
 holds, from ``archive.catalog.Catalog``'s summaries), ``point_files`` / ``files_fs`` / ``files_ls`` /
 ``files_get`` / ``files_index`` / ``files_find`` / ``mount`` (single-item restore and the file
@@ -183,10 +183,13 @@ def events_after(state: StateStore, run_id: str, after: int = 0) -> list[dict[st
 
 def latest_runs(state: StateStore) -> list[Run]:
     """The newest run of each runbook in ``state``, by runbook name."""
-    newest: dict[str, Run] = {}
-    for r in state.runs():
-        newest[r.runbook] = r
-    return [newest[name] for name in sorted(newest)]
+    return state.newest_runs()
+
+
+def verifying_runs(state: StateStore) -> list[Run]:
+    """The rehearsals ``overview.last_verified`` needs: per machine its newest succeeded one and its
+    newest one (a bounded read for a dashboard refreshed every 30 s)."""
+    return state.verifying_runs()
 
 
 RPO_STATUSES = ("compliant", "exceeded", "critical")

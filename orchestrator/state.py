@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS runs (
     report TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_runbook ON runs (runbook, started);
+CREATE INDEX IF NOT EXISTS runs_by_kind ON runs (kind, started);
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL,
     machine TEXT NOT NULL,           -- '' for run-level steps
@@ -85,6 +86,21 @@ CREATE TABLE IF NOT EXISTS schedules (
     last_fire REAL NOT NULL,
     last_run TEXT
 );
+"""
+
+# the machines of each rehearsal's report (by the archive machine it booted), then per machine the
+# newest run where it succeeded and the newest at all (SQLite returns the row of max(started))
+VERIFYING_RUNS = """
+WITH booted AS (
+    SELECT r.rowid AS rid, r.started AS started, json_extract(m.value, '$.status') AS status,
+           coalesce(json_extract(m.value, '$.point_machine'), json_extract(m.value, '$.name')) AS machine
+    FROM runs r, json_each(r.report, '$.machines') m
+    WHERE r.kind = 'rehearsal' AND r.report IS NOT NULL
+), chosen AS (
+    SELECT rid, max(started) FROM booted WHERE status = 'succeeded' GROUP BY machine
+    UNION SELECT rid, max(started) FROM booted GROUP BY machine
+)
+SELECT * FROM runs WHERE rowid IN (SELECT rid FROM chosen) ORDER BY started, rowid
 """
 
 
@@ -149,6 +165,12 @@ class StateStore(Protocol):
 
     def runs(self, runbook: str | None = None) -> list[Run]:
         """All runs (of one runbook), oldest first."""
+
+    def newest_runs(self) -> list[Run]:
+        """The newest run of each runbook, by runbook name."""
+
+    def verifying_runs(self) -> list[Run]:
+        """Per archive machine, its newest succeeded rehearsal and its newest rehearsal, oldest first."""
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set fields of a run (status, phase, finished, resumes, pid, report)."""
@@ -276,6 +298,19 @@ class SqliteState:
             rows = self._q("SELECT * FROM runs WHERE runbook = ? ORDER BY started, rowid", (runbook,))
         else:
             rows = self._q("SELECT * FROM runs ORDER BY started, rowid")
+        return [_run(r) for r in rows]
+
+    def newest_runs(self) -> list[Run]:
+        """The newest run of each runbook, by runbook name (one row per runbook, not every run)."""
+        rows = self._q("SELECT * FROM runs r WHERE rowid = (SELECT rowid FROM runs WHERE runbook = r.runbook "
+                       "ORDER BY started DESC, rowid DESC LIMIT 1) ORDER BY runbook")
+        return [_run(r) for r in rows]
+
+    def verifying_runs(self) -> list[Run]:
+        """Per archive machine, the newest rehearsal in which it succeeded and the newest that booted
+        it at all (oldest first): what "last verified" needs, found in SQLite, not by reading every
+        run."""
+        rows = self._q(VERIFYING_RUNS)
         return [_run(r) for r in rows]
 
     def update_run(self, run_id: str, **fields: Any) -> None:

@@ -309,7 +309,7 @@ def create_app(settings: Settings) -> FastAPI:
         summaries = catalog.summaries()
         rows = machine_rows(summaries, now)
         protect = overview.protect_states(settings.protect_status, now)
-        verified = overview.last_verified(runs())
+        verified = overview.last_verified(verifying_runs())
         there, replica_error = replica_summaries()
         lag = overview.offsite_lag(summaries, there, now) if there is not None else {}
         for row in rows:
@@ -325,6 +325,13 @@ def create_app(settings: Settings) -> FastAPI:
         state = api.open_state(settings.state_dir)
         try:
             return api.runs(state)
+        finally:
+            state.close()
+
+    def verifying_runs() -> list[Run]:
+        state = api.open_state(settings.state_dir)
+        try:
+            return api.verifying_runs(state)
         finally:
             state.close()
 

@@ -11,7 +11,7 @@ from lifeboat.archive import PointInfo
 from lifeboat.archive.catalog import summarize
 from lifeboat.orchestrator import overview
 from lifeboat.orchestrator.runbook import load
-from lifeboat.orchestrator.state import Run
+from lifeboat.orchestrator.state import Run, SqliteState
 from tests.orchestrator.test_engine import machine, runbook, write_runbook
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
@@ -82,3 +82,22 @@ def test_last_verified_and_a_drill_that_failed_since() -> None:
     assert found["web01"]["latest"] == {"run": "3", "status": "failed", "when": 360}
     assert found["db01"]["run"] == "3" and found["db01"]["latest"]["status"] == "succeeded"
     assert found["new01"]["run"] is None and found["new01"]["latest"]["status"] == "blocked"
+
+
+def test_the_state_store_finds_what_last_verified_needs_without_every_run(tmp_path: Path) -> None:
+    state = SqliteState(tmp_path)
+    plan = [("drill", "rehearsal", [("app", "web01", "succeeded"), ("db", "db01", "succeeded")])] * 30 + [
+        ("fail", "failover", [("app", "web01", "failed")]),
+        ("drill", "rehearsal", [("app", "web01", "failed"), ("db", "db01", "succeeded")]),
+        ("other", "rehearsal", [("x", "new01", "blocked")]),
+    ]
+    for at, (name, kind, machines) in enumerate(plan):
+        r = state.new_run(name, f"/{name}.yaml", "d", kind)
+        report = {"machines": [{"name": n, "point_machine": pm, "status": st, "point": f"p{at}", "rto_seconds": 9.5}
+                               for n, pm, st in machines]}
+        state.update_run(r.id, status="succeeded", phase="done", started=float(at), finished=at + 0.5, report=report)
+    chosen = state.verifying_runs()
+    assert len(chosen) <= 4 < len(state.runs())  # per machine its last success and last drill
+    assert overview.last_verified(chosen) == overview.last_verified(state.runs())
+    assert [(r.runbook, r.started) for r in state.newest_runs()] == [("drill", 31), ("fail", 30), ("other", 32)]
+    state.close()
