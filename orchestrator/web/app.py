@@ -48,7 +48,7 @@ from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step, default_state_dir
 from lifeboat.orchestrator.web import charts
 from lifeboat.orchestrator.web.auth import OPERATOR, Auth
-from lifeboat.orchestrator.web.files import Appliance, file_download
+from lifeboat.orchestrator.web.files import Appliance, error_status, file_download
 from lifeboat.orchestrator.web.points import Serves, export_formats, export_response
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 
@@ -687,7 +687,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             return await run_in_threadpool(browse, info, fs or None, path)
         except LifeboatError as e:
-            raise HTTPException(400 if isinstance(e, UsageError) else 500, str(e)) from e
+            raise HTTPException(error_status(e), str(e)) from e
 
     @app.get("/api/machines/{machine}/files", tags=["api"])
     def api_find(request: Request, machine: str, pattern: str) -> dict[str, Any]:
@@ -710,7 +710,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             view = await run_in_threadpool(browse, info, fs or None, path)
         except LifeboatError as e:
-            problem, status = str(e), 400 if isinstance(e, UsageError) else 500
+            problem, status = str(e), error_status(e)
         parts = [p for p in (path or "").split("/") if p]
         crumbs = [(name, "/" + "/".join(parts[:i + 1])) for i, name in enumerate(parts)]
         name = "_listing.html" if request.headers.get("HX-Request") and path is not None else "files.html"
@@ -733,7 +733,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             return await run_in_threadpool(copy_out)
         except LifeboatError as e:
-            raise HTTPException(400 if isinstance(e, UsageError) else 500, f"Not downloaded: {e}") from e
+            raise HTTPException(error_status(e), f"Not downloaded: {e}") from e
 
     @app.post("/machines/{machine}/points/{point}/files/index", include_in_schema=False)
     async def index_point(request: Request, machine: str, point: str) -> Response:

@@ -21,13 +21,21 @@ from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
 from lifeboat.archive import Archive, PointInfo
-from lifeboat.filerestore import FileRestoreError, PointFiles
+from lifeboat.filerestore import EncryptedVolume, FileRestoreError, NoFileSystem, PointFiles
 from lifeboat.orchestrator import api
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 
 class NotAFile(UsageError):
     """A download names a directory, a link or a device: only regular files download."""
+
+
+def error_status(e: LifeboatError) -> int:
+    """The HTTP status of a file request's refusal: 400 for a wrong request (no such path or file
+    system), 422 for a file system lifeboat does not open (encrypted, unrecognised), 500 else."""
+    if isinstance(e, UsageError):
+        return 400
+    return 422 if isinstance(e, EncryptedVolume | NoFileSystem) else 500
 
 
 class Appliance:

@@ -62,7 +62,7 @@ def test_a_viewer_browses_and_finds_but_does_not_download(fworld: World) -> None
         conf = next(e for e in listing if e["name"] == "app.conf")
         assert (conf["type"], conf["size"]) == ("f", len(files(2)["ext4"]["/etc/app.conf"]))
         assert viewer.get(api, params={"fs": "/dev/sda1", "path": "/nowhere"}).status_code == 400
-        assert viewer.get(api, params={"fs": "/dev/sda4", "path": "/"}).status_code == 400  # encrypted: not browsed
+        assert viewer.get(api, params={"fs": "/dev/sda4", "path": "/"}).status_code == 422  # encrypted: not opened
         page = viewer.get(f"/machines/files01/points/{point}/files", params={"fs": "/dev/sda1", "path": "/etc"})
         assert page.status_code == 200 and "app.conf" in page.text and "Download</button>" not in page.text
         r = viewer.post(f"/machines/files01/points/{point}/files/get",
