@@ -22,6 +22,18 @@ from tests.orchestrator.web.test_api import csrf_of, login
 from tests.targets.realpeers import lifeboat
 
 
+@contextmanager
+def session(w: World, token: str) -> Iterator[httpx.Client]:
+    """A client logged in with ``token`` that waits as long as the appliance takes to boot."""
+    with httpx.Client(base_url=w.url, timeout=None) as client:
+        assert login(w, client, token).status_code == 303
+        yield client
+
+
+def newest(w: World) -> str:
+    return str(w.points["files01"][-1]["point"])
+
+
 @pytest.fixture(scope="module")
 def fworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("webfiles")
@@ -35,19 +47,12 @@ def fworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     (leftover / "disk.qcow2").write_bytes(b"partial")
     with pane(root, ["--archive", str(archive), "--state", str(state)]) as url:
         assert not leftover.exists(), "the pane removes what an earlier one left in STATE/web-exports/"
-        yield World(archive, state, url, TOKEN, VIEWER_TOKEN, root, {"files01": points}, "", root)
-
-
-@contextmanager
-def session(w: World, token: str) -> Iterator[httpx.Client]:
-    """A client logged in with ``token`` that waits as long as the appliance takes to boot."""
-    with httpx.Client(base_url=w.url, timeout=None) as client:
-        assert login(w, client, token).status_code == 303
-        yield client
-
-
-def newest(w: World) -> str:
-    return str(w.points["files01"][-1]["point"])
+        w = World(archive, state, url, TOKEN, VIEWER_TOKEN, root, {"files01": points}, "", root)
+        with session(w, TOKEN) as operator:  # the newer point indexed from its page: boots the appliance
+            base = f"/machines/files01/points/{newest(w)}/files"
+            assert "Index this point" in (page := operator.get(base)).text
+            assert operator.post(base + "/index", data={"csrf": csrf_of(page)}).status_code == 303
+        yield w
 
 
 def test_a_viewer_browses_and_finds_but_does_not_download(fworld: World) -> None:
@@ -78,8 +83,7 @@ def test_a_viewer_browses_and_finds_but_does_not_download(fworld: World) -> None
         r = operator.post(get, data={"csrf": csrf, "fs": "/dev/sda1", "path": "/etc/app.conf"})
         assert r.status_code == 200 and r.content == files(2)["ext4"]["/etc/app.conf"]
         assert r.headers["content-disposition"] == 'attachment; filename="app.conf"'
-        assert "Index this point" in page.text
-        assert operator.post(f"/machines/files01/points/{point}/files/index", data={"csrf": csrf}).status_code == 303
+        assert "This point is indexed." in page.text
     gone(fworld.state / "web-exports")
     older = str(fworld.points["files01"][0]["point"])
     with session(fworld, fworld.viewer_token) as viewer:
@@ -115,7 +119,7 @@ def test_browse_a_point_navigate_and_download_in_a_browser(fworld: World, page: 
     page.wait_for_selector("#entries a.dir:has-text('data/')")
     page.click("#entries a.dir:has-text('data/')")  # htmx swaps the listing and pushes the URL
     page.wait_for_selector("#entries .file:has-text('big.bin')")
-    assert page.url.endswith("fs=%2Fdev%2Fsda1&path=%2Fdata")
+    assert page.url.endswith("fs=/dev/sda1&path=/data")
     page.click("#entries a.dir:has-text('nested/')")
     page.wait_for_selector("#entries a.dir:has-text('deep/')")
     page.click("h2.path a:has-text('data')")  # back up by the path's crumbs
