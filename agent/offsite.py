@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from lifeboat.archive.points import now_utc
-from lifeboat.archive.replicate import ReplicationReport
+from lifeboat.archive.replicate import ReplicationReport, offsite_lag
 
 Newest = Callable[[], datetime | None]  # when the newest point of the machine was frozen
 
@@ -56,9 +56,8 @@ class Replicator:
         if newest is None:
             return None
         with self.lock:
-            if self.offsite_time is not None and newest <= self.offsite_time:
-                return 0.0
-        return max(0.0, (now_utc() - newest).total_seconds())
+            offsite = self.offsite_time is not None and newest <= self.offsite_time
+        return offsite_lag([] if offsite else [newest], now_utc())
 
     def _loop(self) -> None:
         backoff = 1.0

@@ -325,7 +325,7 @@ def replicate(
         _follow_prunes(source, target, chosen if machines else None, report)
     published = set(report.points_published)
     behind = [i for i in todo.missing if f"{i.machine}@{i.point}" not in published]
-    report.lag_seconds = offsite_lag(behind, now_utc())
+    report.lag_seconds = offsite_lag((i.when for i in behind), now_utc())
     return report
 
 
@@ -369,11 +369,11 @@ def _follow_prunes(source: Backend, dest: Backend, machines: list[str] | None, r
                 report.packs_removed += 1
 
 
-def offsite_lag(behind: Iterable[PointInfo], now: datetime) -> float:
-    """How far the off-site copy lags: the age of the newest point not yet there (0 when every point
-    is), i.e. the history a loss of this site would take with it. ``lifeboat replicate --json`` and
-    the dashboard both report this."""
-    newest = max((i.when for i in behind), default=None)
+def offsite_lag(behind: Iterable[datetime], now: datetime) -> float:
+    """How far the off-site copy lags, from the times of the points not yet there: the age of the
+    newest (0 when every point is), i.e. the history a loss of this site would take with it.
+    ``lifeboat replicate --json``, ``protect --replicate-to``'s status and the dashboard report this."""
+    newest = max(behind, default=None)
     return 0.0 if newest is None else round(max(0.0, (now - newest).total_seconds()), 3)
 
 

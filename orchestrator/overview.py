@@ -107,5 +107,5 @@ def offsite_lag(local: dict[str, MachineSummary], replica: dict[str, MachineSumm
                                          or there.newest.when >= here.newest.when)
         out[machine] = {"newest_point": there.newest.point if there else None,
                         "newest_time": there.newest.time if there else None,
-                        "lag_seconds": replicate.offsite_lag([] if offsite else [here.newest], when)}
+                        "lag_seconds": replicate.offsite_lag([] if offsite else [here.newest.when], when)}
     return out
