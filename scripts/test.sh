@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/pytest -ra "$@"
+exec .venv/bin/pytest -ra --durations=15 "$@"  # the slowest tests, to keep the budget in view
