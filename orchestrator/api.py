@@ -45,7 +45,7 @@ from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.plumbing.nbd import NbdUrl
 from lifeboat.plumbing.registry import NotAvailable
 from lifeboat.targets import TARGETS, driver_schema
-from lifeboat.targets.base import MemoryLog, StagesAhead, TargetContext, capabilities
+from lifeboat.targets.base import MemoryLog, StagesAhead, Sweeps, TargetContext, capabilities
 
 
 def open_state(state_dir: Path | str | None = None) -> StateStore:
@@ -108,6 +108,32 @@ def replicate(
     found = state.run(run.id)
     assert found is not None
     return found, report
+
+
+def sweep(runbook: Runbook, state: StateStore, *, log: Callable[[str], None] = console_log) -> dict[str, Any]:
+    """``teardown --force``: ask each target of ``runbook`` that ``Sweeps`` to remove, by tag,
+    what the runbook's runs created that no open run of the local state store owns (a run not
+    done, or one keeping resources), even when the store that recorded it is lost. Idempotent."""
+    check_drivers(runbook)
+    sweeping = [m for m in runbook.machines if issubclass(TARGETS.get(m.driver).variant(m.settings), Sweeps)]
+    if not sweeping:
+        raise UsageError(f"runbook {runbook.path}: teardown --force finds resources by tag, which no target of "
+                         f"this runbook can (drivers: {', '.join(sorted({m.driver for m in runbook.machines}))}); "
+                         f"run 'lifeboat teardown' without --force")
+    keep = {r.id for r in state.runs(runbook.name) if r.phase != "done" or state.resources(r.id)}
+    context = TargetContext(log=log)
+    removed: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for m in sweeping:
+        key = f"{m.driver}:{sorted(m.settings.items())!r}"
+        if key in seen:
+            continue
+        seen.add(key)
+        target = TARGETS.get(m.driver).variant(m.settings)(m.settings, context)
+        assert isinstance(target, Sweeps)
+        removed += [{"driver": m.driver, **r} for r in target.sweep(runbook.name, keep, log)]
+    return {"runbook": runbook.name, "kept_runs": sorted(keep), "removed": removed,
+            "not_swept": sorted({m.name for m in runbook.machines} - {m.name for m in sweeping})}
 
 
 @dataclass

@@ -246,13 +246,27 @@ def failover_cmd(runbook: str, yes: bool, dry_run: bool, state_dir: str | None, 
 @click.option(
     "--yes", is_flag=True, help="Required for failover and recovery runbooks (their machines are production)."
 )
+@click.option(
+    "--force", is_flag=True,
+    help="Also find by tag, and remove, what any run of RUNBOOK left that no open run of the local state "
+         "owns (a crashed run recorded on another host or in a lost state directory).",
+)
 @state_option
 @json_option
-def teardown_cmd(runbook: str, yes: bool, state_dir: str | None, as_json: bool) -> None:
+def teardown_cmd(runbook: str, yes: bool, force: bool, state_dir: str | None, as_json: bool) -> None:
     """Remove everything the newest run of RUNBOOK created and left (kept machines, a crashed run)."""
     rb = load_or_exit(runbook)
     if rb.kind != "rehearsal" and not yes:
         raise UsageError(f"{runbook}: tearing down a {rb.kind} stops machines that may be serving: add --yes")
+    if force:
+        swept = api.sweep(rb, api.open_state(state_dir))
+        if as_json:
+            emit_json(swept)
+        else:
+            for name in swept["not_swept"]:
+                log(f"{rb.name}: machine {name}: its target cannot find resources by tag: not swept")
+            log(f"{rb.name}: teardown --force removed {len(swept['removed'])} resources")
+        return
     done = api.teardown(rb, api.open_state(state_dir), archive=archive_location(), key_file=key_file_option())
     doc = {"runbook": rb.name, "run_id": done.run.id, "resources_removed": done.resources_removed}
     if as_json:

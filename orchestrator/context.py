@@ -102,6 +102,7 @@ class RunContext:
             name=machine.name,
             run_id=self.run_id,
             workdir=self.workdir(machine.name),
+            runbook=self.rb.name,
             network=NetworkSpec(self.rb.network_mode, dict(self.rb.mappings), ports),
             needs_agent=any(c.kind == "command" and c.spec.get("in", "guest") == "guest" for c in machine.health),
         )

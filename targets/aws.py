@@ -11,8 +11,10 @@ image file alone) it copies the image's non-zero blocks into a snapshot of the r
 Everything a run creates is tagged ``lifeboat:run`` and ``lifeboat:guest`` (the guest's token) and
 the AMI is named by the token, so teardown finds it by tag or name even when the resource log
 holds no AWS id (a crash between the call and the log update); teardown never deletes a staged
-snapshot. Credentials, endpoint (``AWS_ENDPOINT_URL``) and, unless the runbook names one, the
-region come from the usual AWS places, never from a runbook.
+snapshot. It is also tagged ``lifeboat:runbook``, so ``teardown --force`` (``sweep``) finds what a
+crashed run left when the state store that recorded it is lost. Credentials, endpoint
+(``AWS_ENDPOINT_URL``) and, unless the runbook names one, the region come from the usual AWS places,
+never from a runbook.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ from lifeboat.targets.base import (
     Resource,
     ResourceLog,
     StagesAhead,
+    Sweeps,
     TakesImage,
     TargetContext,
     TargetError,
@@ -46,6 +49,7 @@ from lifeboat.targets.ebs import (
     T_PARENT,
     T_POINT,
     T_RUN,
+    T_RUNBOOK,
     T_SIZE,
     T_SNAPSHOT,
     T_STAGED,
@@ -145,7 +149,7 @@ def stage_point(ebs: Any, ec2: Any, arc: Archive, info: PointInfo, *, full: bool
             "already_staged": False}
 
 
-class AwsTarget(TakesImage, StagesAhead):
+class AwsTarget(TakesImage, StagesAhead, Sweeps):
     """EC2 instances from EBS snapshots written with the EBS direct APIs (see the module docstring)."""
 
     name = "aws"
@@ -232,7 +236,8 @@ class AwsTarget(TakesImage, StagesAhead):
         try:
             written = write_snapshot(
                 ebs, ec2, size=disk.size, read=lambda offset, length: os.pread(fd, length, offset),
-                tags={T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name, T_SIZE: str(disk.size)},
+                tags={T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name, T_SIZE: str(disk.size),
+                      T_RUNBOOK: guest.runbook},
                 description=f"lifeboat run {guest.run_id} {guest.name}",
             )
         finally:
@@ -265,8 +270,9 @@ class AwsTarget(TakesImage, StagesAhead):
                 )["ImageId"]
         log.update(res, {"image_id": image_id, "snapshot_id": snapshot})
         with calling(f"CreateTags {image_id}"):
-            ec2.create_tags(Resources=[image_id], Tags=tag_list({T_RUN: guest.run_id, T_GUEST: guest.token,
-                                                                  T_MACHINE: guest.name, T_SNAPSHOT: snapshot}))
+            ec2.create_tags(Resources=[image_id], Tags=tag_list({
+                T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name, T_SNAPSHOT: snapshot,
+                T_RUNBOOK: guest.runbook}))
         return image_id
 
     def _first_sectors(self, disk: Disk) -> bytes:
@@ -290,7 +296,8 @@ class AwsTarget(TakesImage, StagesAhead):
             instance_id = str(live[0]["InstanceId"])
         else:
             s = self.settings
-            tags = {**s["tags"], "Name": guest.token, T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name}
+            tags = {**s["tags"], "Name": guest.token, T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name,
+                    T_RUNBOOK: guest.runbook}
             args: dict[str, Any] = {
                 "ImageId": image.data["image_id"],
                 "InstanceType": s["instance_type"],
@@ -388,6 +395,51 @@ class AwsTarget(TakesImage, StagesAhead):
                     ec2.deregister_image(ImageId=img["ImageId"])
         else:
             self._delete_snapshots(ec2, resource)
+
+    def sweep(self, runbook: str, keep_run_ids: set[str], log: Callable[[str], None]) -> list[dict[str, str]]:
+        """Terminate the instances, deregister the AMIs and delete the run's own snapshots tagged
+        with ``runbook`` of runs not in ``keep_run_ids`` (instances first: an AMI in use stays
+        registered otherwise); a staged snapshot is never touched."""
+        _, ec2, _ = self._clients()
+        mine = filters({T_RUNBOOK: runbook})
+        removed: list[dict[str, str]] = []
+
+        def gone(kind: str, ident: str, run: str) -> None:
+            removed.append({"kind": kind, "id": ident, "run": run})
+            log(f"{runbook}: removed {kind} {ident} of run {run}")
+
+        with calling("DescribeInstances"):
+            pages = ec2.describe_instances(Filters=mine)
+        instances = {i["InstanceId"]: tag_dict(i.get("Tags")).get(T_RUN, "") for r in pages["Reservations"]
+                     for i in r["Instances"] if i["State"]["Name"] not in GONE}
+        instances = {iid: run for iid, run in instances.items() if run not in keep_run_ids}
+        if instances:
+            with calling(f"TerminateInstances {sorted(instances)}"), _absent_ok():
+                ec2.terminate_instances(InstanceIds=sorted(instances))
+            deadline = time.monotonic() + self.settings["wait_timeout"]
+            while any(self._state(ec2, i) != "terminated" for i in instances):
+                if time.monotonic() > deadline:
+                    raise TargetError(f"instances {sorted(instances)} did not terminate")
+                time.sleep(2)
+            for iid, run in sorted(instances.items()):
+                gone("instance", iid, run)
+        with calling("DescribeImages"):
+            images = ec2.describe_images(Owners=["self"], Filters=mine)["Images"]
+        for img in images:
+            run = tag_dict(img.get("Tags")).get(T_RUN, "")
+            if img.get("State") != "deregistered" and run not in keep_run_ids:
+                with calling(f"DeregisterImage {img['ImageId']}"), _absent_ok():
+                    ec2.deregister_image(ImageId=img["ImageId"])
+                gone("image", img["ImageId"], run)
+        with calling("DescribeSnapshots"):
+            snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=mine)["Snapshots"]
+        for snap in snaps:
+            tags = tag_dict(snap.get("Tags"))
+            if T_STAGED not in tags and tags.get(T_RUN, "") not in keep_run_ids:
+                with calling(f"DeleteSnapshot {snap['SnapshotId']}"), _absent_ok():
+                    ec2.delete_snapshot(SnapshotId=snap["SnapshotId"])
+                gone("snapshot", snap["SnapshotId"], tags.get(T_RUN, ""))
+        return removed
 
     def _find_instances(self, ec2: Any, res: Resource) -> list[dict[str, Any]]:
         with calling("DescribeInstances"):

@@ -144,6 +144,7 @@ class Guest:
     workdir: Path  # private to this machine and run, created by the engine
     network: NetworkSpec = field(default_factory=NetworkSpec)
     needs_agent: bool = False  # a health check runs a command in the guest
+    runbook: str = ""  # the runbook's name, for drivers that tag what they create (Sweeps)
 
     @property
     def token(self) -> str:
@@ -364,6 +365,20 @@ class StagesAhead(Target):
         itself), so the engine gives it no image even if the driver ``TakesImage``."""
 
 
+class Sweeps(Target):
+    """The target finds what a runbook's runs created by tag alone, so ``lifeboat teardown
+    --force`` cleans what a crashed run left even when the state store that recorded it is lost
+    (another host, the state directory gone). aws implements it; openstack (server and image
+    metadata) and vmware (VM custom attributes or names) could; libvirt and pxe keep their
+    resources on this host, found by the run's token, and need not."""
+
+    @abstractmethod
+    def sweep(self, runbook: str, keep_run_ids: set[str], log: Callable[[str], None]) -> list[dict[str, str]]:
+        """Remove everything tagged with ``runbook`` whose run is not in ``keep_run_ids``;
+        idempotent (gone is success). Returns what was removed: ``{kind, id, run}`` each, and
+        says each through ``log``."""
+
+
 CAPABILITIES: dict[str, type] = {
     "boots_from_nbd": BootsFromNbd,
     "moves_to_local": Localizes,
@@ -373,6 +388,7 @@ CAPABILITIES: dict[str, type] = {
     "exec_in_guest": ExecInGuest,
     "physical": Physical,
     "stages_ahead": StagesAhead,
+    "sweeps": Sweeps,
 }
 
 

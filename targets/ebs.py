@@ -40,6 +40,7 @@ T_MACHINE, T_POINT, T_TIME, T_ARCHIVE = "lifeboat:machine", "lifeboat:point", "l
 T_PARENT, T_STAGED, T_RUN, T_GUEST = "lifeboat:parent", "lifeboat:staged", "lifeboat:run", "lifeboat:guest"
 T_SIZE = "lifeboat:size"  # the point's size in bytes (the volume is whole GiB)
 T_SNAPSHOT = "lifeboat:snapshot"  # on an AMI: the root snapshot it was registered on
+T_RUNBOOK = "lifeboat:runbook"  # on what a run creates: its runbook's name (teardown --force finds it)
 
 
 class AwsError(TargetError):

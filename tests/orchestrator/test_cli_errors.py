@@ -192,6 +192,8 @@ CASES = [
     case("failover-rehearsal", "failover", "{rehearsal_rb} --yes", 2, "rehearsal"),
     case("teardown-no-runs", "teardown", "{rehearsal_rb} --state {state}", 2, "no runs"),
     case("teardown-malformed", "teardown", "{bad_rb} --state {state}", 2, "{bad_rb}"),
+    case("teardown-force-no-sweeping-target", "teardown", "{rehearsal_rb} --force --state {state}", 2, "by tag"),
+    case("teardown-force-recovery-no-yes", "teardown", "{recovery_rb} --force --state {state}", 2, "add --yes"),
     case("stage-malformed", "stage", "{bad_rb}", 2, "{bad_rb}"),
     case("stage-absent", "stage", "{tmp}/absent.yaml --json", 2, "{tmp}/absent.yaml"),
     case("stage-nothing-stages-ahead", "stage", "{rehearsal_rb} --archive {arc}", 2, "stages ahead"),

@@ -6,6 +6,9 @@ AWS's 512 KiB EBS block size) and, for moto's own 512-byte blocks, moto in proce
   parent, as AWS documents it) equals its point byte for byte; staging again sends nothing.
 - a failover runbook run by the engine starts from the staged chain (staging the last delta), a
   teardown terminates and deregisters what the run made and never deletes the staged chain.
+- ``teardown --force`` with the state directory of a failover lost finds what that run made by
+  tag (instance, AMI, the run's own snapshot) and removes it, keeps what an open run of the local
+  state owns and the staged chain; a second one removes nothing.
 - errors: no credentials, a wrong region, ``InstanceLimitExceeded``: exit 1 with a message naming
   the machine and AWS's error.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -364,3 +368,43 @@ def test_two_machines_in_priority_groups_in_one_run(aws: str, tmp_path: Path) ->
     assert {i["State"]["Name"] for i in made.values()} == {"terminated"}
     healthy = {m["name"]: m for m in outcome.report["machines"]}
     assert healthy["db"]["status"] == healthy["app"]["status"] == "succeeded"
+
+
+def test_forced_teardown_sweeps_a_run_whose_state_is_lost(aws: str, tmp_path: Path) -> None:
+    arc = str(tmp_path / "arc")
+    cli("archive", "init", "--chunk-size", "65536", "--archive", arc)
+    cli("backup", "sweepm", str(disk(tmp_path / "m.img", {0: os.urandom(BS), 3: os.urandom(BS)}, 2 * MIB)),
+        "--archive", arc)
+    rb = runbook(tmp_path / "sweep.yaml", "sweepm", {"region": "us-east-1", "use_staged": False})
+    staged = json.loads(cli("stage", str(rb), "--json", "--archive", arc).stdout)["machines"][0]["snapshot_id"]
+    ec2 = ec2_client("ec2")
+
+    def made(run_id: str) -> dict[str, set[str]]:
+        by_run = [{"Name": "tag:lifeboat:run", "Values": [run_id]}]
+        return {
+            "instance": {i["InstanceId"] for r in ec2.describe_instances(Filters=by_run)["Reservations"]
+                         for i in r["Instances"] if i["State"]["Name"] != "terminated"},
+            "image": {i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=by_run)["Images"]},
+            "snapshot": {s["SnapshotId"]
+                         for s in ec2.describe_snapshots(OwnerIds=["self"], Filters=by_run)["Snapshots"]},
+        }
+
+    runs = []
+    for state_dir in ("lost", "here"):  # the first run's state is lost; the second's is open here
+        lines: list[str] = []
+        outcome = api.run(load(rb), api.open_state(tmp_path / state_dir), archive=arc, stop=threading.Event(),
+                          log=lines.append)
+        assert outcome.run.status == "succeeded", "\n".join(lines)
+        runs.append((outcome.run.id, made(outcome.run.id)))
+    (lost, lost_made), (here, here_made) = runs
+    assert all(len(ids) == 1 for ids in lost_made.values()) and staged not in lost_made["snapshot"]
+    shutil.rmtree(tmp_path / "lost")
+
+    done = json.loads(cli("teardown", str(rb), "--yes", "--force", "--json", "--state", str(tmp_path / "here")).stdout)
+    assert done["kept_runs"] == [here] and done["not_swept"] == []
+    assert {(r["kind"], r["id"]) for r in done["removed"]} == {(k, i) for k, ids in lost_made.items() for i in ids}
+    assert made(lost) == {"instance": set(), "image": set(), "snapshot": set()}
+    assert made(here) == here_made, "an open run of the local state is not swept"
+    assert ec2.describe_snapshots(SnapshotIds=[staged])["Snapshots"], "the staged chain is kept"
+    again = cli("teardown", str(rb), "--yes", "--force", "--state", str(tmp_path / "here"))
+    assert "removed 0 resources" in again.stdout + again.stderr
