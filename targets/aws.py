@@ -247,6 +247,8 @@ class AwsTarget(TakesImage, StagesAhead, Sweeps):
 
     def _image(self, guest: Guest, disk: Disk, log: ResourceLog, region: str, ec2: Any, snapshot: str) -> str:
         res = log.record("image", guest.token, {"region": region, "run": guest.run_id})
+        tags = {T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name, T_SNAPSHOT: snapshot,
+                T_RUNBOOK: guest.runbook}
         found = self._find_images(ec2, res)
         if found:
             image_id = str(found[0]["ImageId"])
@@ -267,12 +269,11 @@ class AwsTarget(TakesImage, StagesAhead, Sweeps):
                     BlockDeviceMappings=[{"DeviceName": root, "Ebs": {
                         "SnapshotId": snapshot, "DeleteOnTermination": True,
                         "VolumeType": self.settings["volume_type"]}}],
+                    TagSpecifications=[{"ResourceType": "image", "Tags": tag_list(tags)}],  # sweep finds it
                 )["ImageId"]
         log.update(res, {"image_id": image_id, "snapshot_id": snapshot})
         with calling(f"CreateTags {image_id}"):
-            ec2.create_tags(Resources=[image_id], Tags=tag_list({
-                T_RUN: guest.run_id, T_GUEST: guest.token, T_MACHINE: guest.name, T_SNAPSHOT: snapshot,
-                T_RUNBOOK: guest.runbook}))
+            ec2.create_tags(Resources=[image_id], Tags=tag_list(tags))
         return image_id
 
     def _first_sectors(self, disk: Disk) -> bytes:
