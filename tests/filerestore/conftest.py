@@ -13,17 +13,20 @@ from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.files import FileSource
 from lifeboat.filerestore import PointFiles
 from lifeboat.orchestrator import api
-from tests.filerestore.disks import build_blank, build_disk
+from tests.filerestore.disks import build_blank, build_disk, build_os_disks
 
 
 @dataclass
 class Points:
-    """The archive, and machine ``files``' points of disk version 1 and 2, and a blank disk's."""
+    """The archive, and machine ``files``' points of disk version 1 and 2, a blank disk's, and
+    machine ``osbox``'s points of the operating system disk (LVM) before and after a change."""
 
     location: str
     v1: PointInfo
     v2: PointInfo
     blank: PointInfo
+    os1: PointInfo
+    os2: PointInfo
 
 
 def backup(arc: Archive, machine: str, image: Path) -> PointInfo:
@@ -40,12 +43,31 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> Points:
     arc = Archive.init(location)
     v1 = backup(arc, "files", build_disk(1))
     v2 = backup(arc, "files", build_disk(2))
-    return Points(location, v1, v2, backup(arc, "blank", build_blank()))
+    blank = backup(arc, "blank", build_blank())
+    os1, os2 = (backup(arc, "osbox", image) for image in build_os_disks())
+    return Points(location, v1, v2, blank, os1, os2)
 
 
 @pytest.fixture(scope="session")
-def disks(points: Points) -> Iterator[tuple[PointFiles, PointFiles, PointFiles]]:
-    """The disks of v1, v2 and the blank point in one appliance."""
+def all_disks(points: Points) -> Iterator[list[PointFiles]]:
+    """The disks of every point but os2 in one appliance (it boots once per session)."""
     arc = Archive.open(points.location)
-    with api.point_files(arc, [points.v1, points.v2, points.blank]) as (v1, v2, blank):
-        yield v1, v2, blank
+    with api.point_files(arc, [points.v1, points.v2, points.blank, points.os1]) as found:
+        yield list(found)
+
+
+@pytest.fixture(scope="session")
+def disks(all_disks: list[PointFiles]) -> tuple[PointFiles, PointFiles, PointFiles]:
+    """The disks of v1, v2 and the blank point."""
+    return all_disks[0], all_disks[1], all_disks[2]
+
+
+@pytest.fixture(scope="session")
+def os_disks(all_disks: list[PointFiles], points: Points) -> Iterator[tuple[PointFiles, PointFiles]]:
+    """The operating system disks of os1 and os2. os2 has an appliance of its own: two points of one
+    machine have the same LVM physical volume UUIDs, and LVM activates neither copy of a volume
+    group whose physical volume it sees twice (a limit of ``point_files`` with several points of
+    one machine holding LVM)."""
+    arc = Archive.open(points.location)
+    with api.point_files(arc, [points.os2]) as (os2,):
+        yield all_disks[3], os2

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 CACHE = Path.home() / ".cache" / "lifeboat-tests" / "filerestore"
@@ -141,3 +142,110 @@ def copy_of(src: Path, dest: Path) -> Path:
     """A copy a test may back up (a source the test owns)."""
     shutil.copyfile(src, dest)
     return dest
+
+
+# -- a disk with an operating system's layout and LVM ----------------------------------------------
+# GPT: partition 1 an ext4 root (/etc/fstab, /etc/os-release, /bin: what libguestfs' inspection
+# needs to call it a Linux root), partition 2 an LVM physical volume of volume group ``osvg`` whose
+# logical volume ``srv`` holds an ext4 the root's fstab mounts at /srv. Version 2 is version 1 after
+# a change (the same volume group and UUIDs, other files), as two points of one machine are.
+OS_VG, OS_LV = "osvg", "srv"
+OS_ROOT_MIB, OS_PV_MIB, OS_LV_MIB = 16, 24, 16
+FSTAB = f"/dev/sda1 / ext4 defaults 0 1\n/dev/{OS_VG}/{OS_LV} /srv ext4 defaults 0 2\n"
+
+
+def os_files(version: int) -> dict[str, dict[str, bytes]]:
+    """The files of the root and of the logical volume (paths within each) in version 1 or 2."""
+    root = {"/etc/fstab": FSTAB.encode(), "/etc/hostname": b"oshost\n",
+            "/etc/os-release": b'NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\nPRETTY_NAME="Debian 12"\n',
+            "/etc/debian_version": b"12.0\n", "/bin/sh": b"#!/bin/false\n", "/usr/bin/true": b"#!/bin/false\n"}
+    srv = {"/www/index.html": b"<p>version %d</p>\n" % version, "/data/blob.bin": bytes(range(256)) * 2048,
+           f"/only-v{version}.txt": b"only in version %d\n" % version}
+    return {"root": root, "lv": srv}
+
+
+def _ext4(content: dict[str, bytes], size_mib: int, label: str, work: Path, dirs: tuple[str, ...] = ()) -> Path:
+    root = work / f"{label}-tree"
+    shutil.rmtree(root, ignore_errors=True)
+    for d in dirs:  # empty folders: mount points
+        (root / d).mkdir(parents=True)
+    _tree(root, content)
+    img = work / f"{label}.img"
+    img.unlink(missing_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(size_mib * MIB)
+    _run("mkfs.ext4", "-q", "-F", "-L", label, "-U", str(uuid.UUID(hashlib.md5(label.encode()).hexdigest())), "-d", str(root),
+         str(img))
+    return img
+
+
+LV_META = f"""
+logical_volumes {{
+{OS_LV} {{
+id = "L1feB0-at00-srv0-0000-0000-0000-000001"
+status = ["READ", "WRITE", "VISIBLE"]
+flags = []
+segment_count = 1
+segment1 {{
+start_extent = 0
+extent_count = {OS_LV_MIB}
+type = "striped"
+stripe_count = 1
+stripes = ["pv0", 0]
+}}
+}}
+}}
+"""
+
+
+def _lv_offset(disk: Path, pv_start_mib: int, work: Path) -> int:
+    """Make the disk's partition 2 a physical volume of volume group ``osvg`` with one linear
+    logical volume of 1 MiB extents from its first; return the volume's byte offset in the disk.
+    Through a loop device over the partition, with nothing activated: there is no device-mapper
+    here, so ``lvcreate`` refuses; the volume is written into the group's metadata instead
+    (``vgcfgbackup``, add it, ``vgcfgrestore``)."""
+    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(pv_start_mib * MIB), "--sizelimit",
+                           str(OS_PV_MIB * MIB), str(disk)], check=True, capture_output=True, text=True).stdout.strip()
+    lvm = ["--devices", loop, "--config", "backup { backup = 0 archive = 0 }"]
+    meta = work / "osvg.vg"
+    try:
+        _run("pvcreate", "-q", *lvm, loop)
+        _run("vgcreate", "-q", *lvm, "--physicalextentsize", "1M", OS_VG, loop)
+        _run("vgcfgbackup", "-q", *lvm, "-f", str(meta), OS_VG)
+        text = meta.read_text()
+        end = text.rindex("\n}")
+        meta.write_text(text[:end] + LV_META + text[end:])
+        _run("vgcfgrestore", "-q", *lvm, "-f", str(meta), OS_VG)
+        pe_start = subprocess.run(["pvs", *lvm, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", loop],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+        return pv_start_mib * MIB + int(pe_start)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=False)
+
+
+def build_os_disks() -> tuple[Path, Path]:
+    """The raw disk images of the operating system layout, versions 1 and 2 (cached; needs root for
+    a loop device: LVM's tools write only to block devices)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    outs = (CACHE / f"os-v1-{digest}.img", CACHE / f"os-v2-{digest}.img")
+    if all(o.exists() for o in outs):
+        return outs
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        work = Path(tmp)
+        blank = work / "blank.img"
+        with open(blank, "wb") as f:
+            f.truncate((1 + OS_ROOT_MIB + OS_PV_MIB + 1) * MIB)
+        table = f"label: gpt\nsize={OS_ROOT_MIB}MiB\nsize={OS_PV_MIB}MiB, type=E6D6D379-F507-44C2-A23C-238F2A3DF928\n"
+        subprocess.run(["sfdisk", "-q", str(blank)], input=table.encode(), check=True, capture_output=True)
+        lv_at = _lv_offset(blank, 1 + OS_ROOT_MIB, work)
+        for version, out in enumerate(outs, 1):
+            disk = work / f"disk-v{version}.img"
+            shutil.copyfile(blank, disk)
+            content = os_files(version)
+            for img, at in ((_ext4(content["root"], OS_ROOT_MIB, "OSROOT", work, ("srv",)), MIB),
+                            (_ext4(content["lv"], OS_LV_MIB, "OSSRV", work), lv_at)):
+                _run("dd", f"if={img}", f"of={disk}", "bs=64K", f"seek={at}", "oflag=seek_bytes",
+                     "conv=notrunc,sparse")
+            os.replace(disk, out)
+    return outs

@@ -1,0 +1,42 @@
+"""Single-item restore of a disk laid out as an operating system's: an ext4 root whose /etc/fstab
+mounts a logical volume of LVM at /srv (``disks.build_os_disks``), backed up before and after a
+change. ``files fs`` lists the logical volume; ``--fs /dev/osvg/srv`` reads it byte for byte in
+both points; without ``--fs`` paths are as that system mounts them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lifeboat.filerestore import PointFiles
+from tests.filerestore.disks import OS_LV, OS_VG, os_files
+from tests.filerestore.test_files import tree_files
+
+LV = f"/dev/{OS_VG}/{OS_LV}"
+
+
+def test_fs_lists_the_logical_volume_and_the_system(os_disks: tuple[PointFiles, PointFiles]) -> None:
+    for disk in os_disks:
+        found = {f["device"]: f for f in disk.fs()["filesystems"]}
+        assert found[LV]["fstype"] == "ext4" and found[LV]["lvm"] and found[LV]["label"] == "OSSRV"
+        assert found["/dev/sda1"]["fstype"] == "ext4" and not found["/dev/sda1"]["lvm"]
+        (system,) = disk.systems()
+        assert (system["root"], system["type"], system["distro"]) == ("/dev/sda1", "linux", "debian")
+        assert system["mountpoints"] == [["/", "/dev/sda1"], ["/srv", LV]]
+
+
+def test_logical_volume_byte_for_byte_in_both_points(os_disks: tuple[PointFiles, PointFiles],
+                                                     tmp_path: Path) -> None:
+    for version, disk in enumerate(os_disks, 1):
+        dest = tmp_path / f"lv-v{version}"
+        disk.get("/", dest, LV)
+        assert tree_files(dest) == os_files(version)["lv"], version
+        assert {e["name"] for e in disk.ls("/", LV)} >= {"www", "data", f"only-v{version}.txt"}
+
+
+def test_paths_are_as_the_system_mounts_them(os_disks: tuple[PointFiles, PointFiles], tmp_path: Path) -> None:
+    for version, disk in enumerate(os_disks, 1):
+        assert f"only-v{version}.txt" in {e["name"] for e in disk.ls("/srv")}
+        dest = tmp_path / f"index-v{version}.html"
+        disk.get("/srv/www/index.html", dest)
+        assert dest.read_bytes() == os_files(version)["lv"]["/www/index.html"]
+        assert {e["name"] for e in disk.ls("/etc")} >= {"fstab", "os-release"}
