@@ -174,8 +174,8 @@ def _ext4(content: dict[str, bytes], size_mib: int, label: str, work: Path, dirs
     img.unlink(missing_ok=True)
     with open(img, "wb") as f:
         f.truncate(size_mib * MIB)
-    _run("mkfs.ext4", "-q", "-F", "-L", label, "-U", str(uuid.UUID(hashlib.md5(label.encode()).hexdigest())), "-d", str(root),
-         str(img))
+    fixed = str(uuid.UUID(hashlib.md5(label.encode()).hexdigest()))
+    _run("mkfs.ext4", "-q", "-F", "-L", label, "-U", fixed, "-d", str(root), str(img))
     return img
 
 
