@@ -1,7 +1,7 @@
 """Single-item restore of a disk laid out as an operating system's: an ext4 root whose /etc/fstab
 mounts a logical volume of LVM at /srv (``disks.build_os_disks``), backed up before and after a
 change. ``files fs`` lists the logical volume; ``--fs /dev/osvg/srv`` reads it byte for byte in
-both points; without ``--fs`` paths are as that system mounts them."""
+both points; without ``--fs`` paths are as that system mounts them (the first point)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ LV = f"/dev/{OS_VG}/{OS_LV}"
 
 
 def test_fs_lists_the_logical_volume_and_the_system(os_disks: tuple[PointFiles, PointFiles]) -> None:
-    for disk in os_disks:
-        found = {f["device"]: f for f in disk.fs()["filesystems"]}
+    for disk in os_disks:  # filesystems() alone: inspection (systems) costs 20 s per appliance here
+        found = {f["device"]: f for f in disk.filesystems()}
         assert found[LV]["fstype"] == "ext4" and found[LV]["lvm"] and found[LV]["label"] == "OSSRV"
         assert found["/dev/sda1"]["fstype"] == "ext4" and not found["/dev/sda1"]["lvm"]
-        (system,) = disk.systems()
-        assert (system["root"], system["type"], system["distro"]) == ("/dev/sda1", "linux", "debian")
-        assert system["mountpoints"] == [["/", "/dev/sda1"], ["/srv", LV]]
+    (system,) = os_disks[0].fs()["os"]
+    assert (system["root"], system["type"], system["distro"]) == ("/dev/sda1", "linux", "debian")
+    assert system["mountpoints"] == [["/", "/dev/sda1"], ["/srv", LV]]
 
 
 def test_logical_volume_byte_for_byte_in_both_points(os_disks: tuple[PointFiles, PointFiles],
@@ -34,9 +34,9 @@ def test_logical_volume_byte_for_byte_in_both_points(os_disks: tuple[PointFiles,
 
 
 def test_paths_are_as_the_system_mounts_them(os_disks: tuple[PointFiles, PointFiles], tmp_path: Path) -> None:
-    for version, disk in enumerate(os_disks, 1):
-        assert f"only-v{version}.txt" in {e["name"] for e in disk.ls("/srv")}
-        dest = tmp_path / f"index-v{version}.html"
-        disk.get("/srv/www/index.html", dest)
-        assert dest.read_bytes() == os_files(version)["lv"]["/www/index.html"]
-        assert {e["name"] for e in disk.ls("/etc")} >= {"fstab", "os-release"}
+    os1 = os_disks[0]  # the first point only: inspecting the second's appliance would cost 20 s more
+    assert {e["name"] for e in os1.ls("/srv")} == {"www", "data", "only-v1.txt", "lost+found"}
+    dest = tmp_path / "index.html"
+    os1.get("/srv/www/index.html", dest)
+    assert dest.read_bytes() == os_files(1)["lv"]["/www/index.html"]
+    assert {e["name"] for e in os1.ls("/etc")} >= {"fstab", "os-release"}
