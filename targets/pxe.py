@@ -14,7 +14,9 @@ The call order of ``targets/base.py``, for one server:
   next boot to the disk and power-cycles the server, which boots the restored system; a failure the
   environment reports (no disk matching the rule, a disk too small, a write error) or a server that
   never fetched the iPXE script within ``netboot_timeout`` is a ``TargetError`` naming the server,
-  and the server is powered off unless ``on_failure: leave``.
+  and the server is powered off unless ``on_failure: leave``. PXE loses a boot now and then (an
+  offer missed, a ROM that gives up and falls through to an empty disk), so the timeout is split
+  into ``netboot_attempts`` tries, the server power-cycled onto the network again after each.
 - ``teardown``: powers the server off, stops the HTTP server and dnsmasq, removes their files.
 
 Not built yet (issue 13): GPT and
@@ -273,16 +275,28 @@ class PxeTarget(Physical, TakesImage):
             self._fail(guest, log, res, f"the recovery environment failed: {failed.get('reason', '?')}")
         if stage == "netboot":
             if not any(e["event"] == "netboot" for e in events):
-                waited = time.time() - float(res.data["since"])
-                if waited > float(self.settings["netboot_timeout"]):
-                    self._fail(
-                        guest,
-                        log,
-                        res,
-                        f"the server did not netboot within {self.settings['netboot_timeout']} s "
-                        f"(it never fetched {self.http_url()}/boot.ipxe: check its DHCP/PXE settings)",
+                attempts, attempt = int(self.settings["netboot_attempts"]), int(res.data.get("attempt", 1))
+                per_attempt = float(self.settings["netboot_timeout"]) / attempts
+                if time.time() - float(res.data["since"]) <= per_attempt:
+                    return
+                if attempt < attempts:
+                    self.context.log(
+                        f"{self.label(guest)}: no netboot within {per_attempt:.0f} s: power-cycling onto the "
+                        f"network again (attempt {attempt + 1} of {attempts})"
                     )
-                return
+                    bmc = self.bmc(guest)
+                    bmc.set_next_boot("network")
+                    bmc.power_off()
+                    bmc.power_on()
+                    log.update(res, {"since": time.time(), "attempt": attempt + 1})
+                    return
+                self._fail(
+                    guest,
+                    log,
+                    res,
+                    f"the server did not netboot within {self.settings['netboot_timeout']} s in {attempts} "
+                    f"attempt(s) (it never fetched {self.http_url()}/boot.ipxe: check its DHCP/PXE settings)",
+                )
             log.update(res, {"stage": "restore"})
             self.context.log(f"{guest.name}: netbooted the recovery environment")
         progress = [e for e in events if e["event"] == "progress"]
