@@ -10,6 +10,9 @@ order: the first is ``/dev/sda``) and boots the appliance once; every later requ
 Each view (one file system, or an operating system's mounts) is mounted once, under its own folder
 of the appliance, and stays mounted; paths are looked up below that folder, so an absolute
 symbolic link in the middle of a path is not followed into the guest (name the real path).
+When more than one disk holds LVM physical volumes (two points of one machine: the same PV and VG
+UUIDs, which LVM refuses to activate twice), LVM is filtered to one of those disks at a time
+(``lvm_set_filter``): a request about another of them unmounts every view and switches the filter.
 Each request's duration goes to stderr (kept in a file by the caller, shown when the helper fails).
 """
 
@@ -44,8 +47,12 @@ class Helper:
         self.g: Any = None
         self.views: dict[tuple[tuple[str, str], ...], str] = {}  # view -> the appliance folder it is under
         self.base: str | None = None  # the folder of the current view
-        self._fstype_cache: dict[str, str] | None = None
-        self._roots: list[str] | None = None
+        self._next_view = 0
+        self._pv_disks: set[int] | None = None  # the disks holding LVM physical volumes
+        self._lvm_disk: int | None = None  # the one LVM is filtered to, if it is filtered
+        # what was found, per LVM filter: another filter shows other logical volumes
+        self._fstype_cache: dict[int | None, dict[str, str]] = {}
+        self._roots: dict[int | None, list[str]] = {}
 
     # -- requests --------------------------------------------------------------------------
     def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +69,7 @@ class Helper:
 
     def filesystems(self, disk: int) -> dict[str, Any]:
         """Partitions, LVM volumes and file systems of disk ``disk`` (0 = /dev/sda)."""
+        self._select(disk)
         g = self.g
         prefix = g.list_devices()[disk]
         lvs = set(g.lvs())
@@ -84,13 +92,14 @@ class Helper:
     def systems(self, disk: int) -> dict[str, Any]:
         """The operating systems on disk ``disk`` and where they mount their file systems
         (libguestfs inspection: it looks into every file system, so it is asked only when needed)."""
+        self._select(disk)
         g = self.g
         prefix = g.list_devices()[disk]
         lvs = set(g.lvs())
-        if self._roots is None:
-            self._roots = g.inspect_os()
+        if self._lvm_disk not in self._roots:
+            self._roots[self._lvm_disk] = g.inspect_os()
         roots = []
-        for root in self._roots:
+        for root in self._roots[self._lvm_disk]:
             if not self._on_disk(root, prefix, lvs):
                 continue
             mps = g.inspect_get_mountpoints(root)
@@ -99,10 +108,12 @@ class Helper:
                           "mountpoints": sorted(([m, d] for m, d in mps.items()), key=lambda x: len(x[0]))})
         return {"os": roots}
 
-    def mount(self, mounts: list[list[str]]) -> dict[str, Any]:
-        """Make ``[[mountpoint, device], ...]`` (shortest mountpoint first) the view that paths
-        name. Each view is mounted read-only once, under its own folder of the appliance, and stays
-        mounted: going back to an earlier view costs nothing."""
+    def mount(self, disk: int, mounts: list[list[str]]) -> dict[str, Any]:
+        """Make ``[[mountpoint, device], ...]`` (shortest mountpoint first) of disk ``disk`` the
+        view that paths name. Each view is mounted read-only once, under its own folder of the
+        appliance, and stays mounted (until the LVM filter changes): going back to an earlier view
+        costs nothing."""
+        self._select(disk)
         want = tuple((m, d) for m, d in mounts)
         if want in self.views:
             self.base = self.views[want]
@@ -116,7 +127,8 @@ class Helper:
                                            "encrypted volumes")
             if fstype in ("unknown", "swap"):
                 raise Refused("nofs", f"{dev} holds no file system lifeboat can read ({fstype})")
-        base = f"/lifeboat-view-{len(self.views)}"
+        base = f"/lifeboat-view-{self._next_view}"
+        self._next_view += 1
         g.mkmountpoint(base)
         for mp, dev in want:
             try:
@@ -176,11 +188,36 @@ class Helper:
         return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", st)}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _select(self, disk: int) -> None:
+        """Let LVM see the physical volumes of disk ``disk`` alone, if other disks hold some too:
+        copies of one volume group (two points of one machine) are otherwise activated on neither.
+        Views are unmounted first (LVM deactivates every volume group to change its filter)."""
+        g = self.g
+        devices = g.list_devices()
+        if self._pv_disks is None:
+            parts = g.list_partitions()
+            self._pv_disks = {n for n, d in enumerate(devices)
+                              if any(self._is_pv(p) for p in [d, *(p for p in parts if p.startswith(d))])}
+        if len(self._pv_disks) < 2 or disk not in self._pv_disks or disk == self._lvm_disk:
+            return
+        g.umount_all()
+        self.views.clear()
+        self.base = None
+        g.lvm_set_filter([devices[disk]])
+        self._lvm_disk = disk
+
+    def _is_pv(self, dev: str) -> bool:
+        try:
+            return bool(self.g.vfs_type(dev) == "LVM2_member")
+        except RuntimeError:
+            return False
+
     def _fstypes(self) -> dict[str, str]:
         """Every file system, and every partition (or unpartitioned disk) libguestfs does not
-        list as one (an encrypted volume, or nothing recognisable), with its type."""
-        if self._fstype_cache is not None:
-            return self._fstype_cache
+        list as one (an encrypted volume, or nothing recognisable), with its type (the logical
+        volumes: those LVM's filter shows)."""
+        if self._lvm_disk in self._fstype_cache:
+            return self._fstype_cache[self._lvm_disk]
         g = self.g
         found = dict(g.list_filesystems())
         parts = g.list_partitions()
@@ -191,7 +228,7 @@ class Helper:
                     found[dev] = g.vfs_type(dev) or "unknown"
                 except RuntimeError:
                     found[dev] = "unknown"
-        self._fstype_cache = found
+        self._fstype_cache[self._lvm_disk] = found
         return found
 
     def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:

@@ -212,7 +212,7 @@ class PointFiles:
         raise NoFileSystem("no recognisable file system on this point's disk")
 
     def _mount(self, device: str | None) -> None:
-        self.session.request("mount", mounts=[[m, self._inside(d)] for m, d in self.view(device)])
+        self.session.request("mount", disk=self.index, mounts=[[m, self._inside(d)] for m, d in self.view(device)])
 
     def ls(self, path: str = "/", device: str | None = None) -> list[dict[str, Any]]:
         """A directory's entries: name, type, size, mode, mtime, uid, gid."""

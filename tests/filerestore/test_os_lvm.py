@@ -1,13 +1,19 @@
 """Single-item restore of a disk laid out as an operating system's: an ext4 root whose /etc/fstab
 mounts a logical volume of LVM at /srv (``disks.build_os_disks``), backed up before and after a
 change. ``files fs`` lists the logical volume; ``--fs /dev/osvg/srv`` reads it byte for byte in
-both points; without ``--fs`` paths are as that system mounts them (the first point)."""
+both points, which share one appliance (the same LVM UUIDs: LVM is filtered to one disk at a time);
+without ``--fs`` paths are as that system mounts them (the first point). ``files index osbox``
+indexes both points in one appliance, the logical volume's files of each."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lifeboat.archive import Archive
+from lifeboat.archive.fileindex import find
 from lifeboat.filerestore import PointFiles
+from lifeboat.orchestrator import api
+from tests.filerestore.conftest import Points
 from tests.filerestore.disks import OS_LV, OS_VG, os_files
 from tests.filerestore.test_files import tree_files
 
@@ -34,9 +40,21 @@ def test_logical_volume_byte_for_byte_in_both_points(os_disks: tuple[PointFiles,
 
 
 def test_paths_are_as_the_system_mounts_them(os_disks: tuple[PointFiles, PointFiles], tmp_path: Path) -> None:
-    os1 = os_disks[0]  # the first point only: inspecting the second's appliance would cost 20 s more
+    os1 = os_disks[0]  # the first point only: inspecting the second too would cost 20 s more
     assert {e["name"] for e in os1.ls("/srv")} == {"www", "data", "only-v1.txt", "lost+found"}
     dest = tmp_path / "index.html"
     os1.get("/srv/www/index.html", dest)
     assert dest.read_bytes() == os_files(1)["lv"]["/www/index.html"]
     assert {e["name"] for e in os1.ls("/etc")} >= {"fstab", "os-release"}
+
+
+def test_index_of_both_points_in_one_appliance_holds_each_logical_volume(points: Points) -> None:
+    arc = Archive.open(points.location)
+    done = api.files_index(arc, "osbox", missing_only=True, log=lambda _: None)
+    assert [d["point"] for d in done] == [points.os1.point, points.os2.point]
+    found = {(m.point.point, m.device, m.mountpoint, m.record.path, m.record.size)
+             for m in find(arc, "osbox", "*.txt")[0]}
+    assert found == {(p.point, LV, "/srv", f"/only-v{v}.txt", len(os_files(v)["lv"][f"/only-v{v}.txt"]))
+                     for v, p in ((1, points.os1), (2, points.os2))}
+    pages = {m.point.point for m in find(arc, "osbox", "/www/index.html")[0]}
+    assert pages == {points.os1.point, points.os2.point}
