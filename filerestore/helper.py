@@ -198,13 +198,17 @@ class Helper:
             parts = g.list_partitions()
             self._pv_disks = {n for n, d in enumerate(devices)
                               if any(self._is_pv(p) for p in [d, *(p for p in parts if p.startswith(d))])}
-        if len(self._pv_disks) < 2 or disk not in self._pv_disks or disk == self._lvm_disk:
+        if len(self._pv_disks) < 2:
+            return
+        # a disk without physical volumes is read under whichever filter is set (one is, always)
+        want = disk if disk in self._pv_disks else min(self._pv_disks) if self._lvm_disk is None else self._lvm_disk
+        if want == self._lvm_disk:
             return
         g.umount_all()
         self.views.clear()
         self.base = None
-        g.lvm_set_filter([devices[disk]])
-        self._lvm_disk = disk
+        g.lvm_set_filter([devices[want]])
+        self._lvm_disk = want
 
     def _is_pv(self, dev: str) -> bool:
         try:
