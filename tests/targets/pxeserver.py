@@ -6,7 +6,8 @@ as on a real site whose DHCP lifeboat does not control. Driven through a real BM
 Ironic's CI does.
 
 One server per session (``pxe_server``, session-scoped): tests that restore onto it run one after
-the other, each leaving it powered off.
+the other, each leaving it powered off. Its domain, network, bridge and subnet have fixed names;
+``LIFEBOAT_PXE_TEST_SLOT=N`` (0 to 9, default 0) gives a second session on the same host its own.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ import pytest
 
 from examples.sample_guest import IMAGE_SIZE
 
-PLACE = Path("/var/lib/lifeboat/pxe-test")  # where libvirt's QEMU (user libvirt-qemu) may read
-DOMAIN = "lifeboat-pxe-server"
-NETWORK = "lifeboat-pxe-net"
-HOST_IP = "10.214.0.1"
-SUBNET = "10.214.0.0"
-BRIDGE = "lbpxe0"
+SLOT = int(os.environ.get("LIFEBOAT_PXE_TEST_SLOT", "0"))
+assert 0 <= SLOT <= 9, "LIFEBOAT_PXE_TEST_SLOT must be 0 to 9"
+_SUFFIX = f"-{SLOT}" if SLOT else ""
+PLACE = Path(f"/var/lib/lifeboat/pxe-test{_SUFFIX}")  # where libvirt's QEMU (user libvirt-qemu) may read
+DOMAIN = f"lifeboat-pxe-server{_SUFFIX}"
+NETWORK = f"lifeboat-pxe-net{_SUFFIX}"
+_NET = f"10.{214 + SLOT}.0"
+HOST_IP = f"{_NET}.1"
+SUBNET = f"{_NET}.0"
+BRIDGE = f"lbpxe{SLOT}"
 MAC = "52:54:00:4c:42:01"
 SERIAL = "LBSRV0001"
 DISK_BYTES = IMAGE_SIZE * 2  # larger than the sample guest's point: its last partition grows
@@ -111,7 +116,7 @@ def network_xml() -> str:
     ET.SubElement(net, "bridge", name=BRIDGE, stp="on", delay="0")
     ip = ET.SubElement(net, "ip", address=HOST_IP, netmask="255.255.255.0")
     dhcp = ET.SubElement(ip, "dhcp")
-    ET.SubElement(dhcp, "range", start="10.214.0.10", end="10.214.0.99")
+    ET.SubElement(dhcp, "range", start=f"{_NET}.10", end=f"{_NET}.99")
     return ET.tostring(net, encoding="unicode")
 
 

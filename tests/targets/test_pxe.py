@@ -25,7 +25,7 @@ from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetCon
 from lifeboat.targets.bmc import BmcError
 from lifeboat.targets.pxe import PxeTarget, RestoreFailed, read_events
 from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr
-from tests.targets.pxeserver import DOMAIN, PxeServer
+from tests.targets.pxeserver import BRIDGE, DOMAIN, HOST_IP, SUBNET, PxeServer
 from tests.targets.realpeers import REPO, lifeboat
 
 GiB = 1024**3
@@ -158,7 +158,7 @@ def test_a_server_that_never_netboots_and_a_reported_failure_power_it_off(
     with open(image, "wb") as f:
         f.truncate(4 * 1024 * 1024)
     # no proxy DHCP of lifeboat's and the site's DHCP gives no boot file: no netboot
-    other = f"10.214.0.1:{pxe_server.http_port + 1 if pxe_server.http_port < 65535 else 1024}"
+    other = f"{HOST_IP}:{pxe_server.http_port + 1 if pxe_server.http_port < 65535 else 1024}"
     for case in ("never netboots", "reported failure"):
         work = tmp_path / case.replace(" ", "-")
         work.mkdir()
@@ -228,7 +228,7 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     out = json.loads(done.stdout)
     assert out["status"] == "succeeded", out
     assert "netbooted the recovery environment" in done.stderr and "restore complete" in done.stderr
-    assert "answering PXE on lbpxe0 (10.214.0.0, proxy DHCP)" in done.stderr  # the network's DHCP gives no boot file
+    assert f"answering PXE on {BRIDGE} ({SUBNET}, proxy DHCP)" in done.stderr  # the network's DHCP gives no boot file
     pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
     assert read_record(pxe_server.disk) == (1, "sample-guest")
 
