@@ -28,13 +28,14 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from lifeboat.archive.backend import Backend
 from lifeboat.archive.errors import Locked, StorageError
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.periodic import repeating
 from lifeboat.plumbing.tls import client_context
 
 PIECE = 8 * 1024 * 1024
@@ -278,27 +279,27 @@ class RemoteBackend(Backend):
         _check(status, resp, self.location)
         doc = json.loads(resp)
         lease, ttl = doc["id"], float(doc["ttl"])
-        stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(lease, ttl, stop), daemon=True, name="lock-renew")
         previous, self._lease = self._lease, lease
-        renewer.start()
         try:
-            yield
+            with repeating(ttl / 3, self._renewer(lease), "lock-renew"):
+                yield
         finally:
-            stop.set()
-            renewer.join()
             self._lease = previous
             with contextlib.suppress(StorageError):
                 self.request("DELETE", f"/v1/locks/{lease}")
 
-    def _renew(self, lease: str, ttl: float, stop: threading.Event) -> None:
-        backend = RemoteBackend.__new__(RemoteBackend)  # its own connection; same settings
+    def _renewer(self, lease: str) -> Callable[[], None]:
+        """A renewal of the lease over a connection of its own (same settings)."""
+        backend = RemoteBackend.__new__(RemoteBackend)
         backend.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_local"})
         backend._local = threading.local()
         backend._lease = None
-        while not stop.wait(ttl / 3):
+
+        def renew() -> None:
             with contextlib.suppress(StorageError, UsageError):
                 backend.request("POST", f"/v1/locks/{lease}")
+
+        return renew
 
     def cleanup_incomplete(self) -> int:
         status, _, body = self.request("POST", "/v1/cleanup")

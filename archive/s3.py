@@ -32,6 +32,7 @@ import botocore.exceptions
 from lifeboat.archive.backend import Backend
 from lifeboat.archive.errors import Locked, StorageError
 from lifeboat.plumbing.errors import UsageError
+from lifeboat.plumbing.periodic import repeating
 
 ENDPOINT_ENV = "LIFEBOAT_S3_ENDPOINT"
 LOCK_TTL_ENV = "LIFEBOAT_S3_LOCK_TTL"
@@ -290,24 +291,20 @@ class S3Backend(Backend):
                              f"({self._holder(blockers[0])})")
             time.sleep(delay * (0.5 + random.random()))  # jitter: two exclusive takers do not keep colliding
             delay = min(delay * 2, max(ttl / 3, 0.2))
-        stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(name, etag, body, ttl, stop), daemon=True,
-                                   name="s3-lease-renew")
-        renewer.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            renewer.join()
-            with contextlib.suppress(Exception):
-                self._s3.delete_object(Bucket=self.bucket, Key=name)
 
-    def _renew(self, name: str, etag: str, body: bytes, ttl: float, stop: threading.Event) -> None:
-        """Rewrite the lease every ttl/3, which moves its LastModified; a failed renewal is
-        tried again at the next turn (the lease lapses if none succeeds within the ttl)."""
-        while not stop.wait(ttl / 3):
+        def renew() -> None:
+            """Rewrite the lease, which moves its LastModified; a failed renewal is tried again at
+            the next turn (the lease lapses if none succeeds within the ttl)."""
+            nonlocal etag
             with contextlib.suppress(Exception):
                 etag = self._s3.put_object(Bucket=self.bucket, Key=name, Body=body, IfMatch=etag)["ETag"]
+
+        try:
+            with repeating(ttl / 3, renew, "s3-lease-renew"):
+                yield
+        finally:
+            with contextlib.suppress(Exception):
+                self._s3.delete_object(Bucket=self.bucket, Key=name)
 
     def cleanup_incomplete(self) -> int:
         """Abort the multipart uploads left under this prefix (run under the exclusive lock, so
