@@ -290,13 +290,13 @@ class PxeTarget(Physical, TakesImage):
                     bmc.power_on()
                     log.update(res, {"since": time.time(), "attempt": attempt + 1})
                     return
-                self._fail(
-                    guest,
-                    log,
-                    res,
+                why = (
                     f"the server did not netboot within {self.settings['netboot_timeout']} s in {attempts} "
-                    f"attempt(s) (it never fetched {self.http_url()}/boot.ipxe: check its DHCP/PXE settings)",
+                    f"attempt(s) (it never fetched {self.http_url()}/boot.ipxe: check its DHCP/PXE settings)"
                 )
+                if self._dhcp():
+                    why += pxedhcp.missed_offers(self._files(guest)["dir"] / "dhcp", self.settings.get("mac"))
+                self._fail(guest, log, res, why)
             log.update(res, {"stage": "restore"})
             self.context.log(f"{guest.name}: netbooted the recovery environment")
         progress = [e for e in events if e["event"] == "progress"]

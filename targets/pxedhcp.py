@@ -10,12 +10,20 @@ first given that file over dnsmasq's TFTP, which then asks again as iPXE and get
 ``bind-interfaces`` lets it share port 67 with another DHCP server on the same host (the tests' libvirt
 network's dnsmasq gives the addresses there). One process per run, recorded before it starts,
 stopped with the run (and once the restore is written).
+
+A proxy offer can lose: a PXE ROM takes the first offer with an address once it has waited long
+enough for proxy offers (Debian's iPXE: 2 s from its first DHCPDISCOVER), and a site's DHCP server
+answers a client whose lease it knows at once. A switch port that drops the server's frames for a
+few seconds after each link-up (spanning tree without portfast / edge port: the ROM's first
+requests are lost) uses those 2 s up, and the site's offer, arriving first, wins every time: the
+server gets its address and nothing to boot. ``missed_offers`` tells that case apart in the error.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,3 +73,23 @@ def write_files(dhcp: dict[str, Any], boot_url: str, folder: Path, name: str) ->
     config = folder / name
     config.write_text(dnsmasq_config(dhcp, boot_url, folder))
     return config
+
+
+def missed_offers(folder: Path, mac: str | None) -> str:
+    """Why a server that never fetched its script may not have, from dnsmasq's log in ``folder``:
+    how many proxy offers went to ``mac`` (to any PXE client without one), and what that means."""
+    try:
+        text = (folder / "dnsmasq.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    pattern = r" PXE\([^)]*\) (\S+) proxy$"
+    offers = [m for m in re.findall(pattern, text, re.MULTILINE) if not mac or m.lower() == mac.lower()]
+    who = mac or "any PXE client"
+    if not offers:
+        return f"; lifeboat's proxy DHCP never heard a PXE request from {who} (check dhcp.interface and dhcp.subnet)"
+    return (
+        f"; lifeboat's proxy DHCP answered {who} {len(offers)} time(s), yet its PXE ROM never asked for the boot "
+        "file: it took the site's DHCP offer without waiting for lifeboat's (iPXE waits 2 s from its first "
+        "request; a switch port that drops frames after link-up, spanning tree without portfast/edge port, "
+        "uses them up)"
+    )

@@ -110,10 +110,15 @@ def _virsh(*args: str, uri: str = "qemu:///system") -> subprocess.CompletedProce
 
 
 def network_xml() -> str:
-    """Host-only, plain DHCP: addresses, no boot file (the site's DHCP, which lifeboat leaves alone)."""
+    """Host-only, plain DHCP: addresses, no boot file (the site's DHCP, which lifeboat leaves alone).
+    The server's port forwards at link-up, as a PXE site's switch port must (portfast / edge port):
+    with spanning tree on, the bridge drops the server's frames for 4 s after each power-on, the
+    ROM's first DHCP requests are lost, and iPXE (which waits 2 s for proxy offers) then takes
+    whichever offer comes first: libvirt's once it knows the server's lease, so lifeboat's proxy
+    offer lost every netboot after the first (``targets/pxedhcp.py``, ``missed_offers``)."""
     net = ET.Element("network")
     ET.SubElement(net, "name").text = NETWORK
-    ET.SubElement(net, "bridge", name=BRIDGE, stp="on", delay="0")
+    ET.SubElement(net, "bridge", name=BRIDGE, stp="off")
     ip = ET.SubElement(net, "ip", address=HOST_IP, netmask="255.255.255.0")
     dhcp = ET.SubElement(ip, "dhcp")
     ET.SubElement(dhcp, "range", start=f"{_NET}.10", end=f"{_NET}.99")

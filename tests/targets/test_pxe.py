@@ -195,12 +195,6 @@ def test_a_server_that_never_netboots_and_a_reported_failure_power_it_off(
         assert log.resources() == [] and not (work / "pxe").exists()
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 13, open): run after the driver suite's pxe restore in the same session, the "
-    "server's iPXE gets lifeboat's proxy-DHCP offer but never fetches its script (twice in CI, and with "
-    "only those two tests); root cause not found",
-    strict=False,
-)
 def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     pxe_server: PxeServer, sample_archive: Path, tmp_path: Path
 ) -> None:

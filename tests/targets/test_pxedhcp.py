@@ -126,3 +126,26 @@ def test_a_dnsmasq_that_cannot_start_is_a_clear_error_and_teardown_releases_the_
     target.teardown(log)
     assert log.resources() == [] and not (tmp_path / "work" / "pxe").exists()
     assert not process_matches(http_pid, guest.token)
+
+
+# dnsmasq's own lines (log-dhcp) for a proxy offer to an iPXE ROM, as logged on the test network
+OFFER_LOG = """Nov 30 06:09:59 dnsmasq-dhcp[28899]: DHCP, proxy on subnet 10.214.0.0
+Nov 30 06:10:08 dnsmasq-dhcp[28899]: 577164089 vendor class: PXEClient:Arch:00000:UNDI:002001
+Nov 30 06:10:08 dnsmasq-dhcp[28899]: 577164089 user class: iPXE
+Nov 30 06:10:08 dnsmasq-dhcp[28899]: 577164089 PXE(lbpxe0) 52:54:00:4c:42:01 proxy
+Nov 30 06:10:08 dnsmasq-dhcp[28899]: 577164089 bootfile name: http://10.214.0.1:42973/boot.ipxe
+"""
+
+
+def test_a_server_that_never_netbooted_is_told_apart_by_what_the_proxy_dhcp_heard(tmp_path: Path) -> None:
+    """The netboot timeout's message says whether lifeboat's proxy DHCP answered the server (its ROM
+    then took the site's offer without waiting for lifeboat's) or never heard it (wrong interface
+    or subnet)."""
+    assert pxedhcp.missed_offers(tmp_path, "52:54:00:4c:42:01") == ""  # no dnsmasq ran
+    (tmp_path / "dnsmasq.log").write_text(OFFER_LOG * 2)
+    said = pxedhcp.missed_offers(tmp_path, "52:54:00:4C:42:01")
+    assert "answered 52:54:00:4C:42:01 2 time(s), yet its PXE ROM never asked for the boot file" in said
+    assert "spanning tree without portfast" in said
+    assert "answered any PXE client 2 time(s)" in pxedhcp.missed_offers(tmp_path, None)
+    said = pxedhcp.missed_offers(tmp_path, "52:54:00:00:00:99")
+    assert "never heard a PXE request from 52:54:00:00:00:99 (check dhcp.interface and dhcp.subnet)" in said
