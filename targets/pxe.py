@@ -17,6 +17,8 @@ The call order of ``targets/base.py``, for one server:
   and the server is powered off unless ``on_failure: leave``. PXE loses a boot now and then (an
   offer missed, a ROM that gives up and falls through to an empty disk), so the timeout is split
   into ``netboot_attempts`` tries, the server power-cycled onto the network again after each.
+  Once the server is powered off after a failure, or boots its restored disk, the HTTP server and
+  dnsmasq are stopped at once: a recovery run (``teardown: never``) would leave them running.
 - ``teardown``: powers the server off, stops the HTTP server and dnsmasq, removes their files.
 
 Not built yet (issue 13): GPT and
@@ -313,17 +315,24 @@ class PxeTarget(Physical, TakesImage):
             bmc.power_on()
             log.update(res, {"stage": "restored"})
             self.context.log(f"{guest.name}: restore complete: booting the server from its disk")
-            for served in [r for r in log.resources() if r.kind == "process"]:  # nothing more to serve
-                self.destroy(served)
-                log.forget(served)
+            self._release(log)
 
     def _plan_size(self, guest: Guest) -> int:
         config = json.loads(self._files(guest)["config"].read_text())
         return Path(config["image"]).stat().st_size
 
+    def _release(self, log: ResourceLog) -> None:
+        """Stop the HTTP server and dnsmasq at once, not at teardown (which a recovery run may never
+        do): nothing more is served to a server powered off or booting its own disk. Their files
+        (the logs) stay until teardown."""
+        for served in [r for r in log.resources() if r.kind == "process"]:
+            self.destroy(served)
+            log.forget(served)
+
     def _fail(self, guest: Guest, log: ResourceLog, res: Resource, why: str) -> None:
         if self.settings["on_failure"] == "power_off":
             self.bmc(guest).power_off()
+            self._release(log)
             why += "; the server is powered off"
         log.update(res, {"stage": "failed"})
         raise RestoreFailed(f"{self.label(guest)}: {why}")

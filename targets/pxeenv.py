@@ -101,11 +101,11 @@ while read kind off len; do
     wget -q -O /tmp/chunk "$url/data?offset=$off&length=$len" || fail "cannot fetch bytes $off+$len"
     got=$(stat -c %s /tmp/chunk)
     [ "$got" = "$len" ] || fail "short read at $off: $got of $len bytes"
-    dd if=/tmp/chunk of="$dev" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none \
-      || fail "write error on $dev at $off"
+    dd if=/tmp/chunk of="$dev" bs=1M seek="$off" oflag=seek_bytes conv=notrunc status=none 2>/tmp/err \
+      || fail "write error on $dev at $off: $(cat /tmp/err)"
   else
     dd if=/dev/zero of="$dev" bs=1M seek="$off" oflag=seek_bytes count="$len" iflag=count_bytes \
-      conv=notrunc status=none || fail "write error on $dev at $off"
+      conv=notrunc status=none 2>/tmp/err || fail "write error on $dev at $off: $(cat /tmp/err)"
   fi
   done_bytes=$((done_bytes + len))
   report "progress?done=$done_bytes"
@@ -113,7 +113,8 @@ done < /tmp/map
 rm -f /tmp/chunk
 wget -q -O /tmp/mbr "$url/mbr?disk_bytes=$bytes" || fail "cannot fetch the first sector"
 [ "$(stat -c %s /tmp/mbr)" = 512 ] || fail "the first sector is not 512 bytes"
-dd if=/tmp/mbr of="$dev" bs=512 count=1 conv=notrunc,fsync status=none || fail "write error on $dev at 0"
+dd if=/tmp/mbr of="$dev" bs=512 count=1 conv=notrunc,fsync status=none 2>/tmp/err \
+  || fail "write error on $dev at 0: $(cat /tmp/err)"
 sync
 blockdev --rereadpt "$dev" 2>/dev/null
 say "restore-complete $dev"

@@ -96,6 +96,18 @@ class PxeServer:
         """Off at once, as pulling the plug."""
         _virsh("destroy", DOMAIN)
 
+    @contextlib.contextmanager
+    def read_only_disk(self) -> Iterator[None]:
+        """The server's disk read-only to it (libvirt ``<readonly/>``: virtio-blk refuses every write)
+        while the block runs, the server off before and after."""
+        self.power_off()
+        _disk_read_only(True)
+        try:
+            yield
+        finally:
+            self.power_off()
+            _disk_read_only(False)
+
     def blank(self) -> None:
         """An empty disk and console, with the server off (before each restore)."""
         self.power_off()
@@ -107,6 +119,22 @@ class PxeServer:
 
 def _virsh(*args: str, uri: str = "qemu:///system") -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True)
+
+
+def _disk_read_only(read_only: bool) -> None:
+    """The domain's disk read-only or not in its definition (the rest, such as the boot device the BMC
+    set, kept)."""
+    dom = ET.fromstring(_virsh("dumpxml", "--inactive", DOMAIN).stdout)
+    disk = dom.find("devices/disk")
+    assert disk is not None
+    for flag in disk.findall("readonly"):
+        disk.remove(flag)
+    if read_only:
+        ET.SubElement(disk, "readonly")
+    xml = ET.tostring(dom, encoding="unicode")
+    done = subprocess.run(["virsh", "-c", "qemu:///system", "define", "/dev/stdin"], input=xml, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, f"virsh define: {done.stderr}"
 
 
 def network_xml() -> str:

@@ -6,6 +6,7 @@ not answer, a server that never netboots, a failure reported by the environment.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -20,13 +21,14 @@ import pytest
 import yaml
 
 from examples.sample_guest import IMAGE_SIZE, PARTITION2_START_SECTOR, copy_image, read_record
+from lifeboat.plumbing.proc import process_matches
 from lifeboat.targets import TARGETS, pxeenv
 from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext
 from lifeboat.targets.bmc import BmcError
-from lifeboat.targets.pxe import PxeTarget, RestoreFailed, read_events
+from lifeboat.targets.pxe import PxeTarget, RestoreFailed
 from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr
 from tests.targets.pxeserver import BRIDGE, DOMAIN, HOST_IP, SUBNET, PxeServer
-from tests.targets.realpeers import REPO, lifeboat
+from tests.targets.realpeers import REPO, lifeboat, qemu_processes
 
 GiB = 1024**3
 
@@ -150,49 +152,65 @@ def test_a_bmc_that_refuses_the_credentials_or_does_not_answer_names_the_server(
         target.prepare()
 
 
-def test_a_server_that_never_netboots_and_a_reported_failure_power_it_off(
-    pxe_server: PxeServer, tmp_path: Path
+def released(target: PxeTarget, log: MemoryLog, pids: list[int], token: str) -> bool:
+    """Nothing is served any more: no process recorded, the recorded ones gone, the HTTP port free."""
+    if any(r.kind == "process" for r in log.resources()) or any(process_matches(p, token) for p in pids):
+        return False
+    host, port = str(target.settings["http_listen"]).rsplit(":", 1)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its closed connections: no listener
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_server_that_never_netboots_or_fails_to_write_its_disk_is_powered_off_and_released(
+    pxe_server: PxeServer, tmp_path: Path, sample_guest_image: Path
 ) -> None:
+    """Two failures: no netboot at all (the site's DHCP gives no boot file and lifeboat runs none),
+    and a real netboot whose environment cannot write the disk (read-only to the server). Each names
+    the server, powers it off and stops what was served at once (a recovery run does not tear down)."""
     pxe_server.blank()
-    image = tmp_path / "point.raw"
-    with open(image, "wb") as f:
-        f.truncate(4 * 1024 * 1024)
-    # no proxy DHCP of lifeboat's and the site's DHCP gives no boot file: no netboot
+    image = copy_image(sample_guest_image, tmp_path / "point.raw")
     other = f"{HOST_IP}:{pxe_server.http_port + 1 if pxe_server.http_port < 65535 else 1024}"
-    for case in ("never netboots", "reported failure"):
+    for case in ("never netboots", "write error"):
         work = tmp_path / case.replace(" ", "-")
         work.mkdir()
-        attempts = 2 if case == "never netboots" else 1
-        target, guest, log, said = driver(
-            pxe_server, http_listen=other, netboot_timeout=0.5, netboot_attempts=attempts, dhcp={"mode": "none"}
-        )
+        if case == "never netboots":
+            overrides: dict[str, object] = {"http_listen": other, "netboot_timeout": 0.5, "dhcp": {"mode": "none"}}
+        else:
+            overrides = {}
+        target, guest, log, said = driver(pxe_server, **overrides)
         guest.workdir = work
         target.prepare()
         target.provision(guest, Disk(size=image.stat().st_size, image_path=image, image_format="raw"), log)
-        target.boot(guest, log)
-        assert domstate() == "running"
-        if case == "reported failure":  # as the environment reports it (the rule's words: test above)
-            events = work / "pxe" / "events.jsonl"
-            with open(events, "a") as f:
-                f.write('{"event": "netboot"}\n{"event": "fail", "reason": "no disk matches the rule (serial=X)"}\n')
-            assert [e["event"] for e in read_events(events)][-2:] == ["netboot", "fail"]
-        time.sleep(0.6)
-        if case == "never netboots":  # the first share of the timeout is over: power-cycled to try again
-            target.poll(guest, log)
-            assert "power-cycling onto the network again (attempt 2 of 2)" in said[-1]
+        pids = [int(r.data["pid"]) for r in log.resources() if r.kind == "process"]
+        assert len(pids) == (1 if case == "never netboots" else 2)  # the HTTP server (and dnsmasq)
+        with pxe_server.read_only_disk() if case == "write error" else contextlib.nullcontext():
+            target.boot(guest, log)
             assert domstate() == "running"
-            time.sleep(0.3)
-        with pytest.raises(RestoreFailed) as e:
-            target.poll(guest, log)
+            with pytest.raises(RestoreFailed) as e:
+                deadline = time.monotonic() + 900
+                while time.monotonic() < deadline:
+                    time.sleep(0.6 if case == "never netboots" else 2)
+                    target.poll(guest, log)
+                    if case == "never netboots" and "attempt 2 of 2" in said[-1]:
+                        assert domstate() == "running"  # the first share of the timeout is over: power-cycled
         message = str(e.value)
         assert message.startswith("srv (server at BMC http://127.0.0.1:") and "the server is powered off" in message
         if case == "never netboots":
-            assert "did not netboot within 0.5 s" in message and "boot.ipxe" in message
+            assert "did not netboot within 0.5 s in 2 attempt(s)" in message and "boot.ipxe" in message
+            assert any("attempt 2 of 2" in line for line in said)
         else:
-            assert "the recovery environment failed: no disk matches the rule (serial=X)" in message
+            assert re.search(r"the recovery environment failed: write error on /dev/vda at \d+: \S", message), message
         assert domstate() == "shut off" and e.value.exit_code == 1
+        assert released(target, log, pids, guest.token)
         target.teardown(log)
         assert log.resources() == [] and not (work / "pxe").exists()
+    with open(pxe_server.disk, "rb") as f, pytest.raises(OSError):  # nothing reached the disk: a hole throughout
+        os.lseek(f.fileno(), 0, os.SEEK_DATA)
 
 
 def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
@@ -204,9 +222,7 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     pxe_server.blank()
     doc = yaml.safe_load((REPO / "runbooks" / "p2p.yaml").read_text())
     ours = pxe_server.settings()
-    doc["target"]["settings"].update(
-        {k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "dhcp")}
-    )
+    doc["target"]["settings"].update({k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "dhcp")})
     doc["target"]["settings"]["netboot_timeout"] = 120  # two tries of a minute: a netboot takes ~25 s
     doc["target"]["settings"].pop("http_url")
     (machine,) = doc["machines"]
@@ -223,6 +239,8 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     assert out["status"] == "succeeded", out
     assert "netbooted the recovery environment" in done.stderr and "restore complete" in done.stderr
     assert f"answering PXE on {BRIDGE} ({SUBNET}, proxy DHCP)" in done.stderr  # the network's DHCP gives no boot file
+    # a recovery never tears down: what served the restore stopped once the server booted its disk
+    assert qemu_processes(str(tmp_path / "state")) == []
     pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
     assert read_record(pxe_server.disk) == (1, "sample-guest")
 
