@@ -21,8 +21,8 @@ The call order of ``targets/base.py``, for one server:
   dnsmasq are stopped at once: a recovery run (``teardown: never``) would leave them running.
 - ``teardown``: powers the server off, stops the HTTP server and dnsmasq, removes their files.
 
-Not built yet (issue 13): GPT and
-file-system growth (only the last MBR partition grows), instant mode (dm-clone over NBD).
+Not built yet (issue 13): file-system growth (the last MBR or GPT partition grows, not its file
+system), instant mode (dm-clone over NBD).
 """
 
 from __future__ import annotations

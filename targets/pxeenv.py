@@ -12,9 +12,10 @@ initramfs. busybox's ``wget`` is static and already there, so the orchestrator s
 raw image over HTTP (``targets/pxeserve.py``), in extents: the initramfs fetches each data extent
 into RAM, checks its length and writes it with ``dd`` at its offset, writes zeros over the holes
 (the disk may not be blank), reports progress after each extent, and writes the first sector last
-(so a half-written disk does not boot) as the server adapts it to the disk's size (the last MBR
-partition grown onto a larger disk). The same HTTP server serves the iPXE script, kernel and
-initramfs, so a site's DHCP only needs to point PXE at ``http://LIFEBOAT/boot.ipxe``.
+(so a half-written disk does not boot) as the server adapts the partition tables to the disk's size
+(the last MBR or GPT partition grown onto a larger disk, a GPT's backup moved to the disk's end).
+The same HTTP server serves the iPXE script, kernel and initramfs, so a site's DHCP only needs to
+point PXE at ``http://LIFEBOAT/boot.ipxe``.
 
 The disk is chosen by the runbook's rule (``disk`` setting: a path, a serial number, or the
 smallest/largest disk that holds the point); a disk smaller than the point is refused, naming it.
@@ -111,10 +112,13 @@ while read kind off len; do
   report "progress?done=$done_bytes"
 done < /tmp/map
 rm -f /tmp/chunk
-wget -q -O /tmp/mbr "$url/mbr?disk_bytes=$bytes" || fail "cannot fetch the first sector"
-[ "$(stat -c %s /tmp/mbr)" = 512 ] || fail "the first sector is not 512 bytes"
-dd if=/tmp/mbr of="$dev" bs=512 count=1 conv=notrunc,fsync status=none 2>/tmp/err \
-  || fail "write error on $dev at 0: $(cat /tmp/err)"
+wget -q -O /tmp/tables "$url/tables?disk_bytes=$bytes" || fail "cannot fetch the partition tables"
+while read off len; do
+  wget -q -O /tmp/table "$url/table?disk_bytes=$bytes&offset=$off" || fail "cannot fetch the table at $off"
+  [ "$(stat -c %s /tmp/table)" = "$len" ] || fail "the table at $off is not $len bytes"
+  dd if=/tmp/table of="$dev" bs=512 seek="$off" oflag=seek_bytes conv=notrunc,fsync status=none 2>/tmp/err \
+    || fail "write error on $dev at $off: $(cat /tmp/err)"
+done < /tmp/tables
 sync
 blockdev --rereadpt "$dev" 2>/dev/null
 say "restore-complete $dev"

@@ -9,8 +9,9 @@ matters is appended to the events file (JSON lines), which the driver reads in `
 ``netboot`` (the iPXE script was fetched), ``chosen``, ``progress``, ``done``, ``fail``.
 
 Paths: ``/boot.ipxe``, ``/vmlinuz``, ``/initrd.gz``, ``/plan`` (shell variables), ``/map`` (``data|zero
-OFFSET LENGTH`` lines), ``/data?offset=&length=``, ``/mbr?disk_bytes=`` (the first sector with the last
-MBR partition grown onto a larger disk), ``/chosen``, ``/progress?done=``, ``/done``, ``/fail?reason=``.
+OFFSET LENGTH`` lines), ``/data?offset=&length=``, ``/tables?disk_bytes=`` (``OFFSET LENGTH`` lines: the
+partition tables adapted to the disk, see ``tables``) and ``/table?disk_bytes=&offset=`` (one of them),
+``/chosen``, ``/progress?done=``, ``/done``, ``/fail?reason=``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from lifeboat.targets.gpt import grown_gpt
+
 SECTOR = 512
 ALIGN = 1024 * 1024
 MAX_EXTENT = 16 * 1024 * 1024  # the recovery environment holds one extent in RAM
@@ -34,7 +37,7 @@ MAX_EXTENT = 16 * 1024 * 1024  # the recovery environment holds one extent in RA
 def extents(path: Path) -> list[tuple[str, int, int]]:
     """The image as ("data"|"zero", offset, length) runs: data where the file has data (SEEK_DATA),
     rounded out to MiB and cut to at most ``MAX_EXTENT``, zero elsewhere; the first sector is left
-    out (written last, from ``/mbr``)."""
+    out (written last, from ``/tables``)."""
     size = path.stat().st_size
     runs: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
@@ -91,6 +94,16 @@ def grown_mbr(sector: bytes, image_bytes: int, disk_bytes: int) -> bytes:
     out = bytearray(sector)
     struct.pack_into("<I", out, 446 + 16 * last + 12, disk_sectors - gap - start)
     return bytes(out)
+
+
+def tables(image: Path, disk_bytes: int) -> list[tuple[int, bytes]]:
+    """What the environment writes after the extents, in this order (the first sector last): a GPT's
+    pieces for a larger disk (``targets/gpt.py``), else the first sector with the last MBR partition
+    grown (``grown_mbr``)."""
+    size = image.stat().st_size
+    with open(image, "rb") as f:
+        pieces = grown_gpt(lambda offset, length: os.pread(f.fileno(), length, offset), size, disk_bytes)
+        return pieces or [(0, grown_mbr(os.pread(f.fileno(), SECTOR, 0), size, disk_bytes))]
 
 
 class Served:
@@ -159,10 +172,11 @@ def handler(served: Served) -> type[BaseHTTPRequestHandler]:
                         return
                     with open(served.image, "rb") as f:
                         self.send(os.pread(f.fileno(), length, offset))
-                elif url.path == "/mbr":
-                    with open(served.image, "rb") as f:
-                        sector = os.pread(f.fileno(), SECTOR, 0)
-                    self.send(grown_mbr(sector, served.image_bytes, int(q["disk_bytes"])))
+                elif url.path == "/tables":
+                    pieces = tables(served.image, int(q["disk_bytes"]))
+                    self.send("".join(f"{o} {len(b)}\n" for o, b in pieces).encode(), kind="text/plain")
+                elif url.path == "/table":
+                    self.send(dict(tables(served.image, int(q["disk_bytes"])))[int(q["offset"])])
                 elif url.path in ("/chosen", "/progress", "/done", "/fail"):
                     served.event(url.path[1:], **q)
                     self.send(b"ok\n", kind="text/plain")

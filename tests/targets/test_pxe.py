@@ -26,7 +26,7 @@ from lifeboat.targets import TARGETS, pxeenv
 from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext
 from lifeboat.targets.bmc import BmcError
 from lifeboat.targets.pxe import PxeTarget, RestoreFailed
-from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr
+from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr, tables
 from tests.targets.pxeserver import BRIDGE, DOMAIN, HOST_IP, SUBNET, PxeServer
 from tests.targets.realpeers import REPO, lifeboat, qemu_processes
 
@@ -90,6 +90,7 @@ def test_extents_cover_the_image_once_and_the_mbr_grows_its_last_partition(
 
     assert grown_mbr(sector, IMAGE_SIZE, IMAGE_SIZE) == sector
     grown = grown_mbr(sector, IMAGE_SIZE, 4 * IMAGE_SIZE)
+    assert tables(image, 4 * IMAGE_SIZE) == [(0, grown)]  # what the server serves for an MBR image
     assert partition(grown, 0) == partition(sector, 0)
     start, count = partition(grown, 1)
     old_end = sum(partition(sector, 1))
@@ -101,6 +102,39 @@ def test_extents_cover_the_image_once_and_the_mbr_grows_its_last_partition(
     gpt[446 + 4] = 0xEE
     assert grown_mbr(bytes(gpt), IMAGE_SIZE, 4 * IMAGE_SIZE) == bytes(gpt)  # a GPT is left as is
     assert read_record(image) == (0, "sample-guest")
+
+
+def sgdisk(*args: str) -> str:
+    done = subprocess.run(["sgdisk", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_gpt_image_on_a_larger_disk_moves_its_backup_to_the_end_and_grows_its_last_partition(
+    tmp_path: Path,
+) -> None:
+    """A GPT image (made by sgdisk: an EFI partition and a last one up to the end) written onto a
+    disk four times larger with the pieces the server serves over it: ``sgdisk -v`` finds no problem
+    (it finds the backup header misplaced without them), the last partition ends at the disk's last
+    usable sector, the first is unchanged; a disk of the image's size gets the image's first sector."""
+    image, disk = tmp_path / "gpt.img", tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    sgdisk("-n", "1:2048:+4M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300", str(image))
+    assert "Last sector: 32734 " in sgdisk("-i", "2", str(image))  # 32768 sectors less the 34 of the backup
+    disk.write_bytes(image.read_bytes())
+    os.truncate(disk, 64 * 1024 * 1024)
+    assert "Problem: The secondary header's self-pointer" in sgdisk("-v", str(disk))
+    pieces = tables(image, disk.stat().st_size)
+    assert pieces[-1][0] == 0  # the first sector last
+    with open(disk, "r+b") as f:
+        for offset, data in pieces:
+            os.pwrite(f.fileno(), data, offset)
+    assert "No problems found" in sgdisk("-v", str(disk))
+    assert "Last sector: 131038 " in sgdisk("-i", "2", str(disk))  # 131072 sectors less 34
+    assert "Last sector: 10239 " in sgdisk("-i", "1", str(disk))
+    with open(image, "rb") as f:
+        assert tables(image, image.stat().st_size) == [(0, f.read(SECTOR))]
 
 
 def test_the_recovery_environment_is_built_once_with_its_drivers() -> None:

@@ -1,0 +1,86 @@
+"""A GPT disk image adapted to a larger disk, on the orchestrator's side (as ``grown_mbr`` in
+``targets/pxeserve.py`` does for MBR): the recovery environment writes the image block for block,
+then these pieces over it.
+
+A GPT keeps a backup of its header and partition entries in the disk's last sectors; written onto a
+larger disk, the image's backup sits in the middle and the space after it is outside every
+partition. ``grown_gpt`` moves the backup entries and header to the disk's end, sets the last
+usable sector, grows the partition that ends last when it reached the image's usable end (less
+than 1 MiB short of it, keeping the same gap), recomputes both CRCs, zeroes the old backup header
+and widens the protective MBR's partition to the disk.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+
+SECTOR = 512
+SIGNATURE = b"EFI PART"
+ALIGN_SECTORS = 2048  # 1 MiB
+
+
+def _with_crc(header: bytearray, size: int) -> bytes:
+    """The header's first ``size`` bytes with their CRC32 at offset 16, padded to a sector."""
+    struct.pack_into("<I", header, 16, 0)
+    struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:size])))
+    return bytes(header[:size]).ljust(SECTOR, b"\0")
+
+
+def grown_gpt(read: Callable[[int, int], bytes], image_bytes: int, disk_bytes: int) -> list[tuple[int, bytes]]:
+    """(offset, bytes) pieces to write over an image of ``image_bytes`` (``read(offset, length)``
+    reads it) once it is on a disk of ``disk_bytes``, the first sector last; none when the image
+    has no valid GPT (a protective MBR and a primary header whose CRCs match) or the disk is not
+    larger."""
+    if disk_bytes <= image_bytes:
+        return []
+    mbr = bytearray(read(0, SECTOR))
+    if mbr[510:512] != b"\x55\xaa" or mbr[446 + 4] != 0xEE:
+        return []
+    header = bytearray(read(SECTOR, SECTOR))
+    size = struct.unpack_from("<I", header, 12)[0]
+    if header[:8] != SIGNATURE or not 92 <= size <= SECTOR:
+        return []
+    check = bytearray(header[:size])
+    struct.pack_into("<I", check, 16, 0)
+    if zlib.crc32(bytes(check)) != struct.unpack_from("<I", header, 16)[0]:
+        return []
+    old_backup, _first, last_usable = struct.unpack_from("<QQQ", header, 32)
+    entries_lba = struct.unpack_from("<Q", header, 72)[0]
+    count, entry_size = struct.unpack_from("<II", header, 80)
+    entries = bytearray(read(entries_lba * SECTOR, count * entry_size))
+    if zlib.crc32(bytes(entries)) != struct.unpack_from("<I", header, 88)[0]:
+        return []
+
+    disk_last = disk_bytes // SECTOR - 1
+    entry_sectors = -(-count * entry_size // SECTOR)
+    backup_entries_lba = disk_last - entry_sectors
+    new_last_usable = backup_entries_lba - 1
+    used = [
+        (struct.unpack_from("<Q", entries, i * entry_size + 40)[0], i)
+        for i in range(count)
+        if entries[i * entry_size : i * entry_size + 16].strip(b"\0")
+    ]
+    if used:
+        end, last = max(used)
+        if end > last_usable - ALIGN_SECTORS:
+            struct.pack_into("<Q", entries, last * entry_size + 40, new_last_usable - (last_usable - end))
+    struct.pack_into("<I", header, 88, zlib.crc32(bytes(entries)))
+    struct.pack_into("<Q", header, 32, disk_last)  # the backup header's place
+    struct.pack_into("<Q", header, 48, new_last_usable)
+    primary = _with_crc(header, size)
+    backup = bytearray(header)
+    struct.pack_into("<QQ", backup, 24, disk_last, 1)  # its own place, the primary's
+    struct.pack_into("<Q", backup, 72, backup_entries_lba)
+    struct.pack_into("<I", mbr, 446 + 12, min(disk_bytes // SECTOR - 1, 0xFFFFFFFF))
+    pieces = [
+        (backup_entries_lba * SECTOR, bytes(entries)),
+        (disk_last * SECTOR, _with_crc(backup, size)),
+        (entries_lba * SECTOR, bytes(entries)),
+        (SECTOR, primary),
+        (0, bytes(mbr)),
+    ]
+    if old_backup * SECTOR < image_bytes:
+        pieces.insert(0, (old_backup * SECTOR, bytes(SECTOR)))
+    return pieces
