@@ -75,17 +75,32 @@ mount -t devtmpfs devtmpfs /dev
 say() { echo "LIFEBOAT-GUEST: $*"; }
 stop() { sync; poweroff -f; sleep 10; }
 say booted
-for m in @MODULES@; do
-  insmod "/lib/modules/$m.ko" || say "insmod-failed $m"
+# Started by lifeboat's bare-metal instant restore (targets/pxeinstant.py), this system runs on the
+# recovery kernel: its own kernel arguments are in /lifeboat/cmdline, and partition 2 of its disk
+# is the device-mapper device lifeboat-part2 (the disk itself is a mirror filling in the background).
+args=$(cat /lifeboat/cmdline 2>/dev/null || cat /proc/cmdline)
+rdev=
+for d in /sys/block/dm-*; do
+  [ "$(cat "$d/dm/name" 2>/dev/null)" = lifeboat-part2 ] && rdev=/dev/${d##*/}
 done
-i=0
-while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-if [ ! -b /dev/vda ]; then say no-disk; stop; fi
-i=0
-while [ ! -r /sys/block/vda/vda2/start ] && [ "$i" -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
-if [ ! -r /sys/block/vda/vda2/start ]; then say no-partition; stop; fi
-start=$(cat /sys/block/vda/vda2/start)
-rec=$(dd if=/dev/vda bs=512 skip="$start" count=1 2>/dev/null | tr -d '\000')
+if [ -n "$rdev" ]; then
+  start=0
+  psize=$(cat "/sys/block/${rdev#/dev/}/size")
+else
+  for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || say "insmod-failed $m"
+  done
+  i=0
+  while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  if [ ! -b /dev/vda ]; then say no-disk; stop; fi
+  i=0
+  while [ ! -r /sys/block/vda/vda2/start ] && [ "$i" -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+  if [ ! -r /sys/block/vda/vda2/start ]; then say no-partition; stop; fi
+  rdev=/dev/vda
+  start=$(cat /sys/block/vda/vda2/start)
+  psize=$(cat /sys/block/vda/vda2/size)
+fi
+rec=$(dd if="$rdev" bs=512 skip="$start" count=1 2>/dev/null | tr -d '\000')
 magic=${rec%% *}
 rest=${rec#* }
 counter=${rest%% *}
@@ -96,7 +111,7 @@ if [ "$magic" != LBGUEST ]; then say bad-record; stop; fi
 say "disk-record $counter $text"
 next=$((counter + 1))
 printf 'LBGUEST %s %s\n' "$next" "$text" > /tmp/record
-if ! dd if=/tmp/record of=/dev/vda bs=512 seek="$start" count=1 conv=sync,notrunc,fsync 2>/dev/null
+if ! dd if=/tmp/record of="$rdev" bs=512 seek="$start" count=1 conv=sync,notrunc,fsync 2>/dev/null
 then
   say disk-write-failed
   stop
@@ -111,14 +126,14 @@ say "disk-write-ok $next"
 # after each one is durable, so a test knows what the disk held and when.
 workload() {
   ms=200; kib=4; slots=0
-  for a in $(cat /proc/cmdline); do
+  for a in $args; do
     case "$a" in
       lifeboat.workload_ms=*) ms=${a#*=} ;;
       lifeboat.workload_kib=*) kib=${a#*=} ;;
       lifeboat.workload_slots=*) slots=${a#*=} ;;
     esac
   done
-  area=$(( ($(cat /sys/block/vda/vda2/size) * 512 - 1048576) / (kib * 1024) ))
+  area=$(( (psize * 512 - 1048576) / (kib * 1024) ))
   if [ "$slots" -gt 0 ] && [ "$slots" -lt "$area" ]; then area=$slots; fi
   base=$(( start * 512 + 1048576 ))
   pause=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
@@ -129,7 +144,7 @@ workload() {
     off=$(( base + ((n - 1) % area) * kib * 1024 ))
     rec=$(printf 'LBWORK %d %d %s' "$n" "$next" "$(cut -d ' ' -f 1 /proc/uptime)")
     if ! { echo "$rec"; dd if=/tmp/pool bs=1024 skip=$(( (n * 4) % kib )) count="$kib" 2>/dev/null; } \
-      | dd of=/dev/vda bs=$((kib * 1024)) count=1 seek="$off" \
+      | dd of="$rdev" bs=$((kib * 1024)) count=1 seek="$off" \
         oflag=seek_bytes iflag=fullblock conv=notrunc,fsync 2>/dev/null
     then
       say "workload-write-failed $n"
@@ -140,10 +155,10 @@ workload() {
     if [ "$ms" -gt 0 ]; then sleep "$pause"; fi
   done
 }
-case " $(cat /proc/cmdline) " in
+case " $args " in
   *" lifeboat.workload=1 "*) workload & ;;
 esac
-case " $(cat /proc/cmdline) " in
+case " $args " in
   *" lifeboat.stay=1 "*)
     while true; do say "alive $(cut -d ' ' -f 1 /proc/uptime)"; sleep 2; done
     ;;

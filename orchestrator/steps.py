@@ -26,6 +26,7 @@ from lifeboat.orchestrator.state import DbResourceLog, Step
 from lifeboat.targets import TARGETS
 from lifeboat.targets.base import (
     BootsFromNbd,
+    FillsLocalDisk,
     Guest,
     HasConsole,
     Localizes,
@@ -176,8 +177,16 @@ def health(ctx: MachineContext) -> dict[str, Any]:
 
 def localize(ctx: MachineContext) -> dict[str, Any]:
     """Wait until the NBD server has hydrated the local disk, move the running machine onto it,
-    stop the server (when the runbook asks and the target can)."""
+    stop the server (when the runbook asks and the target can); or wait for a driver that fills
+    the machine's disk itself (``FillsLocalDisk``)."""
     run, guest = ctx.run, ctx.guest
+    if run.rb.move_to_local and isinstance(ctx.target, FillsLocalDisk):  # the driver serves and follows it
+        while not ctx.target.filled(guest, ctx.driver_log):
+            if run.stop.is_set():
+                raise Interrupted()
+            ctx.target.poll(guest, ctx.driver_log)
+            time.sleep(1)
+        return {"local_disk": "filled", "moved_at": time.time()}
     if not (run.rb.move_to_local and isinstance(ctx.target, Localizes)):
         return {"skipped": "move_to_local is off" if not run.rb.move_to_local else "not supported"}
     server = find_server(ctx.engine_log, guest.token)

@@ -1,5 +1,6 @@
-"""Initramfs building blocks: a newc cpio writer and a resolver of Linux kernel modules with their
-dependencies (read from each module's ``.modinfo``), for the small busybox initramfs files that
+"""Initramfs building blocks: a newc cpio writer, a resolver of Linux kernel modules with their
+dependencies (read from each module's ``.modinfo``) and dynamic programs with their shared
+libraries (``dynamic_binary``), for the small busybox initramfs files that
 lifeboat builds itself (the sample guest's, ``examples/sample_guest.py``; the bare-metal recovery
 environment's, ``targets/pxeenv.py``), without depending on initramfs-tools on the host."""
 
@@ -9,6 +10,7 @@ import gzip
 import lzma
 import re
 import struct
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -149,3 +151,24 @@ def busybox_initramfs(
     entries += [(path, mode, data, (0, 0)) for path, mode, data in files]
     entries += [(f"lib/modules/{name}.ko", f, ko, (0, 0)) for name, ko in modules]
     return gzip.compress(cpio_newc(entries), compresslevel=9, mtime=0)
+
+
+def dynamic_binary(path: Path, dest: str = "bin") -> list[tuple[str, int, bytes]]:
+    """A dynamically linked program and the shared libraries it loads (``ldd``), as initramfs
+    ``files`` entries: the program at ``DEST/NAME``, each library and the ELF interpreter at the
+    path it has on this host (``/lib/x86_64-linux-gnu/...``, ``/lib64/ld-linux-x86-64.so.2``), and
+    the folders they need first (the kernel's unpacker does not create missing parents). For
+    Debian's ``nbd-client`` and ``dmsetup`` in a netboot initramfs, which busybox cannot replace."""
+    done = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LifeboatError(f"ldd {path}: {done.stderr.strip() or done.stdout.strip()}")
+    libs: list[str] = []
+    for line in done.stdout.splitlines():
+        m = re.match(r"\s*(?:\S+ => )?(/\S+) \(0x", line)
+        if m:
+            libs.append(m.group(1))
+    files = [(f"{dest}/{path.name}", 0o100755, path.read_bytes())]
+    files += [(lib.lstrip("/"), 0o100755, Path(lib).resolve().read_bytes()) for lib in libs]
+    folders = sorted({str(Path(name).parent) for name, _, _ in files} - {"."})
+    parents = sorted({str(p) for f in folders for p in [Path(f), *Path(f).parents] if str(p) != "."})
+    return [(d, 0o040755, b"") for d in parents] + files

@@ -11,7 +11,7 @@ APT_PACKAGES=(
   restic borgbackup rclone python3-venv python3-dev gcc qemu-guest-agent
   chromium
   golang-go golang-github-vmware-govmomi-dev  # issue 14: the vCenter simulator (tests/targets/vcsim)
-  linux-image-amd64 ipxe-qemu dnsmasq-base gdisk  # issue 13 (pxe): recovery kernel, iPXE ROMs, libvirt DHCP, sgdisk
+  linux-image-amd64 ipxe-qemu dnsmasq-base gdisk nbd-client dmsetup  # issue 13 (pxe): recovery kernel, iPXE ROMs, libvirt DHCP, sgdisk; instant mode
   # issue 15: the openstack target's tests run real Keystone and Glance on PostgreSQL; its bench the openstack CLI
   python3-keystone python3-glance python3-keystonemiddleware python3-psycopg2 postgresql python3-openstackclient
   libguestfs-tools python3-guestfs fuse2fs xfsprogs  # issue 16: file-level restore

@@ -301,6 +301,16 @@ class Localizes(BootsFromNbd):
         Idempotent."""
 
 
+class FillsLocalDisk(Target):
+    """The machine starts at once from its point, served by the driver itself, while its own
+    disk fills in the background, then runs from that disk alone (the pxe target's ``restore:
+    instant``); the engine's localize step waits for the fill."""
+
+    @abstractmethod
+    def filled(self, guest: Guest, log: ResourceLog) -> bool:
+        """The disk is filled and the machine runs from it alone (``poll`` follows the fill)."""
+
+
 class TakesImage(Target):
     """The machine needs a whole image file (``Disk.image_path``) before it can boot: the engine
     writes the point with an exporter in the first of ``image_formats()`` (a cloud upload, a
@@ -382,6 +392,7 @@ class Sweeps(Target):
 CAPABILITIES: dict[str, type] = {
     "boots_from_nbd": BootsFromNbd,
     "moves_to_local": Localizes,
+    "fills_local_disk": FillsLocalDisk,
     "takes_image": TakesImage,
     "uploads": Uploads,
     "console": HasConsole,

@@ -21,8 +21,17 @@ The call order of ``targets/base.py``, for one server:
   dnsmasq are stopped at once: a recovery run (``teardown: never``) would leave them running.
 - ``teardown``: powers the server off, stops the HTTP server and dnsmasq, removes their files.
 
+With ``restore: instant`` (``targets/pxeinstant.py``), the environment starts the restored system
+at once from the point over NBD (a dm-mirror of NBD and the local disk, filled in the background);
+``poll`` logs ``booting`` and the fill's progress, and once the environment switched the system
+over to its local disk, sets the next boot to the disk (no power cycle: the system runs on) and
+stops serving. The health checks see the system as soon as it is up.
+
+In instant mode the driver ``FillsLocalDisk``: the engine's localize step (``move_to_local``) polls
+it until the disk is filled.
+
 Not built yet (issue 13): file-system growth (the last MBR or GPT partition grows, not its file
-system), instant mode (dm-clone over NBD).
+system); in instant mode, a GPT point and partition growth.
 """
 
 from __future__ import annotations
@@ -36,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.proc import log_tail, process_matches
-from lifeboat.targets import pxedhcp, pxeenv
+from lifeboat.targets import pxedhcp, pxeenv, pxeinstant
 from lifeboat.targets.base import (
     Disk,
+    FillsLocalDisk,
     Guest,
     HasConsole,
     Physical,
@@ -95,8 +105,11 @@ class PxeTarget(Physical, TakesImage):
 
     @classmethod
     def variant(cls, settings: dict[str, Any]) -> type[Target]:
-        """With ``console_log`` (the server's console captured to a file), a driver ``HasConsole``."""
-        return PxeConsoleTarget if settings.get("console_log") else cls
+        """With ``console_log`` (the server's console captured to a file), a driver ``HasConsole``;
+        with ``restore: instant``, one that ``FillsLocalDisk``."""
+        if settings.get("restore") == "instant":
+            return PxeInstantConsoleTarget if settings.get("console_log") else PxeInstantTarget
+        return PxeConsoleTarget if settings.get("console_log") else PxeTarget
 
     def supports_network(self, mode: str) -> bool:
         """The server sits on its own network: ``mapped`` (the runbook names it) or ``none``."""
@@ -167,6 +180,15 @@ class PxeTarget(Physical, TakesImage):
         f["dir"].mkdir(parents=True, exist_ok=True)
         url = self.http_url()
         plan = {"POINT_SIZE": str(disk.size), "SERVER": guest.name, **disk_rule(self.settings["disk"])}
+        if self.settings["restore"] == "instant":
+            parts, boot_part = pxeinstant.partitions(disk.image_path)
+            plan.update(
+                {"RESTORE": "instant", "PARTS": parts, "BOOT_PART": str(boot_part),
+                 "REGION": str(pxeinstant.REGION_SECTORS)}
+            )  # fmt: skip
+            host = str(self.settings["http_listen"]).rsplit(":", 1)[0]
+            port = pxeinstant.start_nbd(disk.image_path, f["dir"], host, guest.token, log, self.label(guest))
+            plan["NBD_PORT"] = str(port)
         config = {
             "listen": self.settings["http_listen"],
             "image": str(disk.image_path),
@@ -174,8 +196,11 @@ class PxeTarget(Physical, TakesImage):
             "initrd": str(env.initrd),
             "events": str(f["events"]),
             "ipxe": IPXE_SCRIPT.format(server=guest.name, url=url, console=self.settings["console"]),
+            "instant": str(env.instant),
             "plan": "".join(f"{k}={shell_quote(v)}\n" for k, v in plan.items()),
         }
+        if self.settings["restore"] == "instant":
+            config["ipxe"] = pxeinstant.ipxe_script(config["ipxe"], url)
         f["config"].write_text(json.dumps(config, indent=1))
         res = log.record("process", "pxeserve", {"token": guest.token, "pid": None})
         if not (res.data.get("pid") and process_matches(int(res.data["pid"]), guest.token)):
@@ -301,6 +326,9 @@ class PxeTarget(Physical, TakesImage):
                 self._fail(guest, log, res, why)
             log.update(res, {"stage": "restore"})
             self.context.log(f"{guest.name}: netbooted the recovery environment")
+        if any(e["event"] == "booting" for e in events) and not res.data.get("booting"):
+            log.update(res, {"booting": time.time()})
+            self.context.log(f"{guest.name}: instant mode: the restored system starts from NBD while its disk fills")
         progress = [e for e in events if e["event"] == "progress"]
         if progress:
             done = int(progress[-1].get("done", 0))
@@ -311,11 +339,23 @@ class PxeTarget(Physical, TakesImage):
         if stage in ("netboot", "restore") and any(e["event"] == "done" for e in events):
             bmc = self.bmc(guest)
             bmc.set_next_boot("disk")
-            bmc.power_off()
-            bmc.power_on()
+            if self.settings["restore"] == "instant":
+                self.context.log(
+                    f"{guest.name}: instant mode: the disk is filled and the system runs from it alone; "
+                    "next boot from the disk"
+                )
+            else:
+                bmc.power_off()
+                bmc.power_on()
+                self.context.log(f"{guest.name}: restore complete: booting the server from its disk")
             log.update(res, {"stage": "restored"})
-            self.context.log(f"{guest.name}: restore complete: booting the server from its disk")
             self._release(log)
+
+    def filled(self, guest: Guest, log: ResourceLog) -> bool:
+        """The restore is complete (instant mode: the local disk filled and the system switched
+        over to it; full: written and the server booting from it)."""
+        res = self._power(log)
+        return res is not None and res.data.get("stage") == "restored"
 
     def _plan_size(self, guest: Guest) -> int:
         config = json.loads(self._files(guest)["config"].read_text())
@@ -351,3 +391,11 @@ class PxeConsoleTarget(PxeTarget, HasConsole):
     def console_path(self, guest: Guest, log: ResourceLog) -> Path | None:
         """The captured console file."""
         return Path(self.settings["console_log"])
+
+
+class PxeInstantTarget(PxeTarget, FillsLocalDisk):
+    """``restore: instant``: the engine's localize step waits for the disk to fill (``filled``)."""
+
+
+class PxeInstantConsoleTarget(PxeConsoleTarget, FillsLocalDisk):
+    """``restore: instant`` with the server's console captured to a file."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifeboat.plumbing.initramfs import BUSYBOX, busybox_initramfs, resolve_modules
+from lifeboat.targets import pxeinstant
 from lifeboat.targets.base import TargetUnavailable
 
 MODULES_ROOT = Path("/lib/modules")
@@ -94,6 +95,10 @@ dev=/dev/${disk%% *}
 bytes=${disk#* }
 say "disk $dev ($bytes bytes) for a point of $POINT_SIZE bytes"
 report "chosen?disk=$dev&bytes=$bytes"
+if [ "$RESTORE" = instant ]; then  # targets/pxeinstant.py: starts the restored system, does not come back
+  [ -f /lib/instant.sh ] || fail "instant mode's archive (instant.gz) was not loaded"
+  . /lib/instant.sh
+fi
 wget -q -O /tmp/map "$url/map" || fail "cannot fetch the extent map"
 done_bytes=0
 while read kind off len; do
@@ -174,10 +179,12 @@ for r in $router; do ip route add default via "$r" dev "$interface"; break; done
 
 @dataclass(frozen=True)
 class RecoveryEnvironment:
-    """A built environment: the kernel and the initramfs to serve."""
+    """A built environment: the kernel and the initramfs to serve, and instant mode's addition to
+    the initramfs (a second archive, loaded after the first: ``targets/pxeinstant.py``)."""
 
     kernel: Path
     initrd: Path
+    instant: Path
 
 
 def kernel_version() -> str:
@@ -211,11 +218,12 @@ def build() -> RecoveryEnvironment:
     version = kernel_version()
     kernel = BOOT / f"vmlinuz-{version}"
     key = hashlib.sha256()
-    key.update(Path(__file__).read_bytes())
+    for path in (Path(__file__), Path(pxeinstant.__file__), *pxeinstant.key_files()):
+        key.update(hashlib.sha256(path.read_bytes()).digest())
     key.update(version.encode())
     key.update(hashlib.sha256(BUSYBOX.read_bytes()).digest() if BUSYBOX.exists() else b"")
     out = cache_dir() / key.hexdigest()[:16]
-    env = RecoveryEnvironment(out / "vmlinuz", out / "initrd.gz")
+    env = RecoveryEnvironment(out / "vmlinuz", out / "initrd.gz", out / "instant.gz")
     if env.initrd.exists():
         return env
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +233,9 @@ def build() -> RecoveryEnvironment:
             return env
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
         try:
-            (work / "initrd.gz").write_bytes(make_initramfs(resolve_modules(MODULES_ROOT / version, WANTED_MODULES)))
+            modules = resolve_modules(MODULES_ROOT / version, WANTED_MODULES)
+            (work / "initrd.gz").write_bytes(make_initramfs(modules))
+            (work / "instant.gz").write_bytes(pxeinstant.addon(MODULES_ROOT / version, {n for n, _ in modules}))
             shutil.copyfile(kernel, work / "vmlinuz")
             os.replace(work, out)
         finally:

@@ -6,12 +6,14 @@ token on the command line so that teardown finds it again after a crash), one pe
 keeps serving while the orchestrator restarts. ``CONFIG`` (JSON) names the listen address, the
 point's raw image, the kernel and initramfs, the iPXE script and the plan; every request that
 matters is appended to the events file (JSON lines), which the driver reads in ``poll``:
-``netboot`` (the iPXE script was fetched), ``chosen``, ``progress``, ``done``, ``fail``.
+``netboot`` (the iPXE script was fetched), ``chosen``, ``progress``, ``done``, ``fail``, and in instant
+mode ``booting`` (``targets/pxeinstant.py``).
 
 Paths: ``/boot.ipxe``, ``/vmlinuz``, ``/initrd.gz``, ``/plan`` (shell variables), ``/map`` (``data|zero
 OFFSET LENGTH`` lines), ``/data?offset=&length=``, ``/tables?disk_bytes=`` (``OFFSET LENGTH`` lines: the
 partition tables adapted to the disk, see ``tables``) and ``/table?disk_bytes=&offset=`` (one of them),
-``/chosen``, ``/progress?done=``, ``/done``, ``/fail?reason=``.
+``/chosen``, ``/progress?done=``, ``/done``, ``/fail?reason=``; in instant mode ``/instant.gz`` (its
+addition to the initramfs) and ``/booting``.
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def handler(served: Served) -> type[BaseHTTPRequestHandler]:
                     self.send_file(Path(c["kernel"]))
                 elif url.path == "/initrd.gz":
                     self.send_file(Path(c["initrd"]))
+                elif url.path == "/instant.gz":
+                    self.send_file(Path(c["instant"]))
                 elif url.path == "/plan":
                     self.send(c["plan"].encode(), kind="text/plain")
                 elif url.path == "/map":
@@ -177,7 +181,7 @@ def handler(served: Served) -> type[BaseHTTPRequestHandler]:
                     self.send("".join(f"{o} {len(b)}\n" for o, b in pieces).encode(), kind="text/plain")
                 elif url.path == "/table":
                     self.send(dict(tables(served.image, int(q["disk_bytes"])))[int(q["offset"])])
-                elif url.path in ("/chosen", "/progress", "/done", "/fail"):
+                elif url.path in ("/chosen", "/booting", "/progress", "/done", "/fail"):
                     served.event(url.path[1:], **q)
                     self.send(b"ok\n", kind="text/plain")
                 else:

