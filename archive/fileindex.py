@@ -1,9 +1,11 @@
 """The file index: each point's file lists, stored in the archive, for ``lifeboat files find``.
 
 A point's index lists every file system found on its disk and, for each, every file (path, type,
-size, mtime). It is written by ``lifeboat files index`` (and ``backup --index``), read by
-``files find`` and the web pane's browser without touching the disk image, and removed by prune
-with its point. Layout and encoding: ``archive/FORMAT.md``, "The file index".
+size, mtime, mode, owner). It is written by ``lifeboat protect`` after each point (in the
+background), ``lifeboat files index`` and ``backup --index``; read by ``files find``, and by
+``files ls`` and the web pane's browser (``filerestore.indexed``: a directory's listing without
+booting an appliance), without touching the disk image; removed by prune with its point. Layout
+and encoding: ``archive/FORMAT.md``, "The file index".
 
 Lists are cut into pieces at content-defined boundaries (after a path whose CRC-32 has its low
 7 bits zero, so about 128 records a piece), and a piece is stored once under its id: the pieces
@@ -26,6 +28,7 @@ from typing import Any
 from lifeboat.archive.errors import FormatError
 from lifeboat.archive.points import PointInfo, check_machine
 from lifeboat.archive.store import Archive
+from lifeboat.plumbing.errors import LifeboatError
 
 INDEX_PREFIX = "index/"
 PIECE_PREFIX = "indexpieces/"
@@ -42,12 +45,21 @@ _json_string = json.encoder.encode_basestring  # the C encoder where built
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of a file system: its absolute path within it, type (one of ``TYPES``), size, mtime."""
+    """One file of a file system: its absolute path within it, type (one of ``TYPES``), size, mtime,
+    and its permission bits, uid and gid (None in an index written before they were recorded)."""
 
     path: str
     type: str
     size: int
     mtime: int
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The record as ``files ls`` shows an entry (the appliance's ``ls`` gives the same keys)."""
+        return {"name": name, "type": self.type, "size": self.size, "mode": self.mode, "mtime": self.mtime,
+                "uid": self.uid, "gid": self.gid}
 
 
 @dataclass
@@ -60,6 +72,7 @@ class FsIndex:
     uuid: str = ""
     mountpoint: str = ""
     records: list[FileRecord] = field(default_factory=list)
+    root: FileRecord | None = None  # the file system's top folder itself (path "/"): None in older indexes
 
 
 @dataclass(frozen=True)
@@ -91,14 +104,14 @@ def piece_key(piece_id: bytes) -> str:
 
 
 def split_pieces(records: Iterable[FileRecord]) -> Iterator[bytes]:
-    """The plaintext pieces of a file list sorted by path: JSON lines ``[path, type, size, mtime]``,
-    cut after content-defined boundaries so that equal runs of files give equal pieces."""
+    """The plaintext pieces of a file list sorted by path: JSON lines ``[path, type, size, mtime,
+    mode, uid, gid]``, cut after content-defined boundaries so that equal runs of files give equal
+    pieces."""
     lines: list[bytes] = []
     for r in records:
         if r.type not in TYPES:
             raise ValueError(f"{r.path}: file type {r.type!r} is not one of {''.join(sorted(TYPES))}")
-        # what json.dumps([path, type, size, mtime], ensure_ascii=False) writes, 3x faster
-        line = f'[{_json_string(r.path)}, "{r.type}", {int(r.size)}, {int(r.mtime)}]\n'
+        line = _record_line(r)
         lines.append(line.encode("utf-8", "surrogateescape"))
         if zlib.crc32(r.path.encode("utf-8", "surrogateescape")) & CUT_MASK == 0 or len(lines) >= MAX_PIECE:
             yield b"".join(lines)
@@ -107,21 +120,41 @@ def split_pieces(records: Iterable[FileRecord]) -> Iterator[bytes]:
         yield b"".join(lines)
 
 
+def _record_line(r: FileRecord) -> str:
+    """What ``json.dumps([path, type, size, mtime, mode, uid, gid], ensure_ascii=False)`` writes, 3x
+    faster (the last three left out when unknown)."""
+    owner = "" if r.mode is None else f", {int(r.mode)}, {_json_int(r.uid)}, {_json_int(r.gid)}"
+    return f'[{_json_string(r.path)}, "{r.type}", {int(r.size)}, {int(r.mtime)}{owner}]\n'
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
 def parse_piece(data: bytes) -> list[FileRecord]:
-    """The records of a piece's plaintext."""
-    out = []
-    for line in data.splitlines():
-        path, kind, size, mtime = json.loads(line.decode("utf-8", "surrogateescape"))
-        out.append(FileRecord(path, kind, size, mtime))
-    return out
+    """The records of a piece's plaintext (4 fields in an index written before modes were
+    recorded: mode, uid and gid are then None)."""
+    return [FileRecord(*json.loads(line.decode("utf-8", "surrogateescape"))) for line in data.splitlines()]
 
 
-def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex]) -> dict[str, int]:
+class PointGone(LifeboatError):
+    """The point was pruned while its files were being listed: no index is stored for it."""
+
+
+def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex],
+                disk: dict[str, Any] | None = None) -> dict[str, int]:
     """Store the index of ``info``'s point (replacing any earlier one): pieces the archive lacks,
-    then the manifest. Returns counts: files, pieces, pieces_new, bytes_new."""
+    then the manifest (with ``disk``, what ``files fs`` says of the point's disk, when given: the
+    listing from the index then chooses its view as the appliance does, and the web pane's browser
+    shows the disk without booting one). Returns counts: files, pieces, pieces_new, bytes_new.
+    Refused with
+    ``PointGone`` when the point no longer exists (checked under the shared lock, which prune's
+    exclusive one waits for: an index is never left behind by a prune that raced it)."""
     stats = {"files": 0, "pieces": 0, "pieces_new": 0, "bytes_new": 0}
     fs_docs = []
     with arc.backend.lock(exclusive=False):
+        if not arc.backend.exists(info.key):
+            raise PointGone(f"{info.machine}@{info.point} was pruned before its index was stored")
         for fs in filesystems:
             pieces: list[str] = []
             lengths: list[int] = []
@@ -138,15 +171,39 @@ def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex]) -> di
                 lengths.append(len(data))
             stats["files"] += len(records)
             stats["pieces"] += len(pieces)
-            fs_docs.append({"device": fs.device, "fstype": fs.fstype, "label": fs.label, "uuid": fs.uuid,
-                            "mountpoint": fs.mountpoint, "files": len(records), "pieces": pieces,
-                            "lengths": lengths})
-        doc = {"machine": info.machine, "point": info.point, "time": info.time, "filesystems": fs_docs}
-        plain = json.dumps(doc, separators=(",", ":")).encode()
-        mid = arc.codec.chunk_id(plain)
-        arc.backend.put(manifest_key(info.machine, info.point),
-                        MANIFEST_HEAD.pack(MANIFEST_MAGIC, mid, len(plain)) + arc.codec.encode(mid, plain))
+            fs_doc = {"device": fs.device, "fstype": fs.fstype, "label": fs.label, "uuid": fs.uuid,
+                      "mountpoint": fs.mountpoint, "files": len(records), "pieces": pieces, "lengths": lengths}
+            if fs.root is not None:
+                fs_doc["root"] = json.loads(_record_line(fs.root))[1:]
+            fs_docs.append(fs_doc)
+        doc: dict[str, Any] = {"machine": info.machine, "point": info.point, "time": info.time,
+                               "filesystems": fs_docs}
+        if disk is not None:
+            doc["disk"] = disk
+        _put_manifest(arc, doc)
     return stats
+
+
+def _put_manifest(arc: Archive, doc: dict[str, Any]) -> None:
+    plain = json.dumps(doc, separators=(",", ":")).encode()
+    mid = arc.codec.chunk_id(plain)
+    arc.backend.put(manifest_key(doc["machine"], doc["point"]),
+                    MANIFEST_HEAD.pack(MANIFEST_MAGIC, mid, len(plain)) + arc.codec.encode(mid, plain))
+
+
+def reuse_index(arc: Archive, info: PointInfo, same: PointInfo) -> dict[str, int] | None:
+    """Give ``info`` a copy of the index of ``same``, a point with the very same disk content (the
+    caller compared their chunk tables): no appliance, no piece written. None when ``same`` has no
+    index; ``PointGone`` when ``info`` was pruned. Returns counts as ``write_index`` does."""
+    doc = read_manifest(arc, same.machine, same.point)
+    if doc is None:
+        return None
+    with arc.backend.lock(exclusive=False):
+        if not arc.backend.exists(info.key):
+            raise PointGone(f"{info.machine}@{info.point} was pruned before its index was stored")
+        _put_manifest(arc, doc | {"machine": info.machine, "point": info.point, "time": info.time})
+    return {"files": sum(fs["files"] for fs in doc["filesystems"]),
+            "pieces": sum(len(fs["pieces"]) for fs in doc["filesystems"]), "pieces_new": 0, "bytes_new": 0}
 
 
 def read_manifest(arc: Archive, machine: str, point: str) -> dict[str, Any] | None:
@@ -185,12 +242,15 @@ def read_index(arc: Archive, info: PointInfo) -> list[FsIndex] | None:
     doc = read_manifest(arc, info.machine, info.point)
     if doc is None:
         return None
-    out = []
-    for fs in doc["filesystems"]:
-        records = [r for pid, n in zip(fs["pieces"], fs["lengths"], strict=True)
-                   for r in read_piece(arc, bytes.fromhex(pid), n)]
-        out.append(FsIndex(fs["device"], fs["fstype"], fs["label"], fs["uuid"], fs["mountpoint"], records))
-    return out
+    return [load_fs(arc, fs) for fs in doc["filesystems"]]
+
+
+def load_fs(arc: Archive, doc: dict[str, Any]) -> FsIndex:
+    """One file system of a manifest (an item of its ``filesystems``), with every record."""
+    records = [r for pid, n in zip(doc["pieces"], doc["lengths"], strict=True)
+               for r in read_piece(arc, bytes.fromhex(pid), n)]
+    root = FileRecord("/", *doc["root"]) if "root" in doc else None
+    return FsIndex(doc["device"], doc["fstype"], doc["label"], doc["uuid"], doc["mountpoint"], records, root)
 
 
 def pattern_matcher(pattern: str) -> re.Pattern[str]:

@@ -9,7 +9,8 @@ stdin/stdout (``session.GuestSession``). One appliance per session: it boots onc
 with ``LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` (KVM crashed the appliance
 on the machine this was built on), and answers every request of the session.
 
-The file index (``archive.fileindex``) is built from ``PointFiles.walk``.
+The file index (``archive.fileindex``) is built from ``PointFiles.walk``; ``indexed.ls`` lists a
+directory from it without an appliance.
 """
 
 from lifeboat.filerestore.session import (

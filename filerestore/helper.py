@@ -151,7 +151,8 @@ class Helper:
         return {"entry": self._entry(path.rsplit("/", 1)[-1] or "/", self.g.lstatns(real))}
 
     def walk(self) -> dict[str, Any]:
-        """Every file under ``/`` of the mounted view: ``[path, type, size, mtime]`` rows."""
+        """Every file under ``/`` of the mounted view: ``[path, type, size, mtime, mode, uid, gid]``
+        rows, and the top folder's own ``[type, size, mtime, mode, uid, gid]`` as ``root``."""
         g = self.g
         base = self._check("/")
         with tempfile.NamedTemporaryFile(prefix="lifeboat-find0-") as tmp:
@@ -166,9 +167,8 @@ class Helper:
         for d, names in by_dir.items():
             for name, st in zip(names, self._stats(base + d.rstrip("/"), names), strict=True):
                 full = (d.rstrip("/") or "") + "/" + name
-                rows.append([full, TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?"), st["st_size"],
-                             st["st_mtime_sec"]])
-        return {"rows": rows}
+                rows.append([full, *self._row(st)])
+        return {"rows": rows, "root": self._row(g.lstatns(base))}
 
     def get(self, path: str, dest: str) -> dict[str, Any]:
         """Copy ``path`` out to ``dest`` (a new local path): a file's bytes, or a directory as a
@@ -266,6 +266,11 @@ class Helper:
         for i in range(0, len(names), STAT_BATCH):
             out.extend(self.g.lstatnslist(d, names[i:i + STAT_BATCH]))
         return out
+
+    def _row(self, st: dict[str, Any]) -> list[Any]:
+        """``[type, size, mtime, mode, uid, gid]``: what ``_entry`` shows, as the index records it."""
+        return [TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?"), st["st_size"], st["st_mtime_sec"],
+                stat.S_IMODE(st["st_mode"]), st["st_uid"], st["st_gid"]]
 
     def _entry(self, name: str, st: dict[str, Any]) -> dict[str, Any]:
         kind = TYPE_OF_MODE.get(stat.S_IFMT(st["st_mode"]), "?")

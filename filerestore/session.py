@@ -26,7 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lifeboat.archive.fileindex import FileRecord, FsIndex
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.fileindex import FileRecord, FsIndex, write_index
 from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 HELPER = Path(__file__).with_name("helper.py")
@@ -64,6 +65,12 @@ def check_dest(dest: Path) -> None:
         raise DestExists(f"{dest} exists: lifeboat files get never overwrites")
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent}: no such directory")
+
+
+def readable(filesystems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of ``PointFiles.filesystems``' items, those lifeboat can mount (not swap, not encrypted, not
+    unknown)."""
+    return [f for f in filesystems if f["fstype"] not in ("unknown", "swap") and not f["encrypted"]]
 
 
 @dataclass(frozen=True)
@@ -185,7 +192,7 @@ class PointFiles:
 
     def readable(self) -> list[dict[str, Any]]:
         """The file systems lifeboat can mount (not swap, not encrypted, not unknown)."""
-        return [f for f in self.filesystems() if f["fstype"] not in ("unknown", "swap") and not f["encrypted"]]
+        return readable(self.filesystems())
 
     def view(self, device: str | None) -> list[list[str]]:
         """What to mount for paths: ``device`` alone at ``/``; else the operating system's mounts;
@@ -264,8 +271,12 @@ class PointFiles:
                 self._mount(f["device"])
             except NoFileSystem:
                 continue  # recognised by blkid but not mountable: nothing to index
-            rows = self.session.request("walk")["rows"]
-            records = [FileRecord(p, t, s, m) for p, t, s, m in rows]
+            walked = self.session.request("walk")
+            records = [FileRecord(*row) for row in walked["rows"]]
             out.append(FsIndex(f["device"], f["fstype"], f["label"], f["uuid"], mountpoints.get(f["device"], ""),
-                               records))
+                               records, FileRecord("/", *walked["root"])))
         return out
+
+    def store_index(self, arc: Archive, info: PointInfo) -> dict[str, int]:
+        """Record this disk's file lists, and what ``fs`` says of it, as ``info``'s file index."""
+        return write_index(arc, info, self.walk(), self.fs())

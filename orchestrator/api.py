@@ -26,11 +26,12 @@ from typing import Any
 
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import MachineSummary
-from lifeboat.archive.fileindex import Match, find, read_manifest, write_index
+from lifeboat.archive.errors import MissingChunk
+from lifeboat.archive.fileindex import Match, PointGone, find, read_manifest, reuse_index
 from lifeboat.archive.points import parse_selector
 from lifeboat.archive.replicate import ReplicationReport
 from lifeboat.archive.replicate import replicate as replicate_archive
-from lifeboat.filerestore import Drive, GuestSession, PointFiles, check_dest
+from lifeboat.filerestore import Drive, GuestSession, PointFiles, check_dest, indexed
 from lifeboat.filerestore.mount import check_mountpoint, mount_until_unmounted
 from lifeboat.nbdserver import Export, open_volume
 from lifeboat.nbdserver.background import BackgroundServer
@@ -412,10 +413,18 @@ def files_fs(archive: Archive, selector: str) -> dict[str, Any]:
         return files.fs()
 
 
-def files_ls(archive: Archive, selector: str, path: str = "/", fs: str | None = None) -> list[dict[str, Any]]:
-    """A directory of a point: paths as its operating system mounts them, or within ``fs``."""
-    with point_files(archive, [archive.resolve(selector)]) as (files,):
-        return files.ls(path, fs)
+def files_ls(archive: Archive, selector: str, path: str = "/", fs: str | None = None, *,
+             read_disk: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """A directory of a point: paths as its operating system mounts them, or within ``fs``; and
+    whether the file index answered. The index answers when the point has one (under a second:
+    no appliance to boot), unless ``read_disk``; otherwise the appliance reads the disk."""
+    info = archive.resolve(selector)
+    if not read_disk:
+        entries = indexed.ls(archive, info, path, fs)
+        if entries is not None:
+            return entries, True
+    with point_files(archive, [info]) as (files,):
+        return files.ls(path, fs), False
 
 
 def files_get(archive: Archive, selector: str, path: str, dest: Path, fs: str | None = None) -> dict[str, Any]:
@@ -433,16 +442,62 @@ def files_index(archive: Archive, selector: str, *, missing_only: bool = False,
     named = archive.resolve(selector)  # an unknown machine or point is refused here
     infos = [named] if "@" in selector or not missing_only else [
         p for p in archive.points(named.machine) if read_manifest(archive, p.machine, p.point) is None]
-    if not infos:
-        return []
+    return index_points(archive, infos, log=log)
+
+
+def index_points(archive: Archive, infos: list[PointInfo],
+                 log: Callable[[str], None] = console_log) -> list[dict[str, Any]]:
+    """Index ``infos`` (points of one machine): a point whose disk is the same as an indexed point's
+    (equal chunk tables: nothing changed between two captures) gets a copy of that index; the
+    others are read in one appliance. Points pruned meanwhile are left out (logged). Per point
+    indexed, what was stored."""
     out = []
-    with point_files(archive, infos, log=log) as disks:
-        for info, files in zip(infos, disks, strict=True):
-            stats = write_index(archive, info, files.walk())
-            log(f"indexed {info.machine}@{info.point}: {stats['files']} files, {stats['pieces_new']} new pieces "
-                f"of {stats['pieces']}")
-            out.append({"machine": info.machine, "point": info.point, "time": info.time, **stats})
+
+    def done(info: PointInfo, stats: dict[str, int], how: str) -> None:
+        log(f"indexed {info.machine}@{info.point}{how}: {stats['files']} files, {stats['pieces_new']} new pieces "
+            f"of {stats['pieces']}")
+        out.append({"machine": info.machine, "point": info.point, "time": info.time, **stats})
+
+    to_read = []
+    for info in infos:
+        try:
+            same = _same_disk_indexed(archive, info)
+            stats = None if same is None else reuse_index(archive, info, same)
+        except (PointGone, MissingChunk) as e:
+            log(f"not indexed: {e}")
+            continue
+        if stats is None:
+            to_read.append(info)
+        else:
+            done(info, stats, f" (the same disk as {same.point if same else ''})")
+    if to_read:
+        with point_files(archive, to_read, log=log) as disks:
+            for info, files in zip(to_read, disks, strict=True):
+                try:
+                    done(info, files.store_index(archive, info), "")
+                except PointGone as e:
+                    log(f"not indexed: {e}")
     return out
+
+
+def _same_disk_indexed(archive: Archive, info: PointInfo) -> PointInfo | None:
+    """The indexed point of the machine nearest before ``info`` (else after it) whose disk is
+    the same as ``info``'s, if that one is."""
+    points = archive.points(info.machine)
+    ids = [p.point for p in points]
+    if info.point not in ids:
+        raise PointGone(f"{info.machine}@{info.point} was pruned before its index was stored")
+    at = ids.index(info.point)
+
+    def indexed(p: PointInfo) -> bool:
+        return read_manifest(archive, p.machine, p.point) is not None
+
+    before = next((p for p in reversed(points[:at]) if indexed(p)), None)
+    after = next((p for p in points[at + 1:] if indexed(p)), None)
+    for other in (before, after):
+        if other is not None and other.size == info.size and archive.chunk_table(other) == archive.chunk_table(info):
+            return other
+    return None
 
 
 def files_find(archive: Archive, machine: str, pattern: str) -> tuple[list[Match], list[PointInfo]]:

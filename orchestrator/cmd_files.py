@@ -2,7 +2,8 @@
 and the file index.
 
 Each command but ``find`` boots one libguestfs appliance (20 s or more) that reads the point over
-NBD from a read-only server in this process (``filerestore``); ``find`` reads the file index only.
+NBD from a read-only server in this process (``filerestore``); ``find`` reads the file index only,
+and so does ``ls`` of an indexed point (unless ``--read-disk``).
 """
 
 from __future__ import annotations
@@ -55,15 +56,22 @@ def fs_cmd(selector: str, as_json: bool) -> None:
 @click.argument("selector", metavar="MACHINE[@WHEN]")
 @click.argument("path", default="/")
 @fs_option
+@click.option("--read-disk", is_flag=True,
+              help="Read the point's disk (boots the appliance: 20 s or more) even when its file index "
+                   "could answer.")
 @json_option
-def ls_cmd(selector: str, path: str, device: str | None, as_json: bool) -> None:
-    """List a directory of a point (name, type, size, mode, mtime)."""
-    entries = api.files_ls(open_archive(), selector, path, device)
+def ls_cmd(selector: str, path: str, device: str | None, read_disk: bool, as_json: bool) -> None:
+    """List a directory of a point (name, type, size, mode, mtime): from the point's file index
+    when it has one (in a second), else from its disk (boots the appliance)."""
+    entries, from_index = api.files_ls(open_archive(), selector, path, device, read_disk=read_disk)
     if as_json:
         emit_json(entries)
         return
     for e in entries:
-        click.echo(f"{e['type']} {stat.filemode(e['mode'])[1:]} {e['size']:>12} {_when(e['mtime'])}  {e['name']}")
+        mode = "?????????" if e["mode"] is None else stat.filemode(e["mode"])[1:]
+        click.echo(f"{e['type']} {mode} {e['size']:>12} {_when(e['mtime'])}  {e['name']}")
+    if from_index:
+        log("(from the point's file index; --read-disk reads its disk)")
 
 
 @command(files_group, name="get")

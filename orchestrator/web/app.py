@@ -41,8 +41,9 @@ from starlette.concurrency import run_in_threadpool
 
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import Catalog, MachineSummary, summarize
-from lifeboat.archive.fileindex import Match, read_manifest, write_index
+from lifeboat.archive.fileindex import Match, read_manifest
 from lifeboat.archive.points import parse_selector
+from lifeboat.filerestore import indexed, session
 from lifeboat.orchestrator import api, overview
 from lifeboat.orchestrator.runbook import InvalidRunbook, Runbook, load
 from lifeboat.orchestrator.state import Run, Step, default_state_dir
@@ -217,7 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(bytes=fmt_bytes, age=fmt_age, time=fmt_time, ratio=fmt_ratio,
-                                 filemode=lambda mode: stat.filemode(mode)[1:])
+                                 filemode=lambda mode: "?????????" if mode is None else stat.filemode(mode)[1:])
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.middleware("http")
@@ -666,14 +667,19 @@ def create_app(settings: Settings) -> FastAPI:
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     def browse(info: PointInfo, device: str | None, path: str | None) -> dict[str, Any]:
-        """A point's file systems and, given ``path``, that directory's entries (folders first)."""
+        """A point's file systems and, given ``path``, that directory's entries (folders first):
+        from the point's file index when it can answer (no appliance to boot), else from its disk."""
         if path is not None and not path.startswith("/"):
             raise UsageError(f"{path!r}: a path in a point starts with '/'")
-        with appliance.disk(info) as files:
-            found = files.fs()
-            readable = [f["device"] for f in files.readable()]
-            entries = None if path is None else sorted(files.ls(path, device),
-                                                       key=lambda e: (e["type"] != "d", e["name"]))
+        found = indexed.disk(settings.archive, info)
+        entries = None if path is None or found is None else indexed.ls(settings.archive, info, path, device)
+        if found is None or (path is not None and entries is None):
+            with appliance.disk(info) as files:
+                found = files.fs()
+                entries = None if path is None else files.ls(path, device)
+        readable = [f["device"] for f in session.readable(found["filesystems"])]
+        if entries is not None:
+            entries = sorted(entries, key=lambda e: (e["type"] != "d", e["name"]))
         return {"filesystems": found["filesystems"], "os": found["os"], "readable": readable, "entries": entries}
 
     @app.get("/api/machines/{machine}/points/{point}/files", tags=["api"])
@@ -744,7 +750,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         def index() -> None:
             with appliance.disk(info) as files:
-                write_index(settings.archive, info, files.walk())
+                files.store_index(settings.archive, info)
 
         try:
             await run_in_threadpool(index)
