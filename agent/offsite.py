@@ -2,9 +2,9 @@
 
 A disaster that takes the backup server takes its points too: what counts is how old the newest
 point is that is *off-site*. ``Replicator`` runs ``archive.replicate`` of the protected machine
-in a thread of its own, woken after each capture, so a slow link never delays the next capture
-(several captures during one replication are copied together by the next run). Failures back
-off exponentially (1 s doubling up to ``max_backoff``), reset by a success.
+in a thread of its own (``background.Worker``), woken after each capture, so a slow link never
+delays the next capture (several captures during one replication are copied together by the next
+run). Failures back off exponentially (1 s doubling up to ``max_backoff``), reset by a success.
 
 The lag it reports is the age of the newest point not yet off-site (0 when the destination has
 the newest point): the same figure as ``lifeboat replicate --json``'s ``lag_seconds``.
@@ -12,43 +12,33 @@ the newest point): the same figure as ``lifeboat replicate --json``'s ``lag_seco
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from lifeboat.agent.background import Worker
 from lifeboat.archive.points import now_utc
 from lifeboat.archive.replicate import ReplicationReport, offsite_lag
 
 Newest = Callable[[], datetime | None]  # when the newest point of the machine was frozen
 
 
-class Replicator:
+class Replicator(Worker):
     """Replicates on request in a background thread; ``close()`` finishes a pending run."""
 
     def __init__(self, to: str, run: Callable[[], ReplicationReport], newest: Newest, *,
                  max_backoff: float = 300.0, log: Callable[[str], None] = lambda _m: None) -> None:
+        super().__init__("replicate", max_backoff=max_backoff, log=log)
+        self.what = f"replicate to {to}"
         self.to = to
         self._run = run
         self._newest = newest
-        self.max_backoff = max_backoff
-        self.log = log
-        self.lock = threading.Lock()
         self.offsite_time: datetime | None = None  # the newest point known to be at ``to``
         self.runs = 0
-        self.failures = 0
         self.bytes_copied = 0
-        self.last_error: str | None = None
         self.last_report: dict[str, Any] | None = None
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="replicate")
-        self._wake.set()  # catch up once at start
-        self._thread.start()
-
-    def request(self) -> None:
-        """Replicate soon (after a capture): at most one run is pending."""
-        self._wake.set()
+        self.request()  # catch up once at start
+        self.start()
 
     def lag(self) -> float | None:
         """Seconds: the age of the newest point not yet off-site; 0 in step; None without points."""
@@ -59,38 +49,21 @@ class Replicator:
             offsite = self.offsite_time is not None and newest <= self.offsite_time
         return offsite_lag([] if offsite else [newest], now_utc())
 
-    def _loop(self) -> None:
-        backoff = 1.0
-        while True:
-            if not self._wake.wait(0.5):
-                if self._closing.is_set():
-                    return  # nothing is pending
-                continue
-            self._wake.clear()
-            target = self._newest()
-            if target is None:
-                continue  # no point yet: nothing to copy
-            try:
-                report = self._run()
-            except Exception as e:  # keep protecting: report, back off, try again
-                with self.lock:
-                    self.failures += 1
-                    self.last_error = f"{type(e).__name__}: {e}"
-                self.log(f"replicate to {self.to} failed ({e}); retrying in {backoff:.0f} s")
-                if not self._closing.wait(backoff):
-                    self._wake.set()
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = 1.0
-            with self.lock:
-                self.runs += 1
-                self.bytes_copied += report.bytes_copied
-                self.last_report = report.to_json()
-                if report.ok and target is not None:
-                    self.offsite_time = max(self.offsite_time or target, target)
-                self.last_error = None if report.ok else f"refused: {report.refused}"
-            if report.points_published:
-                self.log(f"replicate to {self.to}: {', '.join(report.points_published)} off-site")
+    def work(self) -> None:
+        """One replication of the machine's points."""
+        target = self._newest()
+        if target is None:
+            return  # no point yet: nothing to copy
+        report = self._run()
+        with self.lock:
+            self.runs += 1
+            self.bytes_copied += report.bytes_copied
+            self.last_report = report.to_json()
+            if report.ok:
+                self.offsite_time = max(self.offsite_time or target, target)
+            self.last_error = None if report.ok else f"refused: {report.refused}"
+        if report.points_published:
+            self.log(f"replicate to {self.to}: {', '.join(report.points_published)} off-site")
 
     def status(self) -> dict[str, Any]:
         """The ``replication`` part of protect's JSON status."""
@@ -125,11 +98,6 @@ class Replicator:
             "# TYPE lifeboat_replication_bytes_total counter",
             f"lifeboat_replication_bytes_total{{{m}}} {doc['bytes_copied']}",
         ]
-
-    def close(self) -> None:
-        """Finish the pending run (the one after the last capture), then stop."""
-        self._closing.set()
-        self._thread.join()
 
 
 def prom_label(value: str) -> str:

@@ -7,6 +7,9 @@ Why the loop is shaped like this:
   change tracking, kept in the guest's bitmaps and named in the points, survives too).
 - Errors back off exponentially (1 s doubling up to ``max_backoff``), reset by a success; the
   source and the archive are reopened after an error (a restarted guest or archive server).
+- Work after each point that may take longer than a capture runs in threads of its own, woken
+  after each capture (``background.Worker``): replication off-site (``offsite.Replicator``) and
+  the file index (``indexer.Indexer``); their failures are reported, never fail a capture.
 - The achieved RPO is the age of the newest point. It is reported continuously (JSON status
   file, Prometheus text on an HTTP endpoint and/or a textfile) and, per capture, the age the
   previous point had reached when the new one landed: the worst age of that cycle.
@@ -26,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from lifeboat.agent.indexer import Indexer
 from lifeboat.agent.offsite import Replicator, prom_label
 from lifeboat.agent.plan import capture
 from lifeboat.archive import Archive, PointInfo
@@ -52,6 +56,7 @@ class Protector:
                  max_backoff: float = 300.0, log: Callable[[str], None] = lambda _m: None,
                  max_captures: int | None = None,
                  replicator: Callable[[Callable[[], datetime | None]], Replicator] | None = None,
+                 indexer: Callable[[], Indexer] | None = None,
                  after_point: Callable[[PointInfo], None] | None = None) -> None:
         self.open_archive = open_archive
         self.open_source = open_source
@@ -82,6 +87,8 @@ class Protector:
         self.started = now_utc()
         self._replicator_factory = replicator
         self.replicator: Replicator | None = None  # started by ``run``
+        self._indexer_factory = indexer
+        self.indexer: Indexer | None = None  # started by ``run``
 
     # -- reporting -----------------------------------------------------------------------------
     def age(self) -> float | None:
@@ -93,6 +100,8 @@ class Protector:
     def status(self) -> dict[str, Any]:
         """The JSON status document."""
         off = {"replication": self.replicator.status()} if self.replicator else {}  # takes self.lock itself
+        if self.indexer:
+            off["index"] = self.indexer.status()
         with self.lock:
             age = self.age()
             peaks = list(self.peaks)
@@ -174,6 +183,8 @@ class Protector:
         ]
         if self.replicator:
             lines += self.replicator.metrics(m)
+        if self.indexer:
+            lines += self.indexer.metrics(m)
         return "\n".join(lines) + "\n"
 
     def write_reports(self) -> None:
@@ -197,6 +208,8 @@ class Protector:
         backoff = 1.0
         if self._replicator_factory is not None:
             self.replicator = self._replicator_factory(self._newest)
+        if self._indexer_factory is not None:
+            self.indexer = self._indexer_factory()
         try:
             while not stop.is_set():
                 try:
@@ -244,6 +257,8 @@ class Protector:
                              f"{info.bytes_read} bytes read")
                     if self.replicator:
                         self.replicator.request()
+                    if self.indexer:
+                        self.indexer.request_point(info)
                     self.write_reports()
                     if self.after_point is not None:
                         try:
@@ -277,6 +292,10 @@ class Protector:
                 src.close()
             if self.replicator:
                 self.replicator.close()
+            if self.indexer:
+                if self.indexer.status()["waiting"]:
+                    self.log(f"protect {self.machine}: indexing the last points before stopping")
+                self.indexer.close()
             with self.lock:
                 self.state = "stopped"
             self.write_reports()

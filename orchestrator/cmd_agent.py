@@ -33,6 +33,7 @@ from lifeboat.plumbing.listen import is_loopback, parse_listen
 from lifeboat.plumbing.tls import server_context
 
 if TYPE_CHECKING:
+    from lifeboat.agent.indexer import Indexer
     from lifeboat.agent.offsite import Replicator
 
 DEFAULT_SERVE = "127.0.0.1:10810"
@@ -77,15 +78,21 @@ class _Signals:
               help="Replicate the machine's points to DEST (as 'lifeboat replicate --to') after each capture, "
                    "in the background; the lag is in the status and the metrics.")
 @click.option("--replicate-bwlimit", metavar="RATE", help="Bandwidth limit of --replicate-to (e.g. 20M, bytes/s).")
+@click.option("--no-index", "no_index", is_flag=True,
+              help="Do not record each new point's file index (by default it is, in the background: "
+                   "'lifeboat files find' and 'files ls' then answer without booting an appliance).")
 @click.option("--stage", "stage_runbook", type=click.Path(dir_okay=False),
               help="After each point, stage it (lifeboat stage) for this runbook's machines of MACHINE.")
 @json_option
 def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None, metrics_listen: str | None,
                 metrics_file: Path | None, max_backoff: float, max_captures: int | None, replicate_to: str | None,
-                replicate_bwlimit: str | None, stage_runbook: str | None, as_json: bool) -> None:
+                replicate_bwlimit: str | None, no_index: bool, stage_runbook: str | None, as_json: bool) -> None:
     """Capture MACHINE from SOURCE continuously, keeping the newest point younger than --rpo.
 
-    Runs until SIGINT/SIGTERM (the capture in progress finishes; a second signal aborts it).
+    Each new point's file index is recorded in the background (a libguestfs appliance, 20 s or
+    more, never delaying a capture; when points come faster, the newest first and the others when
+    idle), unless --no-index. Runs until SIGINT/SIGTERM (the capture in progress finishes, and the
+    indexing of the last points; a second signal aborts them).
     """
     from lifeboat.agent.protect import MetricsServer, Protector  # imported here: every lifeboat command starts faster
     from lifeboat.orchestrator.sources import open_source
@@ -113,7 +120,8 @@ def protect_cmd(machine: str, source: str, rpo: float, status_file: Path | None,
     replicator = _replicator(machine, replicate_to, replicate_bwlimit, max_backoff)
     prot = Protector(open_archive, open_source, machine, source, rpo, status_file=status_file,
                      metrics_file=metrics_file, max_backoff=max_backoff, log=log, max_captures=max_captures,
-                     replicator=replicator, after_point=after_point)
+                     replicator=replicator, indexer=None if no_index else _indexer(max_backoff),
+                     after_point=after_point)
     server = MetricsServer(prot, metrics_host, metrics_port) if metrics_host is not None and metrics_port is not None \
         else None
     if server is not None:
@@ -147,6 +155,19 @@ def _replicator(machine: str, dest: str | None, bwlimit: str | None,
     def start(newest: Callable[[], datetime | None]) -> Replicator:
         return Replicator(dest, lambda: replicate(location, dest, [machine], key_file=key_file, bwlimit=rate),
                           newest, max_backoff=max_backoff, log=log)
+
+    return start
+
+
+def _indexer(max_backoff: float) -> Callable[[], Indexer]:
+    """What starts protect's background file index (each run opens the archive anew: the capture
+    loop keeps its own)."""
+    from lifeboat.agent.indexer import Indexer
+    from lifeboat.orchestrator import api
+
+    def start() -> Indexer:
+        return Indexer(lambda infos: api.index_points(open_archive(), infos, log=log), max_backoff=max_backoff,
+                       log=log)
 
     return start
 

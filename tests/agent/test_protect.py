@@ -28,8 +28,8 @@ class Protect:
     def __init__(self, arc: Archive, spec: str, status: Path, *extra: str) -> None:
         env = {**os.environ, "LIFEBOAT_ARCHIVE": arc.backend.location}
         self.status_file = status
-        self.proc = subprocess.Popen([*LIFEBOAT, "protect", "vm", spec, "--status-file", str(status), *extra],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([*LIFEBOAT, "protect", "vm", spec, "--no-index", "--status-file", str(status),
+                                      *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stderr: list[str] = []
         threading.Thread(target=self._collect, daemon=True).start()
 
@@ -119,7 +119,7 @@ def test_protect_resumes_the_chain_after_its_own_restart(arc: Archive, guest: Gu
     docs = []
     for n in (2, 1):
         out = subprocess.run([*LIFEBOAT, "protect", "vm", guest.spec, "--rpo", "1", "--max-captures", str(n),
-                              "--json"], env=env, capture_output=True, text=True, timeout=120)
+                              "--no-index", "--json"], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         docs.append(json.loads(out.stdout))
     assert docs[0]["captures_by_mode"] == {"full": 1, "incremental-bitmap": 1}

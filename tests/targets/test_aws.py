@@ -331,7 +331,7 @@ def test_protect_stages_after_each_point(aws: str, tmp_path: Path) -> None:
     img = disk(tmp_path / "p.img", {0: os.urandom(BS), 5: os.urandom(BS)}, 4 * MIB)
     rb = runbook(tmp_path / "protect.yaml", "protm", {"region": "us-east-1"})
     done = cli("protect", "protm", str(img), "--rpo", "0.1", "--max-captures", "2", "--stage", str(rb),
-               "--archive", arc)
+               "--no-index", "--archive", arc)
     assert done.stderr.count("protect protm: staged") == 2, done.stderr
     staged = ec2_client("ec2").describe_snapshots(OwnerIds=["self"], Filters=[
         {"Name": "tag:lifeboat:machine", "Values": ["protm"]}, {"Name": "tag:lifeboat:staged", "Values": ["1"]}

@@ -1,0 +1,137 @@
+"""The file index without being asked, and directory listings from it.
+
+``lifeboat protect`` indexes its points in the background: two points, then ``files find`` names
+both with no ``files index``. A listing from the index is the appliance's listing of the same
+point (the session appliance of ``conftest``), paths as the operating system mounts them or within
+one file system; an index written before modes were recorded still lists, mode unknown. The
+background indexer racing a prune leaves no index of the pruned point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from lifeboat.agent.indexer import Indexer
+from lifeboat.archive import Archive, PointInfo
+from lifeboat.archive.fileindex import FileRecord, FsIndex, PointGone, write_index
+from lifeboat.archive.prune import prune
+from lifeboat.filerestore import PointFiles, indexed
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from tests.filerestore.conftest import Points
+from tests.filerestore.test_os_lvm import LV
+
+T = 1_700_000_000
+
+
+class Disk:
+    """A small disk whose content is ``tag`` (a point of it differs from another tag's)."""
+
+    def __init__(self, tag: int) -> None:
+        self.name = f"disk-{tag}"
+        self.size = 65536
+        self.data = tag.to_bytes(8, "little") * (self.size // 8)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
+
+
+def cli(location: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LIFEBOAT_ARCHIVE": location}
+    return subprocess.run([*LIFEBOAT, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_listing_from_the_index_is_the_appliance_listing(points: Points, all_disks: list[PointFiles]) -> None:
+    arc = Archive.open(points.location)
+    v1, os1 = all_disks[0], all_disks[3]
+    v1.store_index(arc, points.v1)
+    os1.store_index(arc, points.os1)
+    for path in ("/", "/srv", "/srv/www", "/etc"):  # as the system mounts them: the LV at /srv
+        assert indexed.ls(arc, points.os1, path) == os1.ls(path), path
+    assert indexed.ls(arc, points.os1, "/", LV) == os1.ls("/", LV)
+    for device, path in (("/dev/sda1", "/etc"), ("/dev/sda2", "/srv"), ("/dev/sda3", "/"), ("/dev/sda3", "/BOOT")):
+        assert indexed.ls(arc, points.v1, path, device) == v1.ls(path, device), (device, path)
+    assert indexed.ls(arc, points.v1, "/") is None  # no system, three file systems: the appliance asks for --fs
+    assert indexed.ls(arc, points.v1, "/", "/dev/sda4") is None  # encrypted: the appliance says so
+    shown = cli(points.location, "files", "ls", f"osbox@{points.os1.point}", "/srv")
+    assert shown.returncode == 0 and "from the point's file index" in shown.stderr, shown.stderr
+    assert [line.split()[-1] for line in shown.stdout.splitlines()] == [e["name"] for e in os1.ls("/srv")]
+
+
+def test_an_index_written_before_modes_lists_them_unknown(tmp_path: Path) -> None:
+    location = str(tmp_path / "archive")
+    arc = Archive.init(location)
+    info = arc.backup("old", Disk(1))
+    old = [FileRecord("/etc", "d", 4096, T), FileRecord("/etc/passwd", "f", 12, T),
+           FileRecord("/etc/ssl", "d", 4096, T)]
+    write_index(arc, info, [FsIndex("/dev/sda1", "ext4", records=old)])  # no mode, root or disk: the old format
+    raw = cli(location, "files", "ls", "old", "/etc", "--json")
+    assert raw.returncode == 0, raw.stderr
+    assert json.loads(raw.stdout) == [
+        {"name": "passwd", "type": "f", "size": 12, "mode": None, "mtime": T, "uid": None, "gid": None},
+        {"name": "ssl", "type": "d", "size": 4096, "mode": None, "mtime": T, "uid": None, "gid": None}]
+    text = cli(location, "files", "ls", "old", "/etc")
+    assert text.stdout.splitlines()[0].split()[:3] == ["f", "?????????", "12"]
+    missing = cli(location, "files", "ls", "old", "/nope")
+    assert missing.returncode == 2 and "/nope: no such file or directory" in missing.stderr
+
+
+def test_the_indexer_racing_a_prune_leaves_no_index_of_the_pruned_point(tmp_path: Path) -> None:
+    arc = Archive.init(str(tmp_path / "archive"))
+    first, second = arc.backup("m", Disk(1)), arc.backup("m", Disk(2))
+    walking, pruned = threading.Event(), threading.Event()
+    stored: list[str] = []
+
+    def index(infos: list[PointInfo]) -> list[dict[str, Any]]:
+        out = []
+        for info in infos:
+            if info.point == first.point:
+                walking.set()
+                pruned.wait(60)  # the appliance walks the point while prune removes it
+            try:
+                fs = FsIndex("/dev/sda", "ext4", records=[FileRecord("/a", "f", 1, T)])
+                out.append({"point": info.point, **write_index(arc, info, [fs])})
+                stored.append(info.point)
+            except PointGone:
+                pass  # what api.index_points does: logged, not a failure
+        return out
+
+    indexer = Indexer(index)
+    indexer.request_point(first)
+    assert walking.wait(60)
+    arc.config["retention"] = {"keep_last": 1}
+    prune(arc)
+    pruned.set()
+    indexer.request_point(second)
+    indexer.close()
+    assert stored == [second.point] and indexer.status()["failures"] == 0
+    assert list(arc.backend.list("index/")) == [f"index/m/{second.point}"]
+    assert prune(arc).index_pieces_deleted == 0  # every piece left is named by the kept point's index
+
+
+def test_protect_indexes_its_points_without_being_asked(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hello.txt").write_bytes(b"hello from protect\n")
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    location = str(tmp_path / "archive")
+    Archive.init(location)
+    metrics = tmp_path / "metrics.prom"
+    done = cli(location, "protect", "box", str(image), "--rpo", "0.5", "--max-captures", "2",
+               "--metrics-file", str(metrics), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["index"]["points_indexed"] == 2, done.stderr
+    assert 'lifeboat_index_points_total{machine="box"} 2' in metrics.read_text()
+    found = json.loads(cli(location, "files", "find", "box", "hello.txt", "--json").stdout)
+    points = [p.point for p in Archive.open(location).points("box")]
+    assert [(m["point"], m["path"], m["size"]) for m in found["matches"]] == [(p, "/etc/hello.txt", 19) for p in points]
+    assert found["unindexed"] == []
+    listed = cli(location, "files", "ls", "box", "/etc")
+    assert listed.stdout.split()[-1] == "hello.txt" and "file index" in listed.stderr
