@@ -59,6 +59,9 @@ class Worker:
                 with self.lock:
                     self.failures += 1
                     self.last_error = f"{type(e).__name__}: {e}"
+                if self._closing.is_set():
+                    self.log(f"{self.what} failed ({e}); stopping")
+                    continue
                 self.log(f"{self.what} failed ({e}); retrying in {backoff:.0f} s")
                 if not self._closing.wait(backoff):
                     self._wake.set()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -163,11 +163,20 @@ def _indexer(max_backoff: float) -> Callable[[], Indexer]:
     """What starts protect's background file index (each run opens the archive anew: the capture
     loop keeps its own)."""
     from lifeboat.agent.indexer import Indexer
+    from lifeboat.archive import Archive
     from lifeboat.orchestrator import api
 
+    location, key_file = resolve_location(archive_location()), key_file_option()  # the command's context, now
+
+    def index(infos: list[PointInfo]) -> list[dict[str, Any]]:
+        arc = Archive.open(location, key_file)
+        try:
+            return api.index_points(arc, infos, log=log)
+        finally:
+            arc.backend.close()
+
     def start() -> Indexer:
-        return Indexer(lambda infos: api.index_points(open_archive(), infos, log=log), max_backoff=max_backoff,
-                       log=log)
+        return Indexer(index, max_backoff=max_backoff, log=log)
 
     return start
 

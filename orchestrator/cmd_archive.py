@@ -85,7 +85,13 @@ def archive_retention(clear: bool, as_json: bool, **rules: int | None) -> None:
                    "appliance: 20 s or more).")
 @json_option
 def backup_cmd(machine: str, source: str, index_files: bool, as_json: bool) -> None:
-    """Store a new recovery point of MACHINE read from SOURCE."""
+    """Store a new recovery point of MACHINE read from SOURCE.
+
+    The point's file index is recorded only with --index: the appliance it boots (20-50 s) would
+    multiply the run time of an incremental backup of seconds, which is a script's or a timer's
+    backup window. 'lifeboat protect' indexes each point in the background; 'lifeboat files index
+    MACHINE' indexes every point without an index, in one appliance.
+    """
     check_machine(machine)
     arc = open_archive()
     from lifeboat.agent.plan import plan_backup, run_plan  # change tracking: what to read, then commit/abort
