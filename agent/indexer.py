@@ -12,7 +12,8 @@ that is after a run during which no new point came, a batch of ``batch`` points 
 newest first. A point that failed ``attempts`` times is left to ``lifeboat files index MACHINE``
 (which indexes every point without an index), as are the points captured before this agent
 started. ``close()`` (protect stopping) finishes the run in progress, then indexes the newest point
-and the whole backlog in one last run (one appliance).
+and a batch of the backlog in one last run (one appliance); older points of the backlog are left to
+``files index`` (logged).
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ class Indexer(Worker):
     def work(self) -> None:
         """Index the newest point; when there is none, a batch of the backlog (all of it when closing)."""
         with self.lock:
-            if self.closing:
-                todo = [p for p in (self._newest, *reversed(self._backlog)) if p is not None]
+            if self.closing:  # one last appliance: the newest point and a batch of the backlog
+                todo = [p for p in (self._newest, *self._backlog[::-1][:self.batch]) if p is not None]
+                left = self._backlog[:-self.batch] if self.batch else self._backlog
+                if left:
+                    self.log(f"file index: {len(left)} older points left to 'lifeboat files index "
+                             f"{left[0].machine}'")
                 self._newest, self._backlog = None, []
             elif self._newest is not None:
                 todo, self._newest = [self._newest], None

@@ -27,7 +27,7 @@ from typing import Any
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.catalog import MachineSummary
 from lifeboat.archive.errors import MissingChunk
-from lifeboat.archive.fileindex import Match, PointGone, find, read_manifest, reuse_index
+from lifeboat.archive.fileindex import INDEX_PREFIX, Match, PointGone, find, read_manifest, reuse_index
 from lifeboat.archive.points import parse_selector
 from lifeboat.archive.replicate import ReplicationReport
 from lifeboat.archive.replicate import replicate as replicate_archive
@@ -447,53 +447,65 @@ def files_index(archive: Archive, selector: str, *, missing_only: bool = False,
 
 def index_points(archive: Archive, infos: list[PointInfo],
                  log: Callable[[str], None] = console_log) -> list[dict[str, Any]]:
-    """Index ``infos`` (points of one machine): a point whose disk is the same as an indexed point's
-    (equal chunk tables: nothing changed between two captures) gets a copy of that index; the
-    others are read in one appliance. Points pruned meanwhile are left out (logged). Per point
-    indexed, what was stored."""
+    """Index ``infos`` (points of one machine). A point whose disk is the same as that of the
+    nearest indexed point before or after it (equal chunk tables: nothing changed between two
+    captures) gets a copy of that index; the others are read in one appliance. Points pruned
+    meanwhile are left out (logged). Per point indexed, what was stored."""
     out = []
 
-    def done(info: PointInfo, stats: dict[str, int], how: str) -> None:
+    def done(info: PointInfo, stats: dict[str, int], how: str = "") -> None:
         log(f"indexed {info.machine}@{info.point}{how}: {stats['files']} files, {stats['pieces_new']} new pieces "
             f"of {stats['pieces']}")
         out.append({"machine": info.machine, "point": info.point, "time": info.time, **stats})
 
-    to_read = []
-    for info in infos:
+    def reuse(info: PointInfo, same: PointInfo) -> None:
         try:
-            same = _same_disk_indexed(archive, info)
-            stats = None if same is None else reuse_index(archive, info, same)
-        except (PointGone, MissingChunk) as e:
+            stats = reuse_index(archive, info, same)
+        except PointGone as e:
+            log(f"not indexed: {e}")
+            return
+        if stats is not None:
+            done(info, stats, f" (the same disk as {same.point})")
+
+    points = {m: archive.points(m) for m in {i.machine for i in infos}}
+    have = {m: {k.rsplit("/", 1)[1] for k in archive.backend.list(f"{INDEX_PREFIX}{m}/")} for m in points}
+    to_read: list[PointInfo] = []
+    twins: list[tuple[PointInfo, PointInfo]] = []  # a point and one read below with the same disk
+    for info in sorted(infos, key=lambda p: (p.when, p.point)):
+        ids = [p.point for p in points[info.machine]]
+        if info.point not in ids:
+            log(f"not indexed: {info.machine}@{info.point} was pruned")
+            continue
+        known = have[info.machine] | {p.point for p in to_read}
+        try:
+            same = _same_disk(archive, points[info.machine], ids.index(info.point), known)
+        except MissingChunk as e:  # pruned while being compared
             log(f"not indexed: {e}")
             continue
-        if stats is None:
+        if same is None:
             to_read.append(info)
+        elif same.point in have[info.machine]:
+            reuse(info, same)
         else:
-            done(info, stats, f" (the same disk as {same.point if same else ''})")
+            twins.append((info, same))
     if to_read:
         with point_files(archive, to_read, log=log) as disks:
             for info, files in zip(to_read, disks, strict=True):
                 try:
-                    done(info, files.store_index(archive, info), "")
+                    done(info, files.store_index(archive, info))
                 except PointGone as e:
                     log(f"not indexed: {e}")
+    for info, same in twins:
+        reuse(info, same)
     return out
 
 
-def _same_disk_indexed(archive: Archive, info: PointInfo) -> PointInfo | None:
-    """The indexed point of the machine nearest before ``info`` (else after it) whose disk is
-    the same as ``info``'s, if that one is."""
-    points = archive.points(info.machine)
-    ids = [p.point for p in points]
-    if info.point not in ids:
-        raise PointGone(f"{info.machine}@{info.point} was pruned before its index was stored")
-    at = ids.index(info.point)
-
-    def indexed(p: PointInfo) -> bool:
-        return read_manifest(archive, p.machine, p.point) is not None
-
-    before = next((p for p in reversed(points[:at]) if indexed(p)), None)
-    after = next((p for p in points[at + 1:] if indexed(p)), None)
+def _same_disk(archive: Archive, points: list[PointInfo], at: int, indexed: set[str]) -> PointInfo | None:
+    """Of the points in ``indexed``, the nearest before ``points[at]`` or else the nearest after it,
+    if its disk is the same (equal size and chunk table)."""
+    info = points[at]
+    before = next((p for p in reversed(points[:at]) if p.point in indexed), None)
+    after = next((p for p in points[at + 1:] if p.point in indexed), None)
     for other in (before, after):
         if other is not None and other.size == info.size and archive.chunk_table(other) == archive.chunk_table(info):
             return other

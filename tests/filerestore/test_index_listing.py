@@ -3,8 +3,9 @@
 ``lifeboat protect`` indexes its points in the background: two points, then ``files find`` names
 both with no ``files index``. A listing from the index is the appliance's listing of the same
 point (the session appliance of ``conftest``), paths as the operating system mounts them or within
-one file system; an index written before modes were recorded still lists, mode unknown. The
-background indexer racing a prune leaves no index of the pruned point.
+one file system; an index written before modes were recorded still lists, mode unknown. When
+points come faster than they are indexed, the newest goes first; the background indexer racing a
+prune leaves no index of the pruned point.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,32 @@ def test_the_indexer_racing_a_prune_leaves_no_index_of_the_pruned_point(tmp_path
     assert prune(arc).index_pieces_deleted == 0  # every piece left is named by the kept point's index
 
 
+def test_points_coming_faster_than_indexing_the_newest_goes_first(tmp_path: Path) -> None:
+    arc = Archive.init(str(tmp_path / "archive"))
+    infos = [arc.backup("m", Disk(n)) for n in range(4)]
+    running, release = threading.Event(), threading.Event()
+    runs: list[list[str]] = []
+
+    def index(batch: list[PointInfo]) -> list[dict[str, Any]]:
+        runs.append([p.point for p in batch])
+        running.set()
+        release.wait(60)
+        return [{"point": p.point, "files": 0} for p in batch]
+
+    indexer = Indexer(index)
+    indexer.request_point(infos[0])
+    assert running.wait(60)
+    for info in infos[1:]:  # three captures during the first run
+        indexer.request_point(info)
+    release.set()
+    while indexer.status()["waiting"]:
+        time.sleep(0.05)
+    indexer.close()
+    p = [i.point for i in infos]
+    assert runs == [[p[0]], [p[3]], [p[2], p[1]]]  # the newest, then the skipped ones when idle
+    assert indexer.status()["points_indexed"] == 4
+
+
 def test_protect_indexes_its_points_without_being_asked(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
@@ -128,6 +156,7 @@ def test_protect_indexes_its_points_without_being_asked(tmp_path: Path) -> None:
                "--metrics-file", str(metrics), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["index"]["points_indexed"] == 2, done.stderr
+    assert "(the same disk as" in done.stderr  # nothing changed: the second point's index is a copy
     assert 'lifeboat_index_points_total{machine="box"} 2' in metrics.read_text()
     found = json.loads(cli(location, "files", "find", "box", "hello.txt", "--json").stdout)
     points = [p.point for p in Archive.open(location).points("box")]
