@@ -48,17 +48,15 @@ def cli(location: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_listing_from_the_index_is_the_appliance_listing(points: Points, all_disks: list[PointFiles]) -> None:
+    """The first osbox point only (its system is inspected by test_os_lvm in the same appliance;
+    walking machine files' points too would cost a minute more under TCG)."""
     arc = Archive.open(points.location)
-    v1, os1 = all_disks[0], all_disks[3]
-    v1.store_index(arc, points.v1)
+    os1 = all_disks[3]
     os1.store_index(arc, points.os1)
     for path in ("/", "/srv", "/srv/www", "/etc"):  # as the system mounts them: the LV at /srv
         assert indexed.ls(arc, points.os1, path) == os1.ls(path), path
-    assert indexed.ls(arc, points.os1, "/", LV) == os1.ls("/", LV)
-    for device, path in (("/dev/sda1", "/etc"), ("/dev/sda2", "/srv"), ("/dev/sda3", "/"), ("/dev/sda3", "/BOOT")):
-        assert indexed.ls(arc, points.v1, path, device) == v1.ls(path, device), (device, path)
-    assert indexed.ls(arc, points.v1, "/") is None  # no system, three file systems: the appliance asks for --fs
-    assert indexed.ls(arc, points.v1, "/", "/dev/sda4") is None  # encrypted: the appliance says so
+    for path in ("/", "/www"):
+        assert indexed.ls(arc, points.os1, path, LV) == os1.ls(path, LV), path
     shown = cli(points.location, "files", "ls", f"osbox@{points.os1.point}", "/srv")
     assert shown.returncode == 0 and "from the point's file index" in shown.stderr, shown.stderr
     assert [line.split()[-1] for line in shown.stdout.splitlines()] == [e["name"] for e in os1.ls("/srv")]
