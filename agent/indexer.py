@@ -1,10 +1,10 @@
 """The file index after each point of ``lifeboat protect`` (unless ``--no-index``).
 
 Indexing a point boots a libguestfs appliance (20-50 s on a loaded machine) and walks its file
-systems: far longer than an incremental capture. ``Indexer`` does it in a thread of its own
-(``background.Worker``; the appliance itself is a child process), so it never delays a capture and
-its failures never fail one: they are logged, counted in protect's status and metrics, and retried
-after a back-off.
+systems: far longer than an incremental capture. ``Indexer`` does it from a thread of its own
+(``background.Worker``; ``lifeboat protect`` makes each run a ``lifeboat files index`` child
+process), so it never delays a capture and its failures never fail one: they are logged, counted
+in protect's status and metrics, and retried after a back-off.
 
 When points come faster than they are indexed, the newest waits alone: the next run indexes the
 newest point, and the points skipped meanwhile (the backlog) are caught up when the agent is idle,

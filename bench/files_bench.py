@@ -105,7 +105,7 @@ def first_listing(arc: Archive, work: Path) -> None:
           f"restore + loop mount {peer:.1f} s (restore {restored:.1f} s, {n_peer} entries); "
           f"ratio {peer / ours:.2f}x")
     t = time.monotonic()
-    done = api.files_index(arc, "usr@latest", log=lambda m: None)
+    done = api.files_index(arc, ["usr@latest"], log=lambda m: None)
     print(f"files index of the point: {time.monotonic() - t:.1f} s, {done[0]['files']} files, "
           f"{done[0]['pieces']} pieces, {done[0]['bytes_new']} bytes stored")
     from_index, same = first_listing_lifeboat(arc, read_disk=False)

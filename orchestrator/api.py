@@ -435,14 +435,17 @@ def files_get(archive: Archive, selector: str, path: str, dest: Path, fs: str | 
         return files.get(path, dest, fs)
 
 
-def files_index(archive: Archive, selector: str, *, missing_only: bool = False,
+def files_index(archive: Archive, selectors: list[str],
                 log: Callable[[str], None] = console_log) -> list[dict[str, Any]]:
-    """Index the file systems of ``MACHINE@WHEN`` (or, given only ``MACHINE``, of every point of it
-    with ``missing_only``: those without an index) in one appliance; per point, what was stored."""
-    named = archive.resolve(selector)  # an unknown machine or point is refused here
-    infos = [named] if "@" in selector or not missing_only else [
-        p for p in archive.points(named.machine) if read_manifest(archive, p.machine, p.point) is None]
-    return index_points(archive, infos, log=log)
+    """Index the file systems of the points named: ``MACHINE@WHEN`` that point, ``MACHINE`` alone
+    every point of it without an index; all in one appliance. Per point, what was stored."""
+    infos: dict[str, PointInfo] = {}
+    for selector in selectors:
+        named = archive.resolve(selector)  # an unknown machine or point is refused here, before anything
+        found = [named] if "@" in selector else [
+            p for p in archive.points(named.machine) if read_manifest(archive, p.machine, p.point) is None]
+        infos.update((f"{p.machine}@{p.point}", p) for p in found)
+    return index_points(archive, list(infos.values()), log=log)
 
 
 def index_points(archive: Archive, infos: list[PointInfo],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -27,8 +29,8 @@ from lifeboat.orchestrator.cli import (
     parse_size,
 )
 from lifeboat.orchestrator.cmd_archive import archive_group
-from lifeboat.orchestrator.console import log
-from lifeboat.plumbing.errors import UsageError
+from lifeboat.orchestrator.console import SELF_COMMAND, log
+from lifeboat.plumbing.errors import LifeboatError, UsageError
 from lifeboat.plumbing.listen import is_loopback, parse_listen
 from lifeboat.plumbing.tls import server_context
 
@@ -160,25 +162,42 @@ def _replicator(machine: str, dest: str | None, bwlimit: str | None,
 
 
 def _indexer(max_backoff: float) -> Callable[[], Indexer]:
-    """What starts protect's background file index (each run opens the archive anew: the capture
-    loop keeps its own)."""
+    """What starts protect's background file index. Each run is a ``lifeboat files index`` child
+    process (its NBD server, appliance and memory apart from the capture loop's: nothing of it
+    competes with a capture for this process's interpreter); its log lines are passed on."""
     from lifeboat.agent.indexer import Indexer
     from lifeboat.archive import Archive
-    from lifeboat.orchestrator import api
 
     location, key_file = resolve_location(archive_location()), key_file_option()  # the command's context, now
+    archive_args = ["--archive", location] + (["--key-file", key_file] if key_file else [])
 
     def index(infos: list[PointInfo]) -> list[dict[str, Any]]:
         arc = Archive.open(location, key_file)
-        try:
-            return api.index_points(arc, infos, log=log)
+        try:  # a point pruned since its capture is not asked for (files index refuses unknown points)
+            present = {p.point for p in arc.points(infos[0].machine)}
         finally:
             arc.backend.close()
+        selectors = [f"{i.machine}@{i.point}" for i in infos if i.point in present]
+        if not selectors:
+            return []
+        done = subprocess.run([*SELF_COMMAND, "files", "index", *selectors, "--json", *archive_args],
+                              capture_output=True, text=True, check=False)
+        for line in done.stderr.splitlines():
+            log(line)
+        if done.returncode != 0:
+            raise IndexFailed(f"lifeboat files index exited with {done.returncode}: "
+                              f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
+        rows: list[dict[str, Any]] = json.loads(done.stdout)
+        return rows
 
     def start() -> Indexer:
         return Indexer(index, max_backoff=max_backoff, log=log)
 
     return start
+
+
+class IndexFailed(LifeboatError):
+    """A background ``files index`` run of protect failed (logged, counted, retried)."""
 
 
 @command(archive_group, name="serve")

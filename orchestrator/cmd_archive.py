@@ -104,7 +104,7 @@ def backup_cmd(machine: str, source: str, index_files: bool, as_json: bool) -> N
     if index_files:
         from lifeboat.orchestrator.api import files_index  # libguestfs and the NBD server: only when asked
 
-        doc["index"] = files_index(arc, f"{machine}@{info.point}", log=log)[0]
+        doc["index"] = files_index(arc, [f"{machine}@{info.point}"], log=log)[0]
     if as_json:
         emit_json(doc)
     else:

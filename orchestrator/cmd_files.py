@@ -117,11 +117,12 @@ def _shown(mountpoint: str, path: str) -> str:
 
 
 @command(files_group, name="index")
-@click.argument("selector", metavar="MACHINE[@WHEN]")
+@click.argument("selectors", metavar="MACHINE[@WHEN]...", nargs=-1, required=True)
 @json_option
-def index_cmd(selector: str, as_json: bool) -> None:
-    """Record the file lists of a point (or of every point of MACHINE without one) in the archive."""
-    done: list[dict[str, Any]] = api.files_index(open_archive(), selector, missing_only="@" not in selector, log=log)
+def index_cmd(selectors: tuple[str, ...], as_json: bool) -> None:
+    """Record the file lists of points in the archive: MACHINE@WHEN that point, MACHINE alone every
+    point of it without one (all in one appliance)."""
+    done: list[dict[str, Any]] = api.files_index(open_archive(), list(selectors), log=log)
     if as_json:
         emit_json(done)
     elif not done:
