@@ -13,6 +13,12 @@ symbolic link in the middle of a path is not followed into the guest (name the r
 When more than one disk holds LVM physical volumes (two points of one machine: the same PV and VG
 UUIDs, which LVM refuses to activate twice), LVM is filtered to one of those disks at a time
 (``lvm_set_filter``): a request about another of them unmounts every view and switches the filter.
+Copies of one btrfs on several disks (the same fsid: two points of one machine) are another
+matter: Linux (the appliance's 6.1) mounts only one device of a given fsid, and refuses one of an
+older generation once a newer one is registered, which makes libguestfs' listing and inspection
+fail. At launch every further copy gets a fsid of its own in the appliance's copy-on-write overlay
+(``btrfstune -m``: the superblock alone; the point is not written) and is shown with its own UUID.
+NTFS, which has no POSIX modes, is mounted with files 0644 and folders 0755 (ntfs-3g shows 0777).
 Each request's duration goes to stderr (kept in a file by the caller, shown when the helper fails).
 """
 
@@ -29,6 +35,8 @@ from typing import Any
 TYPE_OF_MODE = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
                 stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 ENCRYPTED = ("crypto_LUKS", "BitLocker")
+MOUNT_OPTIONS = {"ntfs": "ro,fmask=0133,dmask=0022"}  # what is not "ro" alone
+BTRFS_TOP_LEVEL = 5  # the subvolume id of a btrfs' top level
 STAT_BATCH = 500
 
 
@@ -53,6 +61,8 @@ class Helper:
         # what was found, per LVM filter: another filter shows other logical volumes
         self._fstype_cache: dict[int | None, dict[str, str]] = {}
         self._roots: dict[int | None, list[str]] = {}
+        self._uuids: dict[str, str] = {}  # a btrfs copy's own UUID, changed in the overlay
+        self._btrfs_defaults: dict[tuple[int | None, str], int] = {}  # a btrfs' default subvolume, per filter
 
     # -- requests --------------------------------------------------------------------------
     def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
@@ -65,6 +75,7 @@ class Helper:
                              server=[f"tcp:{d['host']}:{d['port']}"])
         g.launch()
         self.g = g
+        self._separate_btrfs_copies()
         return {"devices": g.list_devices()}
 
     def filesystems(self, disk: int) -> dict[str, Any]:
@@ -74,16 +85,20 @@ class Helper:
         prefix = g.list_devices()[disk]
         lvs = set(g.lvs())
         out = []
-        for dev, fstype in sorted(self._fstypes().items()):
+        fstypes = self._fstypes()
+        for dev, fstype in sorted(fstypes.items()):
             if not self._on_disk(dev, prefix, lvs):
                 continue
+            block = self._block_device(dev)
             item = {"device": dev, "fstype": fstype, "label": "", "uuid": "", "size": 0,
                     "encrypted": fstype in ENCRYPTED, "lvm": dev in lvs}
+            if block != dev:  # a btrfs subvolume: shown as a folder of its file system's mount?
+                item["subvolume_of"] = block if self._btrfs_default(block) == BTRFS_TOP_LEVEL else ""
             try:
-                item["size"] = g.blockdev_getsize64(dev)
+                item["size"] = g.blockdev_getsize64(block)
                 if fstype not in ("unknown", "swap") and not item["encrypted"]:
-                    item["label"] = g.vfs_label(dev)
-                    item["uuid"] = g.vfs_uuid(dev)
+                    item["label"] = g.vfs_label(block)
+                    item["uuid"] = self._uuids.get(block) or g.vfs_uuid(block)
             except RuntimeError:
                 pass
             out.append(item)
@@ -97,6 +112,7 @@ class Helper:
         prefix = g.list_devices()[disk]
         lvs = set(g.lvs())
         if self._lvm_disk not in self._roots:
+            self._forget_views()  # inspection unmounts every file system: the views with them
             self._roots[self._lvm_disk] = g.inspect_os()
         roots = []
         for root in self._roots[self._lvm_disk]:
@@ -132,7 +148,11 @@ class Helper:
         g.mkmountpoint(base)
         for mp, dev in want:
             try:
-                g.mount_ro(dev, base + mp.rstrip("/"))
+                options = MOUNT_OPTIONS.get(fstypes.get(dev, ""))
+                if options:
+                    g.mount_options(options, dev, base + mp.rstrip("/"))
+                else:
+                    g.mount_ro(dev, base + mp.rstrip("/"))
             except RuntimeError as e:
                 if mp == "/":
                     g.rmmountpoint(base)
@@ -204,11 +224,56 @@ class Helper:
         want = disk if disk in self._pv_disks else min(self._pv_disks) if self._lvm_disk is None else self._lvm_disk
         if want == self._lvm_disk:
             return
-        g.umount_all()
-        self.views.clear()
-        self.base = None
+        self._forget_views()
         g.lvm_set_filter([devices[want]])
         self._lvm_disk = want
+
+    def _forget_views(self) -> None:
+        """Unmount every view (the next request about one mounts it again)."""
+        self.g.umount_all()
+        self.views.clear()
+        self.base = None
+
+    def _separate_btrfs_copies(self) -> None:
+        """Give every further copy of a btrfs (the same fsid on another device) a fsid of its own
+        in the overlay, so that the kernel takes them for different file systems; keep the UUID
+        each had, to show."""
+        g = self.g
+        parts = g.list_partitions()
+        seen: dict[str, str] = {}
+        for dev in parts + [d for d in g.list_devices() if not any(p.startswith(d) for p in parts)]:
+            try:
+                if g.vfs_type(dev) != "btrfs":
+                    continue
+                uuid = g.vfs_uuid(dev)
+            except RuntimeError:
+                continue
+            if uuid not in seen:
+                seen[uuid] = dev
+                continue
+            out = g.debug("sh", [f"btrfstune -m {dev} 2>&1 && echo lifeboat-done"])
+            if "lifeboat-done" in out:
+                self._uuids[dev] = uuid
+            else:  # this copy stays unreadable while another is registered: say why in the log
+                print(f"lifeboat-helper: btrfstune -m {dev} failed: {out.strip()}", file=sys.stderr, flush=True)
+        if self._uuids:  # the kernel still has the copies registered under the old fsid
+            g.debug("sh", ["btrfs device scan --forget && udevadm settle"])
+
+    def _btrfs_default(self, dev: str) -> int:
+        key = (self._lvm_disk, dev)
+        if key not in self._btrfs_defaults:
+            try:
+                self._btrfs_defaults[key] = int(self.g.btrfs_subvolume_get_default(dev))
+            except RuntimeError:
+                self._btrfs_defaults[key] = -1
+        return self._btrfs_defaults[key]
+
+    def _block_device(self, dev: str) -> str:
+        """The device that holds ``dev`` (``btrfsvol:/dev/sda1/home``: /dev/sda1)."""
+        if not dev.startswith("btrfsvol:"):
+            return dev
+        return max((d for d in self._fstypes() if not d.startswith("btrfsvol:") and dev.startswith(f"btrfsvol:{d}/")),
+                   key=len, default=dev)
 
     def _is_pv(self, dev: str) -> bool:
         try:
@@ -238,7 +303,7 @@ class Helper:
     def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:
         """``dev`` lies on the disk ``prefix``: a partition of it, or a logical volume of a
         volume group with a physical volume on it."""
-        if dev.startswith(prefix):
+        if self._block_device(dev).startswith(prefix):
             return True
         if dev in lvs:
             vg = dev.split("/")[2]

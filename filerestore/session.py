@@ -32,6 +32,7 @@ from lifeboat.plumbing.errors import LifeboatError, UsageError
 
 HELPER = Path(__file__).with_name("helper.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
+BTRFSVOL = "btrfsvol:"  # libguestfs' name of a btrfs subvolume: btrfsvol:DEVICE/PATH
 GUESTFS_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
 
 
@@ -161,22 +162,30 @@ class PointFiles:
 
     # device names as the user sees them (the disk alone: /dev/sda...) and as the appliance does
     def _inside(self, device: str) -> str:
+        if device.startswith(BTRFSVOL):
+            return BTRFSVOL + self._inside(device[len(BTRFSVOL):])
         return self.prefix + device[len("/dev/sda"):] if device.startswith("/dev/sda") else device
 
     def _outside(self, device: str) -> str:
+        if device.startswith(BTRFSVOL):
+            return BTRFSVOL + self._outside(device[len(BTRFSVOL):])
         return "/dev/sda" + device[len(self.prefix):] if device.startswith(self.prefix) else device
 
     def fs(self) -> dict[str, Any]:
-        """``{"filesystems": [{device, fstype, label, uuid, size, encrypted, lvm}], "os": [{root,
+        """``{"filesystems": [{device, fstype, label, uuid, size, encrypted, lvm[, subvolume_of]}], "os": [{root,
         type, distro, product, mountpoints: [[mountpoint, device]]}]}``."""
         return {"filesystems": self.filesystems(), "os": self.systems()}
 
     def filesystems(self) -> list[dict[str, Any]]:
-        """The partitions, LVM volumes and file systems of the disk."""
+        """The partitions, LVM volumes and file systems of the disk. A btrfs subvolume
+        (``btrfsvol:/dev/sda1/home``) has ``subvolume_of``: the device whose mount shows it as a
+        folder, or "" when that mount does not (its default subvolume is not the top level)."""
         if self._filesystems is None:
             found = self.session.request("filesystems", disk=self.index)["filesystems"]
             for f in found:
                 f["device"] = self._outside(f["device"])
+                if f.get("subvolume_of"):
+                    f["subvolume_of"] = self._outside(f["subvolume_of"])
             self._filesystems = found
         return self._filesystems
 
@@ -263,10 +272,15 @@ class PointFiles:
                 shutil.rmtree(unpacked)
 
     def walk(self) -> list[FsIndex]:
-        """Every readable file system's file list, paths within that file system (for the index)."""
+        """Every readable file system's file list, paths within that file system (for the index);
+        a btrfs subvolume its file system's list holds as a folder is not listed again."""
         mountpoints = {d: m for o in self.systems() for m, d in o["mountpoints"]}
+        readable = self.readable()
+        devices = {f["device"] for f in readable}
         out = []
-        for f in self.readable():
+        for f in readable:
+            if f.get("subvolume_of") in devices:
+                continue
             try:
                 self._mount(f["device"])
             except NoFileSystem:

@@ -14,7 +14,7 @@ APT_PACKAGES=(
   linux-image-amd64 ipxe-qemu dnsmasq-base gdisk nbd-client dmsetup  # issue 13 (pxe): recovery kernel, iPXE ROMs, libvirt DHCP, sgdisk; instant mode
   # issue 15: the openstack target's tests run real Keystone and Glance on PostgreSQL; its bench the openstack CLI
   python3-keystone python3-glance python3-keystonemiddleware python3-psycopg2 postgresql python3-openstackclient
-  libguestfs-tools python3-guestfs fuse2fs xfsprogs  # issue 16: file-level restore
+  libguestfs-tools python3-guestfs fuse2fs xfsprogs btrfs-progs ntfs-3g  # issue 16: file-level restore
 )
 
 # apt-get, waiting while another package manager holds its lock (the dpkg frontend lock, or the

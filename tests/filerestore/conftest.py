@@ -14,12 +14,14 @@ from lifeboat.archive.files import FileSource
 from lifeboat.filerestore import PointFiles
 from lifeboat.orchestrator import api
 from tests.filerestore.disks import build_blank, build_disk, build_os_disks
+from tests.filerestore.fsdisks import build_fs_disks
 
 
 @dataclass
 class Points:
     """The archive, and machine ``files``' points of disk version 1 and 2, a blank disk's, and
-    machine ``osbox``'s points of the operating system disk (LVM) before and after a change."""
+    machine ``osbox``'s points of the operating system disk (LVM) before and after a change, and
+    machine ``fsbox``'s of the btrfs and NTFS disk (``fsdisks``)."""
 
     location: str
     v1: PointInfo
@@ -27,6 +29,8 @@ class Points:
     blank: PointInfo
     os1: PointInfo
     os2: PointInfo
+    fs1: PointInfo
+    fs2: PointInfo
 
 
 def backup(arc: Archive, machine: str, image: Path) -> PointInfo:
@@ -45,14 +49,16 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> Points:
     v2 = backup(arc, "files", build_disk(2))
     blank = backup(arc, "blank", build_blank())
     os1, os2 = (backup(arc, "osbox", image) for image in build_os_disks())
-    return Points(location, v1, v2, blank, os1, os2)
+    fs1, fs2 = (backup(arc, "fsbox", image) for image in build_fs_disks())
+    return Points(location, v1, v2, blank, os1, os2, fs1, fs2)
 
 
 @pytest.fixture(scope="session")
 def all_disks(points: Points) -> Iterator[list[PointFiles]]:
     """The disks of every point in one appliance (it boots once per session)."""
     arc = Archive.open(points.location)
-    with api.point_files(arc, [points.v1, points.v2, points.blank, points.os1, points.os2]) as found:
+    with api.point_files(arc, [points.v1, points.v2, points.blank, points.os1, points.os2, points.fs1,
+                               points.fs2]) as found:
         yield list(found)
 
 
@@ -67,3 +73,10 @@ def os_disks(all_disks: list[PointFiles]) -> tuple[PointFiles, PointFiles]:
     """The operating system disks of os1 and os2: the same LVM physical volume and volume group
     UUIDs in one appliance (the helper filters LVM to one of them at a time)."""
     return all_disks[3], all_disks[4]
+
+
+@pytest.fixture(scope="session")
+def fs_disks(all_disks: list[PointFiles]) -> tuple[PointFiles, PointFiles]:
+    """The btrfs and NTFS disks of fs1 and fs2: the same btrfs fsid in one appliance (the helper
+    gives the second copy a fsid of its own in the appliance's overlay)."""
+    return all_disks[5], all_disks[6]
