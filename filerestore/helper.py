@@ -62,7 +62,10 @@ class Helper:
         self._fstype_cache: dict[int | None, dict[str, str]] = {}
         self._roots: dict[int | None, list[str]] = {}
         self._uuids: dict[str, str] = {}  # a btrfs copy's own UUID, changed in the overlay
-        self._btrfs_defaults: dict[tuple[int | None, str], int] = {}  # a btrfs' default subvolume, per filter
+        # partitions and disks (the same under every filter): their types, and each btrfs
+        # subvolume's device if that device's mount shows it as a folder, else ""
+        self._plain: tuple[dict[str, str], dict[str, str]] | None = None
+        self._subvolume_of: dict[int | None, dict[str, str]] = {}
 
     # -- requests --------------------------------------------------------------------------
     def launch(self, drives: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +96,7 @@ class Helper:
             item = {"device": dev, "fstype": fstype, "label": "", "uuid": "", "size": 0,
                     "encrypted": fstype in ENCRYPTED, "lvm": dev in lvs}
             if block != dev:  # a btrfs subvolume: shown as a folder of its file system's mount?
-                item["subvolume_of"] = block if self._btrfs_default(block) == BTRFS_TOP_LEVEL else ""
+                item["subvolume_of"] = self._subvolume_of[self._lvm_disk][dev]
             try:
                 item["size"] = g.blockdev_getsize64(block)
                 if fstype not in ("unknown", "swap") and not item["encrypted"]:
@@ -259,14 +262,26 @@ class Helper:
         if self._uuids:  # the kernel still has the copies registered under the old fsid
             g.debug("sh", ["btrfs device scan --forget && udevadm settle"])
 
-    def _btrfs_default(self, dev: str) -> int:
-        key = (self._lvm_disk, dev)
-        if key not in self._btrfs_defaults:
-            try:
-                self._btrfs_defaults[key] = int(self.g.btrfs_subvolume_get_default(dev))
-            except RuntimeError:
-                self._btrfs_defaults[key] = -1
-        return self._btrfs_defaults[key]
+    def _look_at(self, dev: str, types: dict[str, str], parents: dict[str, str]) -> None:
+        """Add ``dev``'s type to ``types`` and, for a btrfs, its subvolumes but the default one
+        (the device itself mounts that one) to both."""
+        g = self.g
+        try:
+            types[dev] = g.vfs_type(dev) or "unknown"
+        except RuntimeError:
+            types[dev] = "unknown"
+        if types[dev] != "btrfs":
+            return
+        try:
+            default = int(g.btrfs_subvolume_get_default(dev))
+            vols = g.btrfs_subvolume_list(dev)
+        except RuntimeError:
+            return  # the file system itself still mounts, or says why not
+        for vol in vols:
+            if vol["btrfssubvolume_id"] != default:
+                name = f"btrfsvol:{dev}/{vol['btrfssubvolume_path']}"
+                types[name] = "btrfs"
+                parents[name] = dev if default == BTRFS_TOP_LEVEL else ""
 
     def _block_device(self, dev: str) -> str:
         """The device that holds ``dev`` (``btrfsvol:/dev/sda1/home``: /dev/sda1)."""
@@ -282,22 +297,25 @@ class Helper:
             return False
 
     def _fstypes(self) -> dict[str, str]:
-        """Every file system, and every partition (or unpartitioned disk) libguestfs does not
-        list as one (an encrypted volume, or nothing recognisable), with its type (the logical
-        volumes: those LVM's filter shows)."""
+        """Every partition, unpartitioned disk, RAID device and logical volume (those LVM's filter
+        shows) with the type of what it holds ("unknown" for nothing recognisable), and the
+        subvolumes of each btrfs. As libguestfs' ``list_filesystems`` but for what it leaves out
+        (encrypted volumes, physical volumes), and with partitions and disks looked at once, not
+        again under each LVM filter (each btrfs is mounted to list its subvolumes)."""
         if self._lvm_disk in self._fstype_cache:
             return self._fstype_cache[self._lvm_disk]
         g = self.g
-        found = dict(g.list_filesystems())
-        parts = g.list_partitions()
-        candidates = parts + [d for d in g.list_devices() if not any(p.startswith(d) for p in parts)]
-        for dev in candidates:
-            if dev not in found and not g.is_lv(dev):
-                try:
-                    found[dev] = g.vfs_type(dev) or "unknown"
-                except RuntimeError:
-                    found[dev] = "unknown"
+        if self._plain is None:
+            parts = g.list_partitions()
+            self._plain = ({}, {})
+            for dev in [*parts, *(d for d in g.list_devices() if not any(p.startswith(d) for p in parts)),
+                        *g.list_md_devices()]:
+                self._look_at(dev, *self._plain)
+        found, parents = dict(self._plain[0]), dict(self._plain[1])
+        for lv in g.lvs():
+            self._look_at(lv, found, parents)
         self._fstype_cache[self._lvm_disk] = found
+        self._subvolume_of[self._lvm_disk] = parents
         return found
 
     def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:
