@@ -238,9 +238,10 @@ class Helper:
         self.base = None
 
     def _separate_btrfs_copies(self) -> None:
-        """Give every further copy of a btrfs (the same fsid on another device) a fsid of its own
-        in the overlay, so that the kernel takes them for different file systems; keep the UUID
-        each had, to show."""
+        """Give every further copy of a single-device btrfs (the same fsid on another device) a
+        fsid of its own in the overlay, so that the kernel takes them for different file systems;
+        keep the UUID each had, to show. The devices of a btrfs that spans several (the same fsid,
+        other device ids) are one file system, not copies: they are left as they are."""
         g = self.g
         parts = g.list_partitions()
         seen: dict[str, str] = {}
@@ -253,6 +254,8 @@ class Helper:
                 continue
             if uuid not in seen:
                 seen[uuid] = dev
+                continue
+            if "\nnum_devices\t\t1\n" not in g.debug("sh", [f"btrfs inspect-internal dump-super {dev}"]):
                 continue
             out = g.debug("sh", [f"btrfstune -m {dev} 2>&1 && echo lifeboat-done"])
             if "lifeboat-done" in out:
