@@ -17,7 +17,8 @@ Copies of one btrfs on several disks (the same fsid: two points of one machine) 
 matter: Linux (the appliance's 6.1) mounts only one device of a given fsid, and refuses one of an
 older generation once a newer one is registered, which makes libguestfs' listing and inspection
 fail. At launch every further copy gets a fsid of its own in the appliance's copy-on-write overlay
-(``btrfstune -m``: the superblock alone; the point is not written) and is shown with its own UUID.
+(``btrfstune -m``: the superblock alone; the point is not written), and is shown with the UUID
+it has on disk.
 NTFS, which has no POSIX modes, is mounted with files 0644 and folders 0755 (ntfs-3g shows 0777).
 Each request's duration goes to stderr (kept in a file by the caller, shown when the helper fails).
 """
@@ -323,8 +324,9 @@ class Helper:
 
     def _on_disk(self, dev: str, prefix: str, lvs: set[str]) -> bool:
         """``dev`` lies on the disk ``prefix``: a partition of it, or a logical volume of a
-        volume group with a physical volume on it."""
-        if self._block_device(dev).startswith(prefix):
+        volume group with a physical volume on it (or a btrfs subvolume of either)."""
+        dev = self._block_device(dev)
+        if dev.startswith(prefix):
             return True
         if dev in lvs:
             vg = dev.split("/")[2]
