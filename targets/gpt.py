@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 SECTOR = 512
 SIGNATURE = b"EFI PART"
@@ -28,44 +29,79 @@ def _with_crc(header: bytearray, size: int) -> bytes:
     return bytes(header[:size]).ljust(SECTOR, b"\0")
 
 
-def grown_gpt(read: Callable[[int, int], bytes], image_bytes: int, disk_bytes: int) -> list[tuple[int, bytes]]:
-    """(offset, bytes) pieces to write over an image of ``image_bytes`` (``read(offset, length)``
-    reads it) once it is on a disk of ``disk_bytes``, the first sector last; none when the image
-    has no valid GPT (a protective MBR and a primary header whose CRCs match) or the disk is not
-    larger."""
-    if disk_bytes <= image_bytes:
-        return []
+@dataclass
+class Gpt:
+    """A valid GPT read from an image: its protective MBR, primary header (``size`` bytes of it
+    count) and partition entries."""
+
+    mbr: bytearray
+    header: bytearray
+    size: int
+    entries: bytearray
+    count: int
+    entry_size: int
+
+    def last_partition(self) -> tuple[int, int] | None:
+        """(index, first LBA) of the partition that grows onto a larger disk: the one that ends
+        last, when it reaches the usable end (less than 1 MiB short of it); else None."""
+        last_usable = struct.unpack_from("<Q", self.header, 48)[0]
+        e, n = self.entries, self.entry_size
+        used = [
+            (struct.unpack_from("<Q", e, i * n + 40)[0], i)
+            for i in range(self.count)
+            if e[i * n : i * n + 16].strip(b"\0")
+        ]
+        if not used:
+            return None
+        end, last = max(used)
+        if end <= last_usable - ALIGN_SECTORS:
+            return None
+        return last, struct.unpack_from("<Q", e, last * n + 32)[0]
+
+
+def read_gpt(read: Callable[[int, int], bytes]) -> Gpt | None:
+    """The image's GPT (``read(offset, length)`` reads the image), or None when it has no valid one
+    (a protective MBR and a primary header whose CRCs match)."""
     mbr = bytearray(read(0, SECTOR))
     if mbr[510:512] != b"\x55\xaa" or mbr[446 + 4] != 0xEE:
-        return []
+        return None
     header = bytearray(read(SECTOR, SECTOR))
     size = struct.unpack_from("<I", header, 12)[0]
     if header[:8] != SIGNATURE or not 92 <= size <= SECTOR:
-        return []
+        return None
     check = bytearray(header[:size])
     struct.pack_into("<I", check, 16, 0)
     if zlib.crc32(bytes(check)) != struct.unpack_from("<I", header, 16)[0]:
-        return []
-    old_backup, _first, last_usable = struct.unpack_from("<QQQ", header, 32)
+        return None
     entries_lba = struct.unpack_from("<Q", header, 72)[0]
     count, entry_size = struct.unpack_from("<II", header, 80)
     entries = bytearray(read(entries_lba * SECTOR, count * entry_size))
     if zlib.crc32(bytes(entries)) != struct.unpack_from("<I", header, 88)[0]:
+        return None
+    return Gpt(mbr, header, size, entries, count, entry_size)
+
+
+def grown_gpt(read: Callable[[int, int], bytes], image_bytes: int, disk_bytes: int) -> list[tuple[int, bytes]]:
+    """(offset, bytes) pieces to write over an image of ``image_bytes`` (``read(offset, length)``
+    reads it) once it is on a disk of ``disk_bytes``, the first sector last; none when the image
+    has no valid GPT (``read_gpt``) or the disk is not larger."""
+    gpt = read_gpt(read) if disk_bytes > image_bytes else None
+    if gpt is None:
         return []
+    mbr, header, size, entries = gpt.mbr, gpt.header, gpt.size, gpt.entries
+    count, entry_size = gpt.count, gpt.entry_size
+    old_backup, _first, last_usable = struct.unpack_from("<QQQ", header, 32)
+    entries_lba = struct.unpack_from("<Q", header, 72)[0]
 
     disk_last = disk_bytes // SECTOR - 1
     entry_sectors = -(-count * entry_size // SECTOR)
     backup_entries_lba = disk_last - entry_sectors
     new_last_usable = backup_entries_lba - 1
-    used = [
-        (struct.unpack_from("<Q", entries, i * entry_size + 40)[0], i)
-        for i in range(count)
-        if entries[i * entry_size : i * entry_size + 16].strip(b"\0")
-    ]
-    if used:
-        end, last = max(used)
-        if end > last_usable - ALIGN_SECTORS:
-            struct.pack_into("<Q", entries, last * entry_size + 40, new_last_usable - (last_usable - end))
+    grows = gpt.last_partition()
+    if grows is not None:
+        last = grows[0]
+        end = struct.unpack_from("<Q", entries, last * entry_size + 40)[0]
+        struct.pack_into("<Q", entries, last * entry_size + 40, new_last_usable - (last_usable - end))
     struct.pack_into("<I", header, 88, zlib.crc32(bytes(entries)))
     struct.pack_into("<Q", header, 32, disk_last)  # the backup header's place
     struct.pack_into("<Q", header, 48, new_last_usable)

@@ -30,8 +30,11 @@ stops serving. The health checks see the system as soon as it is up.
 In instant mode the driver ``FillsLocalDisk``: the engine's localize step (``move_to_local``) polls
 it until the disk is filled.
 
-Not built yet (issue 13): file-system growth (the last MBR or GPT partition grows, not its file
-system); in instant mode, a GPT point and partition growth.
+Onto a larger disk, the last MBR or GPT partition grows, and an ext2/3/4 file system in it with it
+(``targets/pxegrow.py``: the orchestrator names the partition in the plan, the environment runs
+``e2fsck`` and ``resize2fs``); other file systems stay their size (logged).
+
+Not built yet (issue 13): in instant mode, a GPT point and partition growth.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from lifeboat.plumbing.proc import log_tail, process_matches
-from lifeboat.targets import pxedhcp, pxeenv, pxeinstant
+from lifeboat.targets import pxedhcp, pxeenv, pxegrow, pxeinstant
 from lifeboat.targets.base import (
     Disk,
     FillsLocalDisk,
@@ -189,6 +192,8 @@ class PxeTarget(Physical, TakesImage):
             host = str(self.settings["http_listen"]).rsplit(":", 1)[0]
             port = pxeinstant.start_nbd(disk.image_path, f["dir"], host, guest.token, log, self.label(guest))
             plan["NBD_PORT"] = str(port)
+        else:
+            plan.update(pxegrow.plan(disk.image_path))
         config = {
             "listen": self.settings["http_listen"],
             "image": str(disk.image_path),
@@ -197,10 +202,13 @@ class PxeTarget(Physical, TakesImage):
             "events": str(f["events"]),
             "ipxe": IPXE_SCRIPT.format(server=guest.name, url=url, console=self.settings["console"]),
             "instant": str(env.instant),
+            "grow": str(env.grow),
             "plan": "".join(f"{k}={shell_quote(v)}\n" for k, v in plan.items()),
         }
         if self.settings["restore"] == "instant":
-            config["ipxe"] = pxeinstant.ipxe_script(config["ipxe"], url)
+            config["ipxe"] = pxeenv.with_archive(config["ipxe"], url, "instant.gz")
+        elif plan.get("GROW_FS") in pxegrow.EXT:
+            config["ipxe"] = pxeenv.with_archive(config["ipxe"], url, "grow.gz")
         f["config"].write_text(json.dumps(config, indent=1))
         res = log.record("process", "pxeserve", {"token": guest.token, "pid": None})
         if not (res.data.get("pid") and process_matches(int(res.data["pid"]), guest.token)):
@@ -329,6 +337,19 @@ class PxeTarget(Physical, TakesImage):
         if any(e["event"] == "booting" for e in events) and not res.data.get("booting"):
             log.update(res, {"booting": time.time()})
             self.context.log(f"{guest.name}: instant mode: the restored system starts from NBD while its disk fills")
+        grown = next((e for e in events if e["event"] == "grown"), None)
+        if grown is not None and not res.data.get("grown"):
+            log.update(res, {"grown": True})
+            if grown.get("resized") == "yes":
+                self.context.log(
+                    f"{guest.name}: partition {grown.get('part')} grew to the disk's end and its "
+                    f"{grown.get('fs')} file system with it ({grown.get('bytes')} bytes)"
+                )
+            else:
+                self.context.log(
+                    f"{guest.name}: partition {grown.get('part')} grew to the disk's end, its file system "
+                    f"({grown.get('fs')}) was not grown: lifeboat grows ext2/3/4 only"
+                )
         progress = [e for e in events if e["event"] == "progress"]
         if progress:
             done = int(progress[-1].get("done", 0))

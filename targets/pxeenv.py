@@ -13,7 +13,8 @@ raw image over HTTP (``targets/pxeserve.py``), in extents: the initramfs fetches
 into RAM, checks its length and writes it with ``dd`` at its offset, writes zeros over the holes
 (the disk may not be blank), reports progress after each extent, and writes the first sector last
 (so a half-written disk does not boot) as the server adapts the partition tables to the disk's size
-(the last MBR or GPT partition grown onto a larger disk, a GPT's backup moved to the disk's end).
+(the last MBR or GPT partition grown onto a larger disk, a GPT's backup moved to the disk's end),
+then grows an ext2/3/4 file system in that partition (``targets/pxegrow.py``).
 The same HTTP server serves the iPXE script, kernel and initramfs, so a site's DHCP only needs to
 point PXE at ``http://LIFEBOAT/boot.ipxe``.
 
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifeboat.plumbing.initramfs import BUSYBOX, busybox_initramfs, resolve_modules
-from lifeboat.targets import pxeinstant
-from lifeboat.targets.base import TargetUnavailable
+from lifeboat.targets import pxegrow, pxeinstant
+from lifeboat.targets.base import TargetError, TargetUnavailable
 
 MODULES_ROOT = Path("/lib/modules")
 BOOT = Path("/boot")
@@ -126,6 +127,15 @@ while read off len; do
 done < /tmp/tables
 sync
 blockdev --rereadpt "$dev" 2>/dev/null
+if [ -n "$GROW_PART" ] && [ "$bytes" -gt "$POINT_SIZE" ]; then  # targets/pxegrow.py
+  case "$GROW_FS" in
+    ext2|ext3|ext4)
+      [ -f /lib/grow.sh ] || fail "the file-system growth archive (grow.gz) was not loaded"
+      . /lib/grow.sh ;;
+    *) say "partition $GROW_PART grew to the disk's end, its file system ($GROW_FS) did not"
+      report "grown?part=$GROW_PART&fs=$GROW_FS&resized=no" ;;
+  esac
+fi
 say "restore-complete $dev"
 report "done"
 halt_here "waiting for lifeboat to boot the server from its disk"
@@ -179,12 +189,24 @@ for r in $router; do ip route add default via "$r" dev "$interface"; break; done
 
 @dataclass(frozen=True)
 class RecoveryEnvironment:
-    """A built environment: the kernel and the initramfs to serve, and instant mode's addition to
-    the initramfs (a second archive, loaded after the first: ``targets/pxeinstant.py``)."""
+    """A built environment: the kernel and the initramfs to serve, and two additions to the
+    initramfs (second archives, loaded after the first when the plan needs them: ``with_archive``):
+    instant mode's (``targets/pxeinstant.py``) and file-system growth's (``targets/pxegrow.py``)."""
 
     kernel: Path
     initrd: Path
     instant: Path
+    grow: Path
+
+
+def with_archive(script: str, url: str, archive: str) -> str:
+    """The iPXE ``script`` with the initramfs ``archive`` (served at ``URL/ARCHIVE``) loaded after
+    the environment's own."""
+    if "initrd=initrd.gz" not in script or "\nboot\n" not in script:
+        raise TargetError(f"cannot add {archive} to this iPXE script (no initrd=initrd.gz or boot line)")
+    return script.replace("initrd=initrd.gz", f"initrd=initrd.gz initrd={archive}").replace(
+        "\nboot\n", f"\ninitrd {url}/{archive}\nboot\n"
+    )
 
 
 def kernel_version() -> str:
@@ -218,12 +240,13 @@ def build() -> RecoveryEnvironment:
     version = kernel_version()
     kernel = BOOT / f"vmlinuz-{version}"
     key = hashlib.sha256()
-    for path in (Path(__file__), Path(pxeinstant.__file__), *pxeinstant.key_files()):
+    for path in (Path(__file__), Path(pxeinstant.__file__), *pxeinstant.key_files(), Path(pxegrow.__file__),
+                 *pxegrow.key_files()):  # fmt: skip
         key.update(hashlib.sha256(path.read_bytes()).digest())
     key.update(version.encode())
     key.update(hashlib.sha256(BUSYBOX.read_bytes()).digest() if BUSYBOX.exists() else b"")
     out = cache_dir() / key.hexdigest()[:16]
-    env = RecoveryEnvironment(out / "vmlinuz", out / "initrd.gz", out / "instant.gz")
+    env = RecoveryEnvironment(out / "vmlinuz", out / "initrd.gz", out / "instant.gz", out / "grow.gz")
     if env.initrd.exists():
         return env
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +259,7 @@ def build() -> RecoveryEnvironment:
             modules = resolve_modules(MODULES_ROOT / version, WANTED_MODULES)
             (work / "initrd.gz").write_bytes(make_initramfs(modules))
             (work / "instant.gz").write_bytes(pxeinstant.addon(MODULES_ROOT / version, {n for n, _ in modules}))
+            (work / "grow.gz").write_bytes(pxegrow.addon())
             shutil.copyfile(kernel, work / "vmlinuz")
             os.replace(work, out)
         finally:

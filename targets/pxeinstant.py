@@ -183,15 +183,6 @@ def addon(moddir: Path, loaded: set[str]) -> bytes:
     return gzip.compress(cpio_newc(entries), compresslevel=9, mtime=0)
 
 
-def ipxe_script(script: str, url: str) -> str:
-    """The full restore's iPXE ``script`` with instant mode's archive loaded after the first."""
-    if "initrd=initrd.gz" not in script or "\nboot\n" not in script:
-        raise TargetError("instant mode cannot add its archive to this iPXE script (no initrd=initrd.gz or boot line)")
-    return script.replace("initrd=initrd.gz", "initrd=initrd.gz initrd=instant.gz").replace(
-        "\nboot\n", f"\ninitrd {url}/instant.gz\nboot\n"
-    )
-
-
 def key_files() -> list[Path]:
     """What the environment's cache key must cover for instant mode (besides this file)."""
     return [NBD_CLIENT, DMSETUP]

@@ -6,14 +6,15 @@ token on the command line so that teardown finds it again after a crash), one pe
 keeps serving while the orchestrator restarts. ``CONFIG`` (JSON) names the listen address, the
 point's raw image, the kernel and initramfs, the iPXE script and the plan; every request that
 matters is appended to the events file (JSON lines), which the driver reads in ``poll``:
-``netboot`` (the iPXE script was fetched), ``chosen``, ``progress``, ``done``, ``fail``, and in instant
+``netboot`` (the iPXE script was fetched), ``chosen``, ``progress``, ``grown``, ``done``, ``fail``, and in instant
 mode ``booting`` (``targets/pxeinstant.py``).
 
 Paths: ``/boot.ipxe``, ``/vmlinuz``, ``/initrd.gz``, ``/plan`` (shell variables), ``/map`` (``data|zero
 OFFSET LENGTH`` lines), ``/data?offset=&length=``, ``/tables?disk_bytes=`` (``OFFSET LENGTH`` lines: the
 partition tables adapted to the disk, see ``tables``) and ``/table?disk_bytes=&offset=`` (one of them),
-``/chosen``, ``/progress?done=``, ``/done``, ``/fail?reason=``; in instant mode ``/instant.gz`` (its
-addition to the initramfs) and ``/booting``.
+``/chosen``, ``/progress?done=``, ``/grown?part=&fs=&bytes=&resized=`` (``targets/pxegrow.py``),
+``/done``, ``/fail?reason=``; ``/grow.gz`` (file-system growth's addition to the initramfs); in
+instant mode ``/instant.gz`` (its addition) and ``/booting``.
 """
 
 from __future__ import annotations
@@ -75,22 +76,31 @@ def extents(path: Path) -> list[tuple[str, int, int]]:
     return out
 
 
-def grown_mbr(sector: bytes, image_bytes: int, disk_bytes: int) -> bytes:
-    """The MBR ``sector`` for a disk of ``disk_bytes``: the partition that ends last is grown to the
-    disk's end when it reached the image's end (less than 1 MiB short of it). A GPT (protective
-    type 0xee) or no partition table is left as is."""
-    if len(sector) != SECTOR or sector[510:512] != b"\x55\xaa" or disk_bytes <= image_bytes:
-        return sector
+def last_mbr_partition(sector: bytes, image_bytes: int) -> tuple[int, int, int] | None:
+    """(index, start sector, end sector) of the MBR partition that grows onto a larger disk: the one
+    that ends last, when it reaches the image's end (less than 1 MiB short of it); None for a GPT
+    (protective type 0xee), no partition table, or a last partition that stops short."""
+    if len(sector) != SECTOR or sector[510:512] != b"\x55\xaa":
+        return None
     entries = [struct.unpack_from("<B3sB3sII", sector, 446 + 16 * i) for i in range(4)]
     if any(e[2] == 0xEE for e in entries):
-        return sector
+        return None
     used = [(e[4] + e[5], i) for i, e in enumerate(entries) if e[2] != 0 and e[5] > 0]
     if not used:
-        return sector
+        return None
     end, last = max(used)
     if end * SECTOR < image_bytes - ALIGN:
+        return None
+    return last, entries[last][4], end
+
+
+def grown_mbr(sector: bytes, image_bytes: int, disk_bytes: int) -> bytes:
+    """The MBR ``sector`` for a disk of ``disk_bytes``: its ``last_mbr_partition`` grown to the
+    disk's end (keeping the same gap after it). Anything else is left as is."""
+    found = last_mbr_partition(sector, image_bytes)
+    if found is None or disk_bytes <= image_bytes:
         return sector
-    start = entries[last][4]
+    last, start, end = found
     disk_sectors = min(disk_bytes // SECTOR, 2**32 - 1)
     gap = max(0, image_bytes // SECTOR - end)  # keep the same tail after the partition
     out = bytearray(sector)
@@ -163,8 +173,8 @@ def handler(served: Served) -> type[BaseHTTPRequestHandler]:
                     self.send_file(Path(c["kernel"]))
                 elif url.path == "/initrd.gz":
                     self.send_file(Path(c["initrd"]))
-                elif url.path == "/instant.gz":
-                    self.send_file(Path(c["instant"]))
+                elif url.path in ("/instant.gz", "/grow.gz"):
+                    self.send_file(Path(c[url.path[1:].removesuffix(".gz")]))
                 elif url.path == "/plan":
                     self.send(c["plan"].encode(), kind="text/plain")
                 elif url.path == "/map":
@@ -181,7 +191,7 @@ def handler(served: Served) -> type[BaseHTTPRequestHandler]:
                     self.send("".join(f"{o} {len(b)}\n" for o, b in pieces).encode(), kind="text/plain")
                 elif url.path == "/table":
                     self.send(dict(tables(served.image, int(q["disk_bytes"])))[int(q["offset"])])
-                elif url.path in ("/chosen", "/booting", "/progress", "/done", "/fail"):
+                elif url.path in ("/chosen", "/booting", "/progress", "/grown", "/done", "/fail"):
                     served.event(url.path[1:], **q)
                     self.send(b"ok\n", kind="text/plain")
                 else:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import inspect
+import random
 import json
 import os
 import re
@@ -22,6 +25,7 @@ import yaml
 
 from examples.sample_guest import (
     IMAGE_SIZE,
+    MiB,
     PARTITION2_OFFSET,
     PARTITION2_START_SECTOR,
     copy_image,
@@ -29,12 +33,12 @@ from examples.sample_guest import (
     set_kernel_args,
 )
 from lifeboat.plumbing.proc import process_matches
-from lifeboat.targets import TARGETS, pxeenv, pxeinstant
+from lifeboat.targets import TARGETS, pxeenv, pxegrow, pxeinstant
 from lifeboat.targets.base import Disk, Guest, MemoryLog, NetworkSpec, TargetContext
 from lifeboat.targets.bmc import BmcError
 from lifeboat.targets.pxe import IPXE_SCRIPT, PxeTarget, RestoreFailed
 from lifeboat.targets.pxeserve import SECTOR, extents, grown_mbr, tables
-from tests.targets.pxeserver import BRIDGE, DOMAIN, HOST_IP, SUBNET, PxeServer
+from tests.targets.pxeserver import BRIDGE, DISK_BYTES, DOMAIN, HOST_IP, SUBNET, PxeServer
 from tests.targets.realpeers import REPO, lifeboat, qemu_processes
 
 GiB = 1024**3
@@ -150,6 +154,78 @@ def test_the_recovery_environment_is_built_once_with_its_drivers() -> None:
     cpio = gzip.decompress(env.initrd.read_bytes())
     for name in (b"init", b"lib/choose-disk.sh", b"lib/dhcp.sh", b"bin/busybox", b"virtio_net.ko", b"nvme.ko"):
         assert name in cpio, name
+
+
+PARTITION3_START_SECTOR = 192 * MiB // SECTOR  # the ext4 point's third partition: to the image's end
+KNOWN = random.Random(13).randbytes(300_000)  # the file it holds
+
+
+def mbr_entry(image: Path, index: int) -> tuple[int, int, int]:
+    """(type, start sector, sectors) of MBR entry ``index`` (0-3) of a disk image."""
+    with open(image, "rb") as f:
+        kind, start, count = struct.unpack_from("<4xB3xII", os.pread(f.fileno(), SECTOR, 0), 446 + 16 * index)
+    return kind, start, count
+
+
+def ext4_point(sample_guest_image: Path) -> Path:
+    """The sample guest (set to stay up) with its partition 2 shortened and a third partition, ext4
+    (``mkfs.ext4 -d``) holding ``/known.bin``, up to the image's end: its last partition grows onto
+    a larger disk, with its file system. Built once per content under ~/.cache/lifeboat/pxe-test."""
+    key = hashlib.sha256((sample_guest_image.name + inspect.getsource(ext4_point)).encode()).hexdigest()[:16]
+    cached = Path.home() / ".cache" / "lifeboat" / "pxe-test" / f"ext4-point-{key}.img"
+    if cached.exists():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    work = cached.parent / f".tmp-{os.getpid()}"
+    work.mkdir(exist_ok=True)
+    image = copy_image(sample_guest_image, work / "point.img")
+    set_kernel_args(image, "lifeboat.stay=1")
+    (work / "files").mkdir(exist_ok=True)
+    (work / "files" / "known.bin").write_bytes(KNOWN)
+    with open(image, "r+b") as f:
+        mbr = bytearray(os.pread(f.fileno(), SECTOR, 0))
+        struct.pack_into("<I", mbr, 446 + 16 + 12, PARTITION3_START_SECTOR - PARTITION2_START_SECTOR)
+        struct.pack_into("<B3sB3sII", mbr, 446 + 32, 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff",
+                         PARTITION3_START_SECTOR, (IMAGE_SIZE // SECTOR) - PARTITION3_START_SECTOR)  # fmt: skip
+        os.pwrite(f.fileno(), bytes(mbr), 0)
+    size = IMAGE_SIZE - PARTITION3_START_SECTOR * SECTOR
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={PARTITION3_START_SECTOR * SECTOR}", "-d",
+                    str(work / "files"), str(image), f"{size // 1024}k"], check=True)  # fmt: skip
+    os.replace(image, cached)
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    return cached
+
+
+def test_the_orchestrator_names_the_partition_that_grows_and_its_file_system(
+    tmp_path: Path, sample_guest_image: Path
+) -> None:
+    """``pxegrow.plan`` on the ext4 point (MBR, partition 3), the sample guest (its raw partition 2),
+    a point whose last partition stops short, GPT points with ext4 and ext2 in their last partition
+    and one with xfs's magic; the growth archive carries e2fsprogs with their libraries."""
+    point = ext4_point(sample_guest_image)
+    assert read_record(point) == (0, "sample-guest")
+    assert pxegrow.plan(point) == {"GROW_PART": "3", "GROW_FS": "ext4"}
+    assert pxegrow.plan(sample_guest_image) == {"GROW_PART": "2", "GROW_FS": "unknown"}
+    short = copy_image(point, tmp_path / "short.img")
+    with open(short, "r+b") as f:
+        f.seek(446 + 32 + 12)
+        f.write(struct.pack("<I", (IMAGE_SIZE // SECTOR) - PARTITION3_START_SECTOR - 4096))  # 2 MiB short
+    assert pxegrow.plan(short) == {}
+    gpt = tmp_path / "gpt.img"
+    with open(gpt, "wb") as f:
+        f.truncate(32 * MiB)
+    sgdisk("-n", "1:2048:+4M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300", str(gpt))
+    offset = 10240 * SECTOR
+    for mkfs, fs in (("mkfs.ext4", "ext4"), ("mkfs.ext2", "ext2")):
+        subprocess.run([mkfs, "-q", "-F", "-E", f"offset={offset}", str(gpt), "8M"], check=True)
+        assert pxegrow.plan(gpt) == {"GROW_PART": "2", "GROW_FS": fs}
+    with open(gpt, "r+b") as f:
+        os.pwrite(f.fileno(), b"XFSB" + bytes(2048), offset)
+    assert pxegrow.plan(gpt) == {"GROW_PART": "2", "GROW_FS": "xfs"}
+    grow = gzip.decompress(pxeenv.build().grow.read_bytes())
+    for name in (b"bin/e2fsck", b"bin/resize2fs", b"libext2fs.so.2", b"lib/grow.sh"):
+        assert name in grow, name
+    assert b"bin/e2fsck" not in gzip.decompress(pxeenv.build().initrd.read_bytes())
 
 
 def driver(server: PxeServer, **overrides: object) -> tuple[PxeTarget, Guest, MemoryLog, list[str]]:
@@ -328,7 +404,8 @@ def test_instant_mode_has_its_own_archive_and_parts_from_the_points_mbr_and_refu
         assert name in addon, name
     assert b"bin/nbd-client" not in gzip.decompress(env.initrd.read_bytes())
     assert b"virtio_net.ko" not in addon  # in the environment's archive already
-    ipxe = pxeinstant.ipxe_script(IPXE_SCRIPT.format(server="s", url="http://h:1", console="ttyS0"), "http://h:1")
+    script = IPXE_SCRIPT.format(server="s", url="http://h:1", console="ttyS0")
+    ipxe = pxeenv.with_archive(script, "http://h:1", "instant.gz")
     assert "initrd=initrd.gz initrd=instant.gz" in ipxe and "initrd http://h:1/instant.gz\nboot\n" in ipxe
     parts, boot = pxeinstant.partitions(image)
     p2 = f"2:{PARTITION2_START_SECTOR}:{(IMAGE_SIZE - PARTITION2_OFFSET) // SECTOR}"
