@@ -10,9 +10,9 @@ import contextlib
 import gzip
 import hashlib
 import inspect
-import random
 import json
 import os
+import random
 import re
 import socket
 import struct
@@ -25,9 +25,9 @@ import yaml
 
 from examples.sample_guest import (
     IMAGE_SIZE,
-    MiB,
     PARTITION2_OFFSET,
     PARTITION2_START_SECTOR,
+    MiB,
     copy_image,
     read_record,
     set_kernel_args,
@@ -330,13 +330,18 @@ def test_a_server_that_never_netboots_or_fails_to_write_its_disk_is_powered_off_
         os.lseek(f.fileno(), 0, os.SEEK_DATA)
 
 
-def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
-    pxe_server: PxeServer, sample_archive: Path, tmp_path: Path
+def test_the_shipped_p2p_runbook_restores_the_server_grows_its_ext4_file_system_and_its_health_checks_pass(
+    pxe_server: PxeServer, sample_guest_image: Path, tmp_path: Path
 ) -> None:
     """``runbooks/p2p.yaml`` run by the engine (``lifeboat run``), its target pointed at this server
     and BMC and its health checks at the console: the rule ``size: smallest`` picks the only disk,
-    larger than the point; the report says succeeded and the guest's write is on the server's disk."""
+    larger than the point; the report says succeeded and the guest's write is on the server's disk.
+    The point (``ext4_point``) ends with an ext4 partition: on the server's disk it reaches the
+    disk's end, its file system is clean and as large, and its file reads back byte for byte."""
     pxe_server.blank()
+    archive = tmp_path / "archive"
+    lifeboat("archive", "init", "--archive", str(archive), check=True)
+    lifeboat("backup", "sample-guest", str(ext4_point(sample_guest_image)), "--archive", str(archive), check=True)
     doc = yaml.safe_load((REPO / "runbooks" / "p2p.yaml").read_text())
     ours = pxe_server.settings()
     doc["target"]["settings"].update({k: ours[k] for k in ("mac", "bmc", "http_listen", "console_log", "dhcp")})
@@ -350,16 +355,31 @@ def test_the_shipped_p2p_runbook_restores_the_server_and_its_health_checks_pass(
     ]
     rb = tmp_path / "p2p.yaml"
     rb.write_text(yaml.safe_dump(doc))
-    done = lifeboat("run", str(rb), "--archive", str(sample_archive), "--state", str(tmp_path / "state"), "--json")
-    assert done.returncode == 0, done.stderr
+    done = lifeboat("run", str(rb), "--archive", str(archive), "--state", str(tmp_path / "state"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:] + pxe_server.console_text()[-3000:]
     out = json.loads(done.stdout)
     assert out["status"] == "succeeded", out
     assert "netbooted the recovery environment" in done.stderr and "restore complete" in done.stderr
     assert f"answering PXE on {BRIDGE} ({SUBNET}, proxy DHCP)" in done.stderr  # the network's DHCP gives no boot file
+    part_bytes = DISK_BYTES - PARTITION3_START_SECTOR * SECTOR
+    assert f"partition 3 grew to the disk's end and its ext4 file system with it ({part_bytes} bytes)" in done.stderr
     # a recovery never tears down: what served the restore stopped once the server booted its disk
     assert qemu_processes(str(tmp_path / "state")) == []
     pxe_server.power_off()  # teardown: never (a recovery) leaves the restored server running
     assert read_record(pxe_server.disk) == (1, "sample-guest")
+    assert mbr_entry(pxe_server.disk, 2) == (0x83, PARTITION3_START_SECTOR, part_bytes // SECTOR)
+    part = tmp_path / "partition3.raw"
+    with open(pxe_server.disk, "rb") as src, open(part, "wb") as dst:
+        src.seek(PARTITION3_START_SECTOR * SECTOR)
+        while chunk := src.read(8 * MiB):
+            dst.write(chunk)
+    fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    assert int(fields["Block count"]) * int(fields["Block size"]) == part_bytes
+    cat = subprocess.run(["debugfs", "-R", "cat /known.bin", str(part)], capture_output=True, check=True)
+    assert cat.stdout == KNOWN
 
 
 def boot_dev() -> str:
