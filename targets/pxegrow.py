@@ -48,7 +48,7 @@ pbytes=$(( $(cat "/sys/class/block/${part##*/}/size") * 512 ))
 say "growing the $GROW_FS file system of partition $GROW_PART ($part, $pbytes bytes)"
 e2fsck -fy "$part" >/tmp/e2fsck.log 2>&1
 rc=$?
-[ "$rc" -le 1 ] || fail "e2fsck -fy $part (partition $GROW_PART) exited $rc: $(tail -n 3 /tmp/e2fsck.log | tr '\n' ' ')"
+[ "$rc" -lt 4 ] || fail "e2fsck -fy $part (partition $GROW_PART) exited $rc: $(tail -n 3 /tmp/e2fsck.log | tr '\n' ' ')"
 resize2fs "$part" >/tmp/resize2fs.log 2>&1 \
   || fail "resize2fs $part (partition $GROW_PART) failed: $(tail -n 3 /tmp/resize2fs.log | tr '\n' ' ')"
 say "grew the $GROW_FS file system of $part to $pbytes bytes"

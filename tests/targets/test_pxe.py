@@ -1,8 +1,10 @@
 """The pxe target beyond the driver suite (which restores the sample guest onto a larger disk and
 boots it, ``test_conformance.py``): the recovery environment's disk rule run by busybox against a
 fake ``/sys/block``, the extent map and the grown MBR on the sample guest's image, the recovery
-environment's content, and the errors with the real BMC emulator: wrong credentials, a BMC that does
-not answer, a server that never netboots, a failure reported by the environment."""
+environment's content, the partition (and file system) the orchestrator plans to grow, the shipped
+p2p runbook's restore of a point whose last partition is ext4 (grown with its file system), and
+the errors with the real BMC emulator: wrong credentials, a BMC that does not answer, a server
+that never netboots, a failure reported by the environment."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -170,9 +173,10 @@ def mbr_entry(image: Path, index: int) -> tuple[int, int, int]:
 def ext4_point(sample_guest_image: Path) -> Path:
     """The sample guest (set to stay up) with its partition 2 shortened and a third partition, ext4
     (``mkfs.ext4 -d``) holding ``/known.bin``, up to the image's end: its last partition grows onto
-    a larger disk, with its file system. Built once per content under ~/.cache/lifeboat/pxe-test."""
+    a larger disk, with its file system. Built once per content under ~/.cache/lifeboat/pxe-test
+(``LIFEBOAT_CACHE`` overrides the base)."""
     key = hashlib.sha256((sample_guest_image.name + inspect.getsource(ext4_point)).encode()).hexdigest()[:16]
-    cached = Path.home() / ".cache" / "lifeboat" / "pxe-test" / f"ext4-point-{key}.img"
+    cached = pxeenv.cache_dir().parent / "pxe-test" / f"ext4-point-{key}.img"
     if cached.exists():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +196,7 @@ def ext4_point(sample_guest_image: Path) -> Path:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={PARTITION3_START_SECTOR * SECTOR}", "-d",
                     str(work / "files"), str(image), f"{size // 1024}k"], check=True)  # fmt: skip
     os.replace(image, cached)
-    subprocess.run(["rm", "-rf", str(work)], check=True)
+    shutil.rmtree(work)
     return cached
 
 
