@@ -246,6 +246,39 @@ def driver(server: PxeServer, **overrides: object) -> tuple[PxeTarget, Guest, Me
     )
 
 
+def test_the_driver_logs_the_growth_and_names_the_server_and_partition_when_it_fails(tmp_path: Path) -> None:
+    """What the environment reports about growth (``grown`` events, a ``fail``), read by ``poll``
+    from the events file as the serving process writes it (no netboot: the stage is past it and
+    nothing asks the BMC, which does not exist, with ``on_failure: leave``)."""
+    settings = {"bmc": {"address": "http://192.0.2.1:1", "system": "s", "user": "u", "password_file": "/nonexistent"},
+                "disk": {"size": "smallest"}, "http_listen": "192.0.2.1:8080", "on_failure": "leave"}  # fmt: skip
+    cases = {
+        "ext4": ({"part": "3", "fs": "ext4", "bytes": "268435456", "resized": "yes"},
+                 "srv: partition 3 grew to the disk's end and its ext4 file system with it (268435456 bytes)"),
+        "xfs": ({"part": "2", "fs": "xfs", "resized": "no"},
+                "srv: partition 2 grew to the disk's end, its file system (xfs) was not grown: lifeboat grows "
+                "ext2/3/4 only"),
+    }  # fmt: skip
+    for name, (event, line) in cases.items():
+        said: list[str] = []
+        target = TARGETS.get("pxe").variant(settings)(settings, TargetContext(log=said.append))
+        guest = Guest("srv", "20260101T000000-abcdef", tmp_path / name, NetworkSpec("none"))
+        log = MemoryLog("pxe")
+        log.record("power", "bmc", {"since": time.time(), "stage": "restore"})
+        events = tmp_path / name / "pxe" / "events.jsonl"
+        events.parent.mkdir(parents=True)
+        events.write_text(json.dumps({"event": "grown", **event}) + "\n")
+        target.poll(guest, log)
+        target.poll(guest, log)
+        assert said == [line]  # once
+    reason = "resize2fs /dev/sda3 (partition 3) failed: resize2fs: No space left on device"
+    with open(events, "a") as f:
+        f.write(json.dumps({"event": "fail", "reason": reason}) + "\n")
+    with pytest.raises(RestoreFailed) as e:
+        target.poll(guest, log)
+    assert str(e.value) == f"srv (server at BMC http://192.0.2.1:1): the recovery environment failed: {reason}"
+
+
 def domstate() -> str:
     return subprocess.run(
         ["virsh", "-c", "qemu:///system", "domstate", DOMAIN], capture_output=True, text=True
