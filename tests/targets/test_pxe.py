@@ -226,6 +226,8 @@ def test_the_orchestrator_names_the_partition_that_grows_and_its_file_system(
     with open(gpt, "r+b") as f:
         os.pwrite(f.fileno(), b"XFSB" + bytes(2048), offset)
     assert pxegrow.plan(gpt) == {"GROW_PART": "2", "GROW_FS": "xfs"}
+    for script in (pxegrow.GROW_SCRIPT, pxeenv.INIT_SCRIPT):  # busybox's shell parses them
+        assert subprocess.run([str(pxeenv.BUSYBOX), "sh", "-n", "-c", script]).returncode == 0
     grow = gzip.decompress(pxeenv.build().grow.read_bytes())
     for name in (b"bin/e2fsck", b"bin/resize2fs", b"libext2fs.so.2", b"lib/grow.sh"):
         assert name in grow, name
