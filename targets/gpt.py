@@ -8,11 +8,15 @@ partition. ``grown_gpt`` moves the backup entries and header to the disk's end, 
 usable sector, grows the partition that ends last when it reached the image's usable end (less
 than 1 MiB short of it, keeping the same gap), recomputes both CRCs, zeroes the old backup header
 and widens the protective MBR's partition to the disk.
+
+``read_gpt`` and ``Gpt.partitions`` are the one GPT reader: the partition growth's plan
+(``targets/pxegrow.py``) and instant mode's partition maps (``targets/pxeinstant.py``) use them.
 """
 
 from __future__ import annotations
 
 import struct
+import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 SECTOR = 512
 SIGNATURE = b"EFI PART"
 ALIGN_SECTORS = 2048  # 1 MiB
+ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b").bytes_le  # EFI system partition
+LEGACY_BIOS_BOOTABLE = 1 << 2  # attribute bit: the partition a BIOS boot loader (gptmbr.bin) starts
 
 
 def _with_crc(header: bytearray, size: int) -> bytes:
@@ -27,6 +33,18 @@ def _with_crc(header: bytearray, size: int) -> bytes:
     struct.pack_into("<I", header, 16, 0)
     struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:size])))
     return bytes(header[:size]).ljust(SECTOR, b"\0")
+
+
+@dataclass(frozen=True)
+class GptPartition:
+    """A used entry of a GPT: ``index`` in the entry array (Linux numbers it ``index + 1``), its
+    first and last LBA (inclusive), type GUID (as stored) and attribute bits."""
+
+    index: int
+    first: int
+    last: int
+    type_guid: bytes
+    attributes: int
 
 
 @dataclass
@@ -41,22 +59,28 @@ class Gpt:
     count: int
     entry_size: int
 
+    def partitions(self) -> list[GptPartition]:
+        """The used entries (a type GUID not all zeros), in entry order."""
+        e, n = self.entries, self.entry_size
+        found = []
+        for i in range(self.count):
+            type_guid = bytes(e[i * n : i * n + 16])
+            if type_guid.strip(b"\0"):
+                first, last, attributes = struct.unpack_from("<QQQ", e, i * n + 32)
+                found.append(GptPartition(i, first, last, type_guid, attributes))
+        return found
+
     def last_partition(self) -> tuple[int, int] | None:
         """(index, first LBA) of the partition that grows onto a larger disk: the one that ends
         last, when it reaches the usable end (less than 1 MiB short of it); else None."""
         last_usable = struct.unpack_from("<Q", self.header, 48)[0]
-        e, n = self.entries, self.entry_size
-        used = [
-            (struct.unpack_from("<Q", e, i * n + 40)[0], i)
-            for i in range(self.count)
-            if e[i * n : i * n + 16].strip(b"\0")
-        ]
+        used = self.partitions()
         if not used:
             return None
-        end, last = max(used)
-        if end <= last_usable - ALIGN_SECTORS:
+        last = max(used, key=lambda p: (p.last, p.index))
+        if last.last <= last_usable - ALIGN_SECTORS:
             return None
-        return last, struct.unpack_from("<Q", e, last * n + 32)[0]
+        return last.index, last.first
 
 
 def read_gpt(read: Callable[[int, int], bytes]) -> Gpt | None:

@@ -34,7 +34,7 @@ Onto a larger disk, the last MBR or GPT partition grows, and an ext2/3/4 file sy
 (``targets/pxegrow.py``: the orchestrator names the partition in the plan, the environment runs
 ``e2fsck`` and ``resize2fs``); other file systems stay their size (logged).
 
-Not built yet (issue 13): in instant mode, a GPT point and partition growth.
+Not built yet (issue 13): partition growth in instant mode.
 """
 
 from __future__ import annotations

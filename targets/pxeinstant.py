@@ -22,10 +22,12 @@ How, and why this way:
   partition maps on top of it do not notice), disconnects ``nbd0`` and reports ``done`` over HTTP;
   the driver (``FillsLocalDisk``: the engine's localize step waits for it) then sets the next boot
   to the disk and stops serving.
-- **Partitions**: the orchestrator reads the point's MBR and passes each partition's start and
-  length in the plan; the environment maps ``lifeboat-partN`` (dmsetup linear) over the mirror
-  ``lifeboat-disk``. A GPT is refused in instant mode (not built). The local disk keeps the
-  point's partition table: no growth onto a larger disk in this mode.
+- **Partitions**: the orchestrator reads the point's GPT (``targets/gpt.py``, as the full restore
+  does) or MBR and passes each partition's number, start and length in the plan; the environment
+  maps ``lifeboat-partN`` (dmsetup linear) over the mirror ``lifeboat-disk``. Refused: a protective
+  MBR without a valid GPT, no partition, a partition beyond the image. The local disk keeps the
+  point's partition table as is: no growth onto a larger disk in this mode (a GPT's backup header
+  stays at the image's end, not the disk's: Linux warns and uses the primary one).
 - **Starting the system**: on the recovery kernel (a kexec would drop the NBD connection and the
   mirror). The environment mounts the boot partition (the active one) read-only through its map,
   reads SYSLINUX's configuration (the DEFAULT label's ``APPEND``: ``initrd=`` and the kernel
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -61,6 +64,7 @@ from pathlib import Path
 from lifeboat.plumbing.initramfs import cpio_newc, dynamic_binary, resolve_modules
 from lifeboat.plumbing.proc import log_tail, process_matches
 from lifeboat.targets.base import ResourceLog, TargetError
+from lifeboat.targets.gpt import ESP_TYPE, LEGACY_BIOS_BOOTABLE, read_gpt
 
 SECTOR = 512
 REGION_SECTORS = 1024  # 512 KiB mirror regions
@@ -189,26 +193,47 @@ def key_files() -> list[Path]:
 
 
 def partitions(image: Path) -> tuple[str, int]:
-    """The plan's ``PARTS`` (``N:START:SECTORS`` words) and ``BOOT_PART`` (the active partition,
-    else the first) from the point's MBR; a GPT or no partition table is refused."""
+    """The plan's ``PARTS`` (``N:START:SECTORS`` words, numbered as Linux does) and ``BOOT_PART``
+    from the point's GPT (``targets/gpt.py``; the boot partition is the one marked legacy-BIOS
+    bootable, else the EFI system partition, else the first) or MBR (the active partition, else
+    the first). Refused: no partition table, a protective MBR without a valid GPT (the maps would
+    be guesses), no partition, a partition beyond the image's end (a truncated point)."""
+    size = image.stat().st_size
     with open(image, "rb") as f:
         sector = f.read(SECTOR)
+        gpt = read_gpt(lambda offset, length: os.pread(f.fileno(), length, offset))
     if len(sector) != SECTOR or sector[510:512] != b"\x55\xaa":
-        raise TargetError(f"instant mode needs an MBR partition table; the point {image.name} has none")
-    words, active, first = [], 0, 0
-    for i in range(4):
-        flag, _chs, kind, _chs2, start, count = struct.unpack_from("<B3sB3sII", sector, 446 + 16 * i)
-        if kind == 0xEE:
-            raise TargetError("instant mode reads MBR partition tables only; the point has a GPT (use restore: full)")
-        if kind == 0 or count == 0:
-            continue
-        words.append(f"{i + 1}:{start}:{count}")
-        first = first or i + 1
-        if flag == 0x80 and not active:
-            active = i + 1
-    if not words:
-        raise TargetError(f"instant mode needs partitions; the point {image.name} has none in its MBR")
-    return " ".join(words), active or first
+        raise TargetError(f"instant mode needs an MBR or a GPT partition table; the point {image.name} has none")
+    found: list[tuple[int, int, int]] = []  # (number, start, sectors)
+    if gpt is not None:
+        used = gpt.partitions()
+        found = [(p.index + 1, p.first, p.last - p.first + 1) for p in used]
+        boot = next((p for p in used if p.attributes & LEGACY_BIOS_BOOTABLE), None)
+        boot = boot or next((p for p in used if p.type_guid == ESP_TYPE), None)
+        active = 0 if boot is None else boot.index + 1
+    else:
+        active = 0
+        for i in range(4):
+            flag, _chs, kind, _chs2, start, count = struct.unpack_from("<B3sB3sII", sector, 446 + 16 * i)
+            if kind == 0xEE:
+                raise TargetError(
+                    f"instant mode cannot map the partitions of the point {image.name}: it has a protective "
+                    "MBR but no valid GPT (its header or partition entries fail their CRC check; use restore: full)"
+                )
+            if kind == 0 or count == 0:
+                continue
+            found.append((i + 1, start, count))
+            if flag == 0x80 and not active:
+                active = i + 1
+    if not found:
+        raise TargetError(f"instant mode needs partitions; the point {image.name} has none in its partition table")
+    for number, start, count in found:
+        if (start + count) * SECTOR > size:
+            raise TargetError(
+                f"instant mode cannot map partition {number} of the point {image.name}: it ends at sector "
+                f"{start + count}, beyond the image's {size // SECTOR} sectors"
+            )
+    return " ".join(f"{n}:{start}:{count}" for n, start, count in found), active or found[0][0]
 
 
 def start_nbd(image: Path, folder: Path, host: str, token: str, log: ResourceLog, server: str) -> int:

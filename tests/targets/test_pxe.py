@@ -453,7 +453,7 @@ def test_ipmi_sets_the_boot_device_and_the_power_and_refuses_a_wrong_password(
         target.prepare()
 
 
-def test_instant_mode_has_its_own_archive_and_parts_from_the_points_mbr_and_refuses_a_gpt(
+def test_instant_mode_has_its_own_archive_and_parts_from_the_points_mbr_and_refuses_a_broken_gpt(
     tmp_path: Path, sample_guest_image: Path
 ) -> None:
     image = copy_image(sample_guest_image, tmp_path / "guest.img")
@@ -472,8 +472,37 @@ def test_instant_mode_has_its_own_archive_and_parts_from_the_points_mbr_and_refu
     with open(image, "r+b") as f:
         f.seek(446 + 4)
         f.write(b"\xee")
-    with pytest.raises(pxeinstant.TargetError, match="MBR partition tables only"):
+    with pytest.raises(pxeinstant.TargetError, match="a protective MBR but no valid GPT"):
         pxeinstant.partitions(image)
+    with open(image, "r+b") as f:
+        f.seek(446 + 4)
+        f.write(b"\x83")
+    os.truncate(image, IMAGE_SIZE - MiB)
+    with pytest.raises(pxeinstant.TargetError, match="cannot map partition 2 of the point guest.img: it ends at"):
+        pxeinstant.partitions(image)
+
+
+def sgdisk_partitions(image: Path) -> str:
+    """``PARTS`` as sgdisk reports the partitions of ``image`` (``-p``: number, start, end)."""
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s", sgdisk("-p", str(image)), re.M)
+    return " ".join(f"{n}:{start}:{int(end) - int(start) + 1}" for n, start, end in rows)
+
+
+def test_instant_mode_maps_the_partitions_of_a_gpt_point_as_sgdisk_reports_them(tmp_path: Path) -> None:
+    """A GPT point made by sgdisk (partitions 1, 3 and 5 out of order on the disk, a gap between
+    them): the plan's partition maps equal what ``sgdisk -p`` reports; the boot partition is the
+    legacy-BIOS-bootable one, else the EFI system partition, else the first."""
+    image = tmp_path / "gpt.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    sgdisk("-n", "3:2048:+4M", "-t", "3:8300", "-n", "1:+1M:+8M", "-t", "1:ef00", "-n", "5:0:0", str(image))
+    parts, boot = pxeinstant.partitions(image)
+    assert parts == sgdisk_partitions(image) and len(parts.split()) == 3
+    assert parts.startswith("1:") and boot == 1  # entry order, the EFI system partition
+    sgdisk("-A", "5:set:2", str(image))  # legacy BIOS bootable
+    assert pxeinstant.partitions(image) == (parts, 5)
+    sgdisk("-t", "1:8300", "-A", "5:clear:2", str(image))
+    assert pxeinstant.partitions(image) == (parts, 1)
 
 
 def processes_naming(path: Path) -> list[str]:
