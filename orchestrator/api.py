@@ -407,10 +407,18 @@ def point_files(archive: Archive, infos: list[PointInfo],
         yield [session.disk(n) for n in range(len(infos))]
 
 
-def files_fs(archive: Archive, selector: str) -> dict[str, Any]:
-    """The partitions, LVM volumes, file systems and operating systems found on a point's disk."""
-    with point_files(archive, [archive.resolve(selector)]) as (files,):
-        return files.fs()
+def files_fs(archive: Archive, selector: str, *, read_disk: bool = False) -> tuple[dict[str, Any], bool]:
+    """The partitions, LVM volumes, file systems and operating systems found on a point's disk; and
+    whether the file index answered. The index answers when it recorded them (no appliance to boot),
+    unless ``read_disk``; otherwise (no index, or one written before they were recorded) the
+    appliance reads the disk."""
+    info = archive.resolve(selector)
+    if not read_disk:
+        found = indexed.disk(archive, info)
+        if found is not None:
+            return found, True
+    with point_files(archive, [info]) as (files,):
+        return files.fs(), False
 
 
 def files_ls(archive: Archive, selector: str, path: str = "/", fs: str | None = None, *,

@@ -3,7 +3,7 @@ and the file index.
 
 Each command but ``find`` boots one libguestfs appliance (20 s or more) that reads the point over
 NBD from a read-only server in this process (``filerestore``); ``find`` reads the file index only,
-and so does ``ls`` of an indexed point (unless ``--read-disk``).
+and so do ``ls`` and ``fs`` of an indexed point (unless ``--read-disk``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,21 @@ def _when(ts: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
+read_disk_option = click.option("--read-disk", is_flag=True,
+                                help="Read the point's disk (boots the appliance: 20 s or more) even when its "
+                                     "file index could answer.")
+
+
 @command(files_group, name="fs")
 @click.argument("selector", metavar="MACHINE[@WHEN]")
+@read_disk_option
 @json_option
-def fs_cmd(selector: str, as_json: bool) -> None:
-    """List the partitions, LVM volumes and file systems of a point's disk."""
-    found = api.files_fs(open_archive(), selector)
+def fs_cmd(selector: str, read_disk: bool, as_json: bool) -> None:
+    """List the partitions, LVM volumes and file systems of a point's disk: from the point's file
+    index when it recorded them (in a second), else from its disk (boots the appliance)."""
+    found, from_index = api.files_fs(open_archive(), selector, read_disk=read_disk)
+    if from_index:
+        log("(from the point's file index; --read-disk reads its disk)")
     if as_json:
         emit_json(found)
         return
@@ -56,9 +65,7 @@ def fs_cmd(selector: str, as_json: bool) -> None:
 @click.argument("selector", metavar="MACHINE[@WHEN]")
 @click.argument("path", default="/")
 @fs_option
-@click.option("--read-disk", is_flag=True,
-              help="Read the point's disk (boots the appliance: 20 s or more) even when its file index "
-                   "could answer.")
+@read_disk_option
 @json_option
 def ls_cmd(selector: str, path: str, device: str | None, read_disk: bool, as_json: bool) -> None:
     """List a directory of a point (name, type, size, mode, mtime): from the point's file index

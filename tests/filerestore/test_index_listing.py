@@ -15,14 +15,19 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from lifeboat.agent.indexer import Indexer
 from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.fileindex import FileRecord, FsIndex, PointGone, write_index
 from lifeboat.archive.prune import prune
 from lifeboat.filerestore import PointFiles, indexed
+from lifeboat.orchestrator import api
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.filerestore.conftest import Points
 from tests.filerestore.test_os_lvm import LV
@@ -78,6 +83,47 @@ def test_an_index_written_before_modes_lists_them_unknown(tmp_path: Path) -> Non
     assert text.stdout.splitlines()[0].split()[:3] == ["f", "?????????", "12"]
     missing = cli(location, "files", "ls", "old", "/nope")
     assert missing.returncode == 2 and "/nope: no such file or directory" in missing.stderr
+
+
+DISK = {"filesystems": [{"device": "/dev/sda1", "fstype": "ext4", "label": "root", "uuid": "u-1", "size": 65536,
+                         "encrypted": False, "lvm": False}],
+        "os": [{"root": "/dev/sda1", "type": "linux", "distro": "debian", "product": "Debian 12",
+                "mountpoints": [["/", "/dev/sda1"]]}]}
+
+
+def test_files_fs_answers_from_the_index_and_an_older_index_reads_the_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``files fs`` of a point whose index recorded its disk needs no appliance; ``--read-disk``
+    and an index written before the ``disk`` entry read the disk (a stand-in appliance here: the
+    real one's answer is what ``write_index`` is given, checked by test_files)."""
+    location = str(tmp_path / "archive")
+    arc = Archive.init(location)
+    new, old = arc.backup("box", Disk(1)), arc.backup("box", Disk(2))
+    records = [FileRecord("/etc", "d", 4096, T, 0o755, 0, 0)]
+    write_index(arc, new, [FsIndex("/dev/sda1", "ext4", "root", "u-1", "/", records)], disk=DISK)
+    write_index(arc, old, [FsIndex("/dev/sda1", "ext4", records=records)])  # before the disk entry
+    shown = cli(location, "files", "fs", f"box@{new.point}", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == DISK and "from the point's file index" in shown.stderr
+    text = cli(location, "files", "fs", f"box@{new.point}")
+    assert text.stdout.splitlines() == ["/dev/sda1  ext4  size=65536  label=root  uuid=u-1",
+                                        "os /dev/sda1: Debian 12 (linux); mounts /=/dev/sda1"]
+    read: list[str] = []
+
+    class Appliance:
+        def fs(self) -> dict[str, Any]:
+            return {"filesystems": [], "os": []}
+
+    @contextmanager
+    def point_files(archive: Archive, infos: list[PointInfo]) -> Iterator[list[Appliance]]:
+        read.extend(i.point for i in infos)
+        yield [Appliance()]
+
+    monkeypatch.setattr(api, "point_files", point_files)
+    assert api.files_fs(arc, f"box@{new.point}") == (DISK, True)
+    assert api.files_fs(arc, f"box@{new.point}", read_disk=True) == ({"filesystems": [], "os": []}, False)
+    assert api.files_fs(arc, f"box@{old.point}") == ({"filesystems": [], "os": []}, False)
+    assert read == [new.point, old.point]
 
 
 def test_the_indexer_racing_a_prune_leaves_no_index_of_the_pruned_point(tmp_path: Path) -> None:

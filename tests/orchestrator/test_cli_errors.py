@@ -209,6 +209,8 @@ CASES = [
     *(case("planned-" + name, name, "", 2, "not available in this version") for name in PLANNED),
     # files (every case is refused before an appliance boots)
     case("files-fs-unknown-machine", "files fs", "db99 --archive {arc}", 2, "db99"),
+    case("files-fs-read-disk-unknown-machine", "files fs", "db99 --read-disk --archive {arc}", 2, "db99"),
+    case("files-fs-read-disk-with-a-value", "files fs", "web01 --read-disk=yes --archive {arc}", 2, "--read-disk"),
     case("files-ls-bad-selector", "files ls", "web01@someday / --archive {arc}", 2, "someday"),
     case("files-ls-no-archive", "files ls", "web01 / --archive {missing}", 2, "{missing}"),
     case("files-ls-read-disk-unknown-machine", "files ls", "db99 / --read-disk --archive {arc}", 2, "db99"),
