@@ -21,6 +21,7 @@ import json
 import re
 import struct
 import zlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,7 @@ def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex],
         for fs in filesystems:
             pieces: list[str] = []
             lengths: list[int] = []
+            firsts: list[str] = []
             records = sorted(fs.records, key=lambda r: r.path)
             for data in split_pieces(records):
                 pid = arc.codec.chunk_id(data)
@@ -169,10 +171,12 @@ def write_index(arc: Archive, info: PointInfo, filesystems: list[FsIndex],
                     stats["bytes_new"] += len(blob)
                 pieces.append(pid.hex())
                 lengths.append(len(data))
+                firsts.append(parse_piece(data.split(b"\n", 1)[0])[0].path)
             stats["files"] += len(records)
             stats["pieces"] += len(pieces)
             fs_doc = {"device": fs.device, "fstype": fs.fstype, "label": fs.label, "uuid": fs.uuid,
-                      "mountpoint": fs.mountpoint, "files": len(records), "pieces": pieces, "lengths": lengths}
+                      "mountpoint": fs.mountpoint, "files": len(records), "pieces": pieces, "lengths": lengths,
+                      "firsts": firsts}
             if fs.root is not None:
                 fs_doc["root"] = json.loads(_record_line(fs.root))[1:]
             fs_docs.append(fs_doc)
@@ -247,10 +251,24 @@ def read_index(arc: Archive, info: PointInfo) -> list[FsIndex] | None:
 
 def load_fs(arc: Archive, doc: dict[str, Any]) -> FsIndex:
     """One file system of a manifest (an item of its ``filesystems``), with every record."""
-    records = [r for pid, n in zip(doc["pieces"], doc["lengths"], strict=True)
-               for r in read_piece(arc, bytes.fromhex(pid), n)]
     root = FileRecord("/", *doc["root"]) if "root" in doc else None
-    return FsIndex(doc["device"], doc["fstype"], doc["label"], doc["uuid"], doc["mountpoint"], records, root)
+    return FsIndex(doc["device"], doc["fstype"], doc["label"], doc["uuid"], doc["mountpoint"],
+                   load_records(arc, doc), root)
+
+
+def load_records(arc: Archive, doc: dict[str, Any], low: str = "", high: str | None = None) -> list[FileRecord]:
+    """The records of one file system of a manifest (an item of its ``filesystems``) read from only
+    the pieces that can hold a path in ``[low, high)`` (``high`` None: no upper bound), so that a
+    directory's listing reads the pieces around it, not the whole list: pieces are in path order and
+    the manifest's ``firsts`` (each piece's first path) is binary-searched. A manifest written
+    before ``firsts`` was recorded gives every piece. Records outside the range may come along."""
+    pieces = list(zip(doc["pieces"], doc["lengths"], strict=True))
+    firsts = doc.get("firsts")
+    if firsts is not None:
+        start = max(bisect_right(firsts, low) - 1, 0)  # the last piece starting at or before low
+        end = len(firsts) if high is None else bisect_left(firsts, high)  # pieces starting below high
+        pieces = pieces[start:end]
+    return [r for pid, n in pieces for r in read_piece(arc, bytes.fromhex(pid), n)]
 
 
 def pattern_matcher(pattern: str) -> re.Pattern[str]:

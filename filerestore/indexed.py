@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from lifeboat.archive import Archive, PointInfo
-from lifeboat.archive.fileindex import FileRecord, load_fs, read_manifest
+from lifeboat.archive.fileindex import FileRecord, load_fs, load_records, read_manifest
 from lifeboat.filerestore import session
 from lifeboat.filerestore.session import PathMissing
 
@@ -76,11 +76,14 @@ def ls(arc: Archive, info: PointInfo, path: str = "/", device: str | None = None
     mountpoint, fs_doc = max(((m, f) for m, f in view if _under(path, m) is not None), key=lambda v: len(v[0]))
     inner = _under(path, mountpoint)
     assert inner is not None
-    fs = load_fs(arc, fs_doc)
-    by_path = {r.path: r for r in fs.records}
+    prefix = inner.rstrip("/") + "/"
+    # the folder and every path below it sort in [inner, prefix with its "/" raised to "0")
+    records = load_records(arc, fs_doc, inner, prefix[:-1] + "0")
+    by_path = {r.path: r for r in records}
     if inner != "/":
         found = by_path.get(inner)
         if found is None:
+            by_path = {r.path: r for r in load_fs(arc, fs_doc).records}  # the folders above it: anywhere
             parts = inner.split("/")
             above = (by_path.get("/".join(parts[:n])) for n in range(2, len(parts)))
             if any(r is not None and r.type == "l" for r in above):
@@ -88,8 +91,7 @@ def ls(arc: Archive, info: PointInfo, path: str = "/", device: str | None = None
             raise PathMissing(f"{path}: no such file or directory")
         if found.type != "d":
             raise PathMissing(f"{path}: not a directory")
-    prefix = inner.rstrip("/") + "/"
-    entries = {r.path[len(prefix):]: r for r in fs.records
+    entries = {r.path[len(prefix):]: r for r in records
                if r.path.startswith(prefix) and "/" not in r.path[len(prefix):]}
     for m, other in view:  # a file system mounted on a folder of this one shows its own top folder
         top = m.rstrip("/")

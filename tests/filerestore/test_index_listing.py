@@ -24,11 +24,12 @@ import pytest
 
 from lifeboat.agent.indexer import Indexer
 from lifeboat.archive import Archive, PointInfo
-from lifeboat.archive.fileindex import FileRecord, FsIndex, PointGone, write_index
+from lifeboat.archive.fileindex import PIECE_PREFIX, FileRecord, FsIndex, PointGone, read_manifest, write_index
 from lifeboat.archive.prune import prune
 from lifeboat.filerestore import PointFiles, indexed
 from lifeboat.orchestrator import api
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
+from tests.archive.test_fileindex import tree
 from tests.filerestore.conftest import Points
 from tests.filerestore.test_os_lvm import LV
 
@@ -124,6 +125,46 @@ def test_files_fs_answers_from_the_index_and_an_older_index_reads_the_disk(
     assert api.files_fs(arc, f"box@{new.point}", read_disk=True) == ({"filesystems": [], "os": []}, False)
     assert api.files_fs(arc, f"box@{old.point}") == ({"filesystems": [], "os": []}, False)
     assert read == [new.point, old.point]
+
+
+def test_a_listing_reads_only_the_pieces_around_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's listing reads the pieces that can hold its paths (found from the manifest's
+    ``firsts``) and is the listing that reading every piece gives, as a manifest written before
+    ``firsts`` does."""
+    arc = Archive.init(str(tmp_path / "archive"))
+    info = arc.backup("big", Disk(1))
+    records = tree(5000) + [FileRecord("/d07-old", "d", 4096, T), FileRecord("/d07-old/x", "f", 1, T),
+                            FileRecord("/d07/sub", "d", 4096, T), FileRecord("/d07/sub/deep", "f", 2, T)]
+    stats = write_index(arc, info, [FsIndex("/dev/sda", "ext4", records=records)])
+    assert stats["pieces"] > 20  # enough pieces for a directory to need few of them
+    get = arc.backend.get
+    reads: list[str] = []
+
+    def counted(key: str) -> bytes:
+        if key.startswith(PIECE_PREFIX):
+            reads.append(key)
+        return get(key)
+
+    monkeypatch.setattr(arc.backend, "get", counted)
+    listings: dict[str, list[dict[str, Any]] | None] = {}
+    counts: dict[str, int] = {}
+    for path in ("/d07", "/d07/sub", "/d19", "/d00", "/"):
+        reads.clear()
+        listings[path] = indexed.ls(arc, info, path)
+        counts[path] = len(reads)
+    stored = read_manifest(arc, info.machine, info.point)
+    assert stored is not None
+    old = {**stored, "filesystems": [{k: v for k, v in fs.items() if k != "firsts"} for fs in stored["filesystems"]]}
+    monkeypatch.setattr(indexed, "read_manifest", lambda *_: old)  # a manifest written before firsts
+    for path, listing in listings.items():
+        reads.clear()
+        assert indexed.ls(arc, info, path) == listing, path
+        assert len(reads) == stats["pieces"], path  # every piece
+    assert [e["name"] for e in listings["/d07/sub"] or []] == ["deep"]
+    assert len(listings["/d07"] or []) == 251 and len(listings["/"] or []) == 21
+    for path in ("/d07", "/d19", "/d00"):  # 250 files of 5000: a few of the pieces, not all
+        assert 0 < counts[path] <= stats["pieces"] // 4, (path, counts[path], stats["pieces"])
+    assert counts["/d07/sub"] <= 2 and counts["/"] == stats["pieces"]
 
 
 def test_the_indexer_racing_a_prune_leaves_no_index_of_the_pruned_point(tmp_path: Path) -> None:
