@@ -3,6 +3,9 @@ boots once per session: 20 s or more)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,7 @@ from lifeboat.archive import Archive, PointInfo
 from lifeboat.archive.files import FileSource
 from lifeboat.filerestore import PointFiles
 from lifeboat.orchestrator import api
+from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from tests.filerestore.disks import build_blank, build_disk, build_os_disks
 from tests.filerestore.fsdisks import build_fs_disks
 
@@ -80,3 +84,25 @@ def fs_disks(all_disks: list[PointFiles]) -> tuple[PointFiles, PointFiles]:
     """The btrfs and NTFS disks of fs1 and fs2: the same btrfs fsid in one appliance (the helper
     gives the second copy a fsid of its own in the appliance's overlay)."""
     return all_disks[5], all_disks[6]
+
+
+@contextlib.contextmanager
+def mounted(location: str, selector: str, view: Path, fs: str) -> Iterator[Path]:
+    """``lifeboat mount SELECTOR VIEW --fs FS`` running until the block ends, then unmounted with
+    ``guestunmount`` (the command must then exit 0 and leave nothing mounted)."""
+    env = {**os.environ, "LIFEBOAT_ARCHIVE": location}
+    proc = subprocess.Popen([*LIFEBOAT, "mount", selector, str(view), "--fs", fs], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "mounted" in line:
+                break
+        assert os.path.ismount(view), "".join(lines)
+        yield view
+    finally:
+        subprocess.run(["guestunmount", str(view)], check=False)
+        assert proc.wait(120) == 0
+    assert not os.path.ismount(view)

@@ -7,15 +7,12 @@ subvolume, ``files get`` returns each version byte for byte with the modes and t
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 from lifeboat.archive import Archive
 from lifeboat.archive.fileindex import find, write_index
 from lifeboat.filerestore import PointFiles
-from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
-from tests.filerestore.conftest import Points
+from tests.filerestore.conftest import Points, mounted
 from tests.filerestore.disks import MTIME
 from tests.filerestore.fsdisks import BTRFS_UUID, MODES, SUBVOL, fs_files
 from tests.filerestore.test_files import tree_files
@@ -85,21 +82,7 @@ def test_mount_shows_the_subvolume(points: Points, tmp_path: Path) -> None:
     too, which would cost another boot; ``files get`` reads NTFS above)."""
     view = tmp_path / "view"
     view.mkdir()
-    env = {**os.environ, "LIFEBOAT_ARCHIVE": points.location}
-    proc = subprocess.Popen([*LIFEBOAT, "mount", f"fsbox@{points.fs1.point}", str(view), "--fs", BTRFS], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "mounted" in line:
-                break
-        assert os.path.ismount(view), "".join(lines)
+    with mounted(points.location, f"fsbox@{points.fs1.point}", view, BTRFS):
         content = fs_files(1)
         assert (view / SUBVOL / "alice" / "draft.txt").read_bytes() == content["subvol"]["/alice/draft.txt"]
         assert (view / "data" / "run.sh").read_bytes() == content["btrfs"]["/data/run.sh"]
-    finally:
-        subprocess.run(["guestunmount", str(view)], check=False)
-        assert proc.wait(120) == 0
-    assert not os.path.ismount(view)

@@ -17,7 +17,7 @@ from lifeboat.archive.fileindex import find, write_index
 from lifeboat.filerestore import DestExists, EncryptedVolume, NoFileSystem, PathMissing, PointFiles
 from lifeboat.orchestrator.console import SELF_COMMAND as LIFEBOAT
 from lifeboat.plumbing.errors import UsageError
-from tests.filerestore.conftest import Points
+from tests.filerestore.conftest import Points, mounted
 from tests.filerestore.disks import MTIME, files
 
 Disks = tuple[PointFiles, PointFiles, PointFiles]
@@ -114,22 +114,9 @@ def test_cli_find_and_get(indexed: Archive, points: Points, tmp_path: Path) -> N
 def test_mount_shows_the_point_read_only_until_unmounted(points: Points, tmp_path: Path) -> None:
     view = tmp_path / "view"
     view.mkdir()
-    env = {**os.environ, "LIFEBOAT_ARCHIVE": points.location}
-    proc = subprocess.Popen([*LIFEBOAT, "mount", f"files@{points.v2.point}", str(view), "--fs", "/dev/sda1"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "mounted" in line:
-                break
-        assert os.path.ismount(view), "".join(lines)
+    with mounted(points.location, f"files@{points.v2.point}", view, "/dev/sda1"):
         assert (view / "etc" / "app.conf").read_bytes() == files(2)["ext4"]["/etc/app.conf"]
         assert (view / "data" / "big.bin").read_bytes() == files(2)["ext4"]["/data/big.bin"]
         with pytest.raises(OSError):
             (view / "new-file").write_bytes(b"x")
-    finally:
-        subprocess.run(["guestunmount", str(view)], check=False)
-        assert proc.wait(120) == 0
-    assert not os.path.ismount(view) and list(view.iterdir()) == []
+    assert list(view.iterdir()) == []
