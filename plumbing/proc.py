@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lifeboat.plumbing.errors import LifeboatError
@@ -65,3 +67,28 @@ def log_tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def start_service(
+    cmd: list[str],
+    output: Path,
+    ready: Callable[[], bool],
+    started: Callable[[int], None],
+    *,
+    cwd: Path | None = None,
+    timeout: float = 30.0,
+) -> bool:
+    """Start a long-lived helper process in a session of its own (it outlives a crash of ours;
+    teardown stops it by pid and token), its output appended to ``output``; ``started(pid)``
+    records it at once, then wait until ``ready()``. False when it exited or ``timeout`` passed
+    first: the caller names what did not start, with ``log_tail(output)``."""
+    with open(output, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                cwd=cwd)
+    started(proc.pid)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from lifeboat.plumbing.proc import log_tail, process_matches
+from lifeboat.plumbing.proc import log_tail, process_matches, start_service
 from lifeboat.targets import pxedhcp, pxeenv, pxegrow, pxeinstant
 from lifeboat.targets.base import (
     Disk,
@@ -221,19 +220,15 @@ class PxeTarget(Physical, TakesImage):
         f = self._files(guest)
         f["events"].unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "lifeboat.targets.pxeserve", str(f["config"]), guest.token]
-        with open(f["log"], "ab") as errlog:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True, cwd=f["dir"]
+
+        def listening() -> bool:
+            return any(e["event"] == "listening" for e in read_events(f["events"]))
+
+        if not start_service(cmd, f["log"], listening, lambda pid: log.update(res, {"pid": pid}), cwd=f["dir"]):
+            raise TargetError(
+                f"{guest.name}: the HTTP server for the recovery environment did not start on "
+                f"{self.settings['http_listen']}: {log_tail(f['log'])}"
             )
-        log.update(res, {"pid": proc.pid})
-        deadline = time.monotonic() + 30
-        while not any(e["event"] == "listening" for e in read_events(f["events"])):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise TargetError(
-                    f"{guest.name}: the HTTP server for the recovery environment did not start on "
-                    f"{self.settings['http_listen']}: {log_tail(f['log'])}"
-                )
-            time.sleep(0.1)
         self.context.log(f"{guest.name}: serving the recovery environment at {self.http_url()}/boot.ipxe")
 
     def _dhcp(self) -> dict[str, Any] | None:
@@ -252,23 +247,16 @@ class PxeTarget(Physical, TakesImage):
         config = pxedhcp.write_files(dhcp, boot_url, folder, f"dnsmasq-{guest.token}.conf")
         dnslog = folder / "dnsmasq.log"
         dnslog.unlink(missing_ok=True)
-        with open(folder / "dnsmasq.out", "ab") as out:
-            proc = subprocess.Popen(
-                pxedhcp.dnsmasq_command(config),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
+
+        def started() -> bool:
+            return dnslog.exists() and "started" in dnslog.read_text(errors="replace")
+
+        if not start_service(pxedhcp.dnsmasq_command(config), folder / "dnsmasq.out", started,
+                             lambda pid: log.update(res, {"pid": pid})):
+            raise TargetError(
+                f"{guest.name}: dnsmasq (proxy DHCP on {dhcp['interface']}, {dhcp['subnet']}) did not start: "
+                f"{log_tail(folder / 'dnsmasq.out')} {log_tail(dnslog)}"
             )
-        log.update(res, {"pid": proc.pid})
-        deadline = time.monotonic() + 30
-        while not (dnslog.exists() and "started" in dnslog.read_text(errors="replace")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise TargetError(
-                    f"{guest.name}: dnsmasq (proxy DHCP on {dhcp['interface']}, {dhcp['subnet']}) did not start: "
-                    f"{log_tail(folder / 'dnsmasq.out')} {log_tail(dnslog)}"
-                )
-            time.sleep(0.1)
         self.context.log(f"{guest.name}: answering PXE on {dhcp['interface']} ({dhcp['subnet']}, proxy DHCP)")
 
     def _power(self, log: ResourceLog) -> Resource | None:

@@ -56,13 +56,11 @@ import gzip
 import json
 import os
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lifeboat.plumbing.initramfs import cpio_newc, dynamic_binary, resolve_modules
-from lifeboat.plumbing.proc import log_tail, process_matches
+from lifeboat.plumbing.proc import log_tail, process_matches, start_service
 from lifeboat.targets.base import ResourceLog, TargetError
 from lifeboat.targets.gpt import ESP_TYPE, LEGACY_BIOS_BOOTABLE, read_gpt
 
@@ -247,13 +245,7 @@ def start_nbd(image: Path, folder: Path, host: str, token: str, log: ResourceLog
     ready.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "lifeboat.nbdserver.image", str(image), str(folder / "overlay.cow"), host,
            str(ready), token]  # fmt: skip
-    with open(folder / "nbd.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    log.update(res, {"pid": proc.pid})
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise TargetError(f"{server}: the NBD server for instant mode did not start on {host}: "
-                              f"{log_tail(folder / 'nbd.log')}")  # fmt: skip
-        time.sleep(0.1)
+    if not start_service(cmd, folder / "nbd.log", ready.exists, lambda pid: log.update(res, {"pid": pid})):
+        raise TargetError(f"{server}: the NBD server for instant mode did not start on {host}: "
+                          f"{log_tail(folder / 'nbd.log')}")  # fmt: skip
     return int(json.loads(ready.read_text())["port"])

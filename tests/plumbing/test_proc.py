@@ -4,13 +4,15 @@ or not, zombies counted as dead; and the log tail quoted in error messages."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lifeboat.plumbing.proc import log_tail, process_matches, stop_process
+from lifeboat.plumbing.proc import log_tail, process_matches, start_service, stop_process
 
 SLEEPER = "import signal, sys, time\nif sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
           "print('ready', flush=True)\ntime.sleep(600)"
@@ -70,3 +72,14 @@ def test_log_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(10)))
     assert log_tail(log) == "line 5 | line 6 | line 7 | line 8 | line 9"
     assert log_tail(log, lines=2) == "line 8 | line 9"
+
+
+def test_start_service_records_the_pid_waits_until_ready_and_reports_a_death(tmp_path: Path) -> None:
+    flag, out, pids = tmp_path / "ready", tmp_path / "out.log", []
+    cmd = ["sh", "-c", f"echo starting; sleep 0.3; touch {flag}; exec sleep 30"]
+    assert start_service(cmd, out, flag.exists, pids.append)
+    assert flag.exists() and len(pids) == 1
+    os.kill(pids[0], signal.SIGTERM)
+    dead = ["sh", "-c", "echo cannot bind >&2; exit 3"]
+    assert not start_service(dead, out, lambda: False, pids.append)
+    assert log_tail(out).endswith("cannot bind")
