@@ -75,7 +75,8 @@ def test_log_tail(tmp_path: Path) -> None:
 
 
 def test_start_service_records_the_pid_waits_until_ready_and_reports_a_death(tmp_path: Path) -> None:
-    flag, out, pids = tmp_path / "ready", tmp_path / "out.log", []
+    flag, out = tmp_path / "ready", tmp_path / "out.log"
+    pids: list[int] = []
     cmd = ["sh", "-c", f"echo starting; sleep 0.3; touch {flag}; exec sleep 30"]
     assert start_service(cmd, out, flag.exists, pids.append)
     assert flag.exists() and len(pids) == 1
